@@ -1,0 +1,1 @@
+"""Fractal: control plane for cloud app streaming."""

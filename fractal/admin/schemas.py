@@ -1,0 +1,85 @@
+"""Admin API bodies."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from fractal.errors import ValidationError
+from fractal.models import InstanceStatus, MandelboxStatus
+from fractal.schemas import StrictIn
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class ImageIn(StrictIn):
+    ami_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    active: bool
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    mandelbox_capacity: int = Field(ge=1, le=10_000)
+    target_free: int | None = Field(default=None, ge=0, le=100_000)
+
+
+class ImageOut(BaseModel):
+    region: str
+    client_commit_hash: str
+    ami_id: str
+    active: bool
+    instance_type: str
+    mandelbox_capacity: int
+    target_free: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ImageListOut(BaseModel):
+    images: list[ImageOut]
+
+
+class InstanceOut(BaseModel):
+    instance_name: str
+    cloud_provider_id: str | None
+    region: str
+    client_commit_hash: str
+    ami_id: str
+    instance_type: str
+    ip: str | None
+    status: InstanceStatus
+    mandelbox_capacity: int
+    live_mandelboxes: int
+    last_heartbeat_at: datetime | None
+    created_at: datetime
+    status_changed_at: datetime
+
+
+class InstanceListOut(BaseModel):
+    instances: list[InstanceOut]
+
+
+class InstanceFilterIn(BaseModel):
+    region: Annotated[str, StringConstraints(max_length=64)] | None = None
+    status: InstanceStatus | None = None
+
+
+class MandelboxFilterIn(BaseModel):
+    user_id: Annotated[str, StringConstraints(max_length=255)] | None = None
+    status: MandelboxStatus | None = None
+    instance_name: Annotated[str, StringConstraints(max_length=128)] | None = None
+    limit: int = Field(default=500, ge=1, le=5000)
+
+
+_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+def validate_image_key(region: str, client_commit_hash: str) -> None:
+    """Path parts of an image: a region name and a commit hash of at most 64 characters."""
+    problems: dict[str, list[str]] = {}
+    if not _REGION.fullmatch(region):
+        problems["region"] = ["must be 1-64 lowercase letters, digits or dashes"]
+    if not 1 <= len(client_commit_hash) <= 64 or client_commit_hash.strip() != client_commit_hash:
+        problems["client_commit_hash"] = ["must be 1-64 characters without surrounding spaces"]
+    if problems:
+        raise ValidationError("The image key is not valid.", details={"path": problems})

@@ -1,0 +1,95 @@
+"""Admin API: images, instances, mandelboxes (scope ``admin``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from apiflask import APIBlueprint
+
+from fractal.admin import service
+from fractal.admin.schemas import (
+    ImageIn,
+    ImageListOut,
+    ImageOut,
+    InstanceFilterIn,
+    InstanceListOut,
+    MandelboxFilterIn,
+    validate_image_key,
+)
+from fractal.assignment.service import list_mandelbox_views
+from fractal.auth.decorators import admin_required
+from fractal.images import ImageSpec, list_images, upsert_image
+from fractal.models import Image
+from fractal.schemas import MandelboxListOut
+from fractal.web import current_user, db_session
+
+admin_blueprint = APIBlueprint("admin", __name__, tag="Admin", url_prefix="/admin")
+_AUTH = {401: "Unauthorized", 403: "Forbidden"}
+
+
+def image_body(image: Image) -> dict[str, Any]:
+    return {
+        "region": image.region,
+        "client_commit_hash": image.client_commit_hash,
+        "ami_id": image.ami_id,
+        "active": image.active,
+        "instance_type": image.instance_type,
+        "mandelbox_capacity": image.mandelbox_capacity,
+        "target_free": image.target_free,
+        "created_at": image.created_at,
+        "updated_at": image.updated_at,
+    }
+
+
+@admin_blueprint.get("/images")
+@admin_blueprint.output(ImageListOut)
+@admin_blueprint.doc(summary="List images", security="UserToken", responses=_AUTH)
+@admin_required
+def get_images() -> Any:
+    return {"images": [image_body(image) for image in list_images(db_session())]}
+
+
+@admin_blueprint.put("/images/<region>/<client_commit_hash>")
+@admin_blueprint.input(ImageIn, arg_name="body")
+@admin_blueprint.output(ImageOut)
+@admin_blueprint.doc(
+    summary="Create or update an image", security="UserToken", responses={**_AUTH, 400: "Validation error"}
+)
+@admin_required
+def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
+    validate_image_key(region, client_commit_hash)
+    image, _created = upsert_image(
+        db_session(),
+        region=region,
+        client_commit_hash=client_commit_hash,
+        spec=ImageSpec(**body.model_dump()),
+        actor=f"admin:{current_user().user_id}",
+    )
+    return image_body(image)
+
+
+@admin_blueprint.get("/instances")
+@admin_blueprint.input(InstanceFilterIn, location="query", arg_name="filters")
+@admin_blueprint.output(InstanceListOut)
+@admin_blueprint.doc(summary="List instances with usage and last heartbeat", security="UserToken", responses=_AUTH)
+@admin_required
+def get_instances(filters: InstanceFilterIn) -> Any:
+    views = service.list_instance_views(db_session(), region=filters.region, status=filters.status)
+    return {"instances": [asdict(view) for view in views]}
+
+
+@admin_blueprint.get("/mandelboxes")
+@admin_blueprint.input(MandelboxFilterIn, location="query", arg_name="filters")
+@admin_blueprint.output(MandelboxListOut)
+@admin_blueprint.doc(summary="List mandelboxes, newest first", security="UserToken", responses=_AUTH)
+@admin_required
+def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
+    views = list_mandelbox_views(
+        db_session(),
+        user_id=filters.user_id,
+        status=filters.status,
+        instance_name=filters.instance_name,
+        limit=filters.limit,
+    )
+    return {"mandelboxes": [asdict(view) for view in views]}

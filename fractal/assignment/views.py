@@ -1,0 +1,89 @@
+"""Public API: regions, assign, look up and delete a mandelbox."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from apiflask import APIBlueprint
+
+from fractal.assignment import service
+from fractal.assignment.schemas import AssignIn, AssignOut, RegionsOut
+from fractal.auth.decorators import user_required
+from fractal.config import Environment
+from fractal.errors import NotFoundError
+from fractal.images import enabled_regions
+from fractal.schemas import MandelboxOut
+from fractal.web import current_user, db_session, settings
+
+public_blueprint = APIBlueprint("public", __name__, tag="Mandelboxes")
+
+_ERRORS = {401: "Unauthorized", 404: "Not found"}
+
+
+def parse_mandelbox_id(raw: str) -> uuid.UUID:
+    """Path ids that are not UUIDs cannot name a mandelbox: 404, like any unknown id."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError as exc:
+        raise NotFoundError("No such mandelbox.") from exc
+
+
+@public_blueprint.get("/regions")
+@public_blueprint.output(RegionsOut)
+@public_blueprint.doc(summary="Enabled regions", security="UserToken", responses={401: "Unauthorized"})
+@user_required
+def list_regions() -> dict[str, Any]:
+    return {"regions": enabled_regions(db_session())}
+
+
+@public_blueprint.post("/mandelbox/assign")
+@public_blueprint.input(AssignIn, arg_name="body")
+@public_blueprint.output(AssignOut, status_code=201)
+@public_blueprint.doc(
+    summary="Assign a mandelbox",
+    security="UserToken",
+    responses={
+        400: "Validation error",
+        401: "Unauthorized",
+        409: "User already active / commit hash mismatch",
+        422: "Region not enabled",
+        503: "No instance available",
+    },
+)
+@user_required
+def assign(body: AssignIn) -> Any:
+    config = settings()
+    assignment = service.assign_mandelbox(
+        db_session(),
+        user_id=current_user().user_id,
+        regions=body.regions,
+        client_commit_hash=body.client_commit_hash,
+        session_id=body.session_id,
+        max_per_user=config.max_mandelboxes_per_user,
+        allow_local_dev=config.env is Environment.DEVELOPMENT,
+    )
+    return asdict(assignment)
+
+
+@public_blueprint.get("/mandelbox/<mandelbox_id>")
+@public_blueprint.output(MandelboxOut)
+@public_blueprint.doc(summary="The owner's view of a mandelbox", security="UserToken", responses=_ERRORS)
+@user_required
+def get_mandelbox(mandelbox_id: str) -> Any:
+    view = service.get_mandelbox_for_user(
+        db_session(), user_id=current_user().user_id, mandelbox_id=parse_mandelbox_id(mandelbox_id)
+    )
+    return asdict(view)
+
+
+@public_blueprint.delete("/mandelbox/<mandelbox_id>")
+@public_blueprint.output(MandelboxOut, status_code=202)
+@public_blueprint.doc(summary="End a mandelbox (becomes DYING)", security="UserToken", responses=_ERRORS)
+@user_required
+def delete_mandelbox(mandelbox_id: str) -> Any:
+    view = service.delete_mandelbox_for_user(
+        db_session(), user_id=current_user().user_id, mandelbox_id=parse_mandelbox_id(mandelbox_id)
+    )
+    return asdict(view)

@@ -1,0 +1,1 @@
+"""Authentication: user JWTs (RS256), the admin scope, and host secrets."""

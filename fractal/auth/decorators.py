@@ -1,0 +1,90 @@
+"""View decorators that authenticate the caller: users (JWT), admins (JWT with scope admin), hosts (secret)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import structlog
+from flask import g, request
+
+from fractal.auth.hosts import instance_name_for_secret
+from fractal.auth.tokens import UserClaims
+from fractal.errors import ForbiddenError, PaymentRequiredError, UnauthorizedError
+from fractal.web import db_session, settings, state
+
+F = TypeVar("F", bound=Callable[..., Any])
+ACTIVE_SUBSCRIPTIONS = frozenset({"active", "trialing"})
+MAX_CREDENTIAL_LENGTH = 8192
+
+
+def bearer_credential() -> str:
+    """The Bearer credential of this request, or 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential or len(credential) > MAX_CREDENTIAL_LENGTH:
+        raise UnauthorizedError("Send 'Authorization: Bearer <token>'.")
+    return credential
+
+
+def authenticate_user() -> UserClaims:
+    """Verify the request's user token and remember the caller on ``g``."""
+    verifier = state().verifier
+    if verifier is None:
+        raise UnauthorizedError("User tokens cannot be verified: no key is configured.")
+    user = verifier.verify(bearer_credential())
+    g.user = user
+    structlog.contextvars.bind_contextvars(user_id=user.user_id)
+    return user
+
+
+def user_required(view: F) -> F:
+    """A signed-in user; with FRACTAL_REQUIRE_SUBSCRIPTION, an active subscription too (admins exempt)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        user = authenticate_user()
+        if (
+            settings().require_subscription
+            and not user.is_admin
+            and user.subscription_status not in ACTIVE_SUBSCRIPTIONS
+        ):
+            raise PaymentRequiredError()
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def admin_required(view: F) -> F:
+    """A user token carrying the ``admin`` scope; other valid users get 403."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        user = authenticate_user()
+        if not user.is_admin:
+            raise ForbiddenError("This needs the admin scope.")
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def host_required(view: F) -> F:
+    """A host secret; ``g.host_instance_name`` names the one instance it belongs to."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        name = instance_name_for_secret(db_session(), bearer_credential())
+        if name is None:
+            raise UnauthorizedError()
+        g.host_instance_name = name
+        structlog.contextvars.bind_contextvars(instance_name=name)
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def current_host_instance_name() -> str:
+    name: str = g.host_instance_name
+    return name

@@ -1,0 +1,132 @@
+"""User JWT verification: RS256 only, from a PEM key or a cached JWKS endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jwt
+from jwt import PyJWKClient
+
+from fractal.config import DEV_PUBLIC_KEY_PATH, Settings
+from fractal.errors import UnauthorizedError
+
+ALGORITHMS = ["RS256"]
+ADMIN_SCOPE = "admin"
+# Accept one minute of clock skew between the issuer and us.
+LEEWAY_S = 60
+
+
+@dataclass(frozen=True)
+class UserClaims:
+    """Who is calling, as the verified token says."""
+
+    user_id: str
+    is_admin: bool
+    subscription_status: str | None = None
+    claims: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str) -> UserClaims: ...
+
+
+def claims_to_user(claims: dict[str, Any]) -> UserClaims:
+    """Read user id, admin scope and subscription from verified claims."""
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject or len(subject) > 255:
+        raise UnauthorizedError("The token has no usable subject.")
+    scopes: set[str] = set()
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        scopes.update(scope.split())
+    permissions = claims.get("permissions")
+    if isinstance(permissions, list):
+        scopes.update(p for p in permissions if isinstance(p, str))
+    subscription = claims.get("subscription_status")
+    return UserClaims(
+        user_id=subject,
+        is_admin=ADMIN_SCOPE in scopes,
+        subscription_status=subscription if isinstance(subscription, str) else None,
+        claims=claims,
+    )
+
+
+class JwtVerifier:
+    """Verifies RS256 tokens with a fixed public key or keys fetched (and cached) from a JWKS URL."""
+
+    def __init__(
+        self,
+        *,
+        public_key_pem: str | None = None,
+        jwks_url: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        if not public_key_pem and not jwks_url:
+            raise ValueError("JwtVerifier needs a public key or a JWKS URL")
+        self._public_key = (
+            jwt.algorithms.RSAAlgorithm.from_jwk(public_key_pem)
+            if public_key_pem and public_key_pem.lstrip().startswith("{")
+            else public_key_pem
+        )
+        # PyJWKClient caches the key set and refetches once when a token names an unknown kid.
+        self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=600, timeout=5) if jwks_url else None
+        self._audience = audience
+        self._issuer = issuer
+
+    def verify(self, token: str) -> UserClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") not in ALGORITHMS:
+                raise UnauthorizedError("The token must be signed with RS256.")
+            key: Any
+            if self._jwks is not None and (self._public_key is None or header.get("kid")):
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            else:
+                key = self._public_key
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=ALGORITHMS,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=LEEWAY_S,
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_aud": self._audience is not None,
+                    "verify_iss": self._issuer is not None,
+                },
+            )
+        except UnauthorizedError:
+            raise
+        except jwt.ExpiredSignatureError as exc:
+            raise UnauthorizedError("The token has expired.") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise UnauthorizedError("The token is not valid yet.") from exc
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            raise UnauthorizedError("The token was not issued for this service.") from exc
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # Covers bad signatures, malformed tokens, unknown kids and unreachable JWKS endpoints.
+            raise UnauthorizedError("The token is invalid.") from exc
+        return claims_to_user(claims)
+
+
+def build_verifier(settings: Settings) -> TokenVerifier | None:
+    """The verifier for these settings; in development, the generated dev key when nothing is configured."""
+    pem = settings.jwt_public_key.get_secret_value() if settings.jwt_public_key else None
+    if pem is None and not settings.jwks_url and settings.env != "production":
+        if DEV_PUBLIC_KEY_PATH.exists():
+            pem = DEV_PUBLIC_KEY_PATH.read_text()
+        else:
+            from fractal.auth.dev_keys import ensure_dev_keypair
+
+            pem = ensure_dev_keypair().public_pem
+    if pem is None and not settings.jwks_url:
+        return None
+    return JwtVerifier(
+        public_key_pem=pem,
+        jwks_url=settings.jwks_url,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )

@@ -1,0 +1,19 @@
+"""Which blueprints each API serves. The root shells and the tests both build apps from these lists."""
+
+from __future__ import annotations
+
+from apiflask import APIBlueprint
+
+from fractal.admin.views import admin_blueprint
+from fractal.assignment.views import public_blueprint
+from fractal.host_service.views import host_blueprint
+
+PUBLIC_BLUEPRINTS: tuple[APIBlueprint, ...] = (public_blueprint,)
+ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (admin_blueprint,)
+HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint,)
+
+BLUEPRINTS_BY_API: dict[str, tuple[APIBlueprint, ...]] = {
+    "public": PUBLIC_BLUEPRINTS,
+    "admin": ADMIN_BLUEPRINTS,
+    "host": HOST_BLUEPRINTS,
+}

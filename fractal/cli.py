@@ -1,0 +1,31 @@
+"""Flask CLI commands (`flask --app app <command>`): tokens, seeding and the scaler."""
+
+from __future__ import annotations
+
+import click
+from flask import Flask
+
+
+def register_cli(app: Flask) -> None:
+    @app.cli.command("token")
+    @click.option("--admin", is_flag=True, help="Grant the admin scope.")
+    @click.option("--user", "user_id", default="dev-user", show_default=True, help="The token's subject.")
+    @click.option("--ttl", "ttl_s", default=24 * 3600, show_default=True, help="Lifetime in seconds.")
+    def token_command(admin: bool, user_id: str, ttl_s: int) -> None:
+        """Print a development user token (last line of output)."""
+        settings = app.extensions["fractal"].settings
+        if settings.env == "production":
+            raise click.ClickException("Development tokens are not available in production.")
+        from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
+
+        pair = ensure_dev_keypair()
+        click.echo(
+            mint_token(
+                pair.private_pem,
+                user_id=user_id,
+                admin=admin,
+                ttl_s=ttl_s,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+        )

@@ -1,0 +1,145 @@
+"""Settings: read once from the environment, validated, then passed around explicitly."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The development signing key lives here (generated on first use by `./commands token`).
+INSTANCE_DIR = Path("instance")
+DEV_PRIVATE_KEY_PATH = INSTANCE_DIR / "dev_jwt_private.pem"
+DEV_PUBLIC_KEY_PATH = INSTANCE_DIR / "dev_jwt_public.pem"
+# Marker embedded as a PEM comment line in generated development keys, so production can refuse them.
+DEV_KEY_MARKER = "fractal-development-key"
+
+
+class Environment(enum.StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class CloudKind(enum.StrEnum):
+    LOCAL = "local"
+    AWS = "aws"
+
+
+class MailBackend(enum.StrEnum):
+    SMTP = "smtp"
+    SES = "ses"
+
+
+class UnsafeSettingsError(RuntimeError):
+    """Raised at start-up when production is configured unsafely; names the setting."""
+
+
+def normalise_database_url(url: str) -> str:
+    """Force the psycopg2 driver: SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql:// URL."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Every knob of Fractal; see ARCHITECTURE.md §3 for the contract."""
+
+    model_config = SettingsConfigDict(env_prefix="FRACTAL_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default="sqlite:///instance/fractal.db",
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+    )
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    env: Environment = Environment.DEVELOPMENT
+
+    jwt_public_key: SecretStr | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+
+    cloud: CloudKind = CloudKind.LOCAL
+    aws_subnet_id: str | None = None
+    aws_security_group_ids: list[str] = Field(default_factory=list)
+    aws_instance_profile: str | None = None
+    aws_key_name: str | None = None
+
+    max_mandelboxes_per_user: int = Field(default=1, ge=1)
+    require_subscription: bool = False
+    assign_rate_limit: str = "10 per minute"
+    handshake_failure_rate_limit: str = "20 per minute"
+    newsletter_rate_limit: str = "5 per minute"
+
+    heartbeat_interval_s: float = Field(default=10, gt=0)
+    host_timeout_s: float = Field(default=60, gt=0)
+    connect_timeout_s: float = Field(default=90, gt=0)
+    target_free_mandelboxes: int = Field(default=10, ge=0)
+    boot_timeout_s: float = Field(default=900, gt=0)
+    scale_down_delay_s: float = Field(default=300, ge=0)
+    max_instances_per_region: int = Field(default=100, ge=0)
+    host_api_url: str = "http://127.0.0.1:8002"
+    scaler_interval_s: float = Field(default=15, gt=0)
+    local_boot_delay_s: float = Field(default=2, ge=0)
+
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    cache_ttl_s: int = Field(default=30, ge=0)
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+
+    mail_backend: MailBackend = MailBackend.SMTP
+    smtp_url: str = "smtp://127.0.0.1:1025"
+    mail_from: str = "noreply@fractal.local"
+    public_url: str = "http://127.0.0.1:8000"
+    logs_bucket: str = "fractal-logs"
+    max_log_bytes: int = Field(default=52_428_800, gt=0)
+    secret_key: SecretStr = SecretStr("development-only-secret-key")
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("aws_security_group_ids", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env is not Environment.PRODUCTION:
+            return self
+        if self.database_url.startswith("sqlite"):
+            raise UnsafeSettingsError("DATABASE_URL: production refuses SQLite; point it at PostgreSQL")
+        if self.jwt_public_key is None and not self.jwks_url:
+            raise UnsafeSettingsError(
+                "FRACTAL_JWT_PUBLIC_KEY / FRACTAL_JWKS_URL: production needs a key to verify user tokens"
+            )
+        if self.jwt_public_key is not None and DEV_KEY_MARKER in self.jwt_public_key.get_secret_value():
+            raise UnsafeSettingsError("FRACTAL_JWT_PUBLIC_KEY: production refuses the development key")
+        if not self.jwt_audience:
+            raise UnsafeSettingsError("FRACTAL_JWT_AUDIENCE: required in production")
+        if not self.jwt_issuer:
+            raise UnsafeSettingsError("FRACTAL_JWT_ISSUER: required in production")
+        if self.secret_key.get_secret_value() == "development-only-secret-key":
+            raise UnsafeSettingsError("FRACTAL_SECRET_KEY: production refuses the development secret")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_development(self) -> bool:
+        return self.env is Environment.DEVELOPMENT
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; keyword overrides win (tests use them)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,78 @@
+"""The append-only audit log. Every lifecycle change, refusal and scaler decision is one row."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from fractal.models import Event
+
+
+class EventKind(enum.StrEnum):
+    INSTANCE_REGISTERED = "instance.registered"
+    INSTANCE_LAUNCHED = "instance.launched"
+    INSTANCE_ACTIVATED = "instance.activated"
+    INSTANCE_RECONNECTED = "instance.reconnected"
+    INSTANCE_CAPACITY_CHANGED = "instance.capacity_changed"
+    INSTANCE_DRAINED = "instance.drained"
+    INSTANCE_LOST = "instance.lost"
+    INSTANCE_TERMINATING = "instance.terminating"
+    INSTANCE_TERMINATED = "instance.terminated"
+    IMAGE_CHANGED = "image.changed"
+    MANDELBOX_ASSIGNED = "mandelbox.assigned"
+    MANDELBOX_STATUS = "mandelbox.status"
+    MANDELBOX_DELETED = "mandelbox.deleted"
+    MANDELBOX_RELEASED = "mandelbox.released"
+    ASSIGNMENT_REFUSED = "assignment.refused"
+    HOST_REFUSED = "host.refused"
+    SCALER_DECISION = "scaler.decision"
+    SCALER_ERROR = "scaler.error"
+    MAIL_SENT = "mail.sent"
+
+
+def record_event(
+    session: Session,
+    *,
+    kind: EventKind | str,
+    actor: str,
+    instance_name: str | None = None,
+    mandelbox_id: uuid.UUID | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one event to the caller's transaction (the caller commits)."""
+    session.execute(
+        insert(Event).values(
+            kind=str(kind),
+            actor=actor,
+            instance_name=instance_name,
+            mandelbox_id=mandelbox_id,
+            detail=detail or {},
+        )
+    )
+
+
+def record_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Add many events in one statement (set-based sweeps); each dict has record_event's fields."""
+    if rows:
+        session.execute(
+            insert(Event),
+            [
+                {
+                    "kind": str(row["kind"]),
+                    "actor": row["actor"],
+                    "instance_name": row.get("instance_name"),
+                    "mandelbox_id": row.get("mandelbox_id"),
+                    "detail": row.get("detail") or {},
+                }
+                for row in rows
+            ],
+        )
+
+
+def list_events(session: Session, *, limit: int = 100) -> list[Event]:
+    """Newest first."""
+    return list(session.scalars(select(Event).order_by(Event.id.desc()).limit(limit)))

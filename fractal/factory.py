@@ -1,0 +1,122 @@
+"""The application factory: each root shell asks for the blueprints it serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from apiflask import APIBlueprint, APIFlask
+from sqlalchemy import Engine
+
+from fractal.auth.tokens import build_verifier
+from fractal.config import Settings, load_settings
+from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.errors import register_error_handlers
+from fractal.health.views import health_blueprint
+from fractal.observability import configure_logging, register_request_context
+from fractal.web import EXTENSION_KEY, FractalState, close_db_session
+
+SECURITY_SCHEMES = {
+    "UserToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+    "HostSecret": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The host secret issued at registration",
+    },
+}
+
+
+def create_app(
+    *,
+    blueprints: Iterable[APIBlueprint],
+    settings: Settings | None = None,
+    session_factory: SessionFactory | None = None,
+    title: str = "Fractal",
+) -> APIFlask:
+    """Build a Flask app serving ``blueprints`` plus health, error handling and request logging."""
+    settings = settings or load_settings()
+    app = APIFlask(__name__, title=title, version="0.1.0", json_errors=True, docs_path="/docs")
+    configure_app(app, settings)
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    state = register_extensions(app, settings, session_factory)
+    register_blueprints(app, [health_blueprint, *blueprints])
+    register_error_handlers(app)
+    register_request_context(app)
+    app.teardown_appcontext(close_db_session)
+    register_commands(app)
+    register_spec_processor(app)
+    app.extensions[EXTENSION_KEY] = state
+    return app
+
+
+def configure_app(app: APIFlask, settings: Settings) -> None:
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        VALIDATION_ERROR_STATUS_CODE=400,
+        VALIDATION_ERROR_DESCRIPTION="Validation error",
+        SECURITY_SCHEMES=SECURITY_SCHEMES,
+        JSON_SORT_KEYS=False,
+        SECRET_KEY=settings.secret_key.get_secret_value(),
+        TESTING=settings.env == "test",
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+
+def register_extensions(app: APIFlask, settings: Settings, session_factory: SessionFactory | None) -> FractalState:
+    """Database sessions and the token verifier; built lazily, nothing connects here."""
+    engine: Engine | None = None
+    if session_factory is None:
+        engine = create_db_engine(settings)
+        session_factory = create_session_factory(engine)
+    state = FractalState(settings=settings, session_factory=session_factory, verifier=build_verifier(settings))
+    if engine is not None:
+        state.services["engine"] = engine
+    return state
+
+
+def register_blueprints(app: APIFlask, blueprints: Iterable[APIBlueprint]) -> None:
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+
+
+def register_commands(app: APIFlask) -> None:
+    from fractal.cli import register_cli
+
+    register_cli(app)
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "Machine-readable code (ErrorCode)"},
+        "message": {"type": "string"},
+        "details": {},
+    },
+}
+
+
+def register_spec_processor(app: APIFlask) -> None:
+    """Document the one error shape on every 4xx/5xx answer and mark JSON request bodies as required."""
+
+    @app.spec_processor
+    def _document_errors(spec: dict[str, Any] | str) -> dict[str, Any] | str:
+        if isinstance(spec, str):
+            return spec
+        spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path_item in spec.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                if "requestBody" in operation:
+                    operation["requestBody"]["required"] = True
+                responses = operation["responses"]
+                responses.setdefault("404", {"description": "Not found"})
+                responses.setdefault("405", {"description": "Method not allowed"})
+                responses.setdefault("500", {"description": "Internal error"})
+                responses.setdefault("503", {"description": "A dependency is unavailable"})
+                for status, response in responses.items():
+                    if str(status)[0] in "45":
+                        response["content"] = error_content
+        return spec

@@ -1,0 +1,1 @@
+"""Liveness and readiness, served by every app."""

@@ -1,0 +1,87 @@
+"""Structured JSON logs with a request id, and redaction of credentials."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+from flask import Flask, Response, g, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SENSITIVE_KEYS = re.compile(r"(authorization|token|secret|password|passwd|api[_-]?key|cookie)", re.IGNORECASE)
+_BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_URL_PASSWORD = re.compile(r"(\w+://[^:/\s]+:)[^@\s]+@")
+REDACTED = "[REDACTED]"
+
+
+def redact_text(value: str) -> str:
+    """Strip bearer credentials, JWTs and URL passwords out of free text."""
+    value = _BEARER.sub("Bearer " + REDACTED, value)
+    value = _JWT.sub(REDACTED, value)
+    return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", value)
+
+
+def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: secrets never reach a log line, whatever key or text they hide in."""
+    for key, value in list(event_dict.items()):
+        if _SENSITIVE_KEYS.search(key) and key not in ("request_id",):
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = redact_text(value)
+    return event_dict
+
+
+def configure_logging(*, level: str = "INFO", json: bool = True) -> None:
+    """Route structlog and stdlib logging through one JSON (or console) renderer on stderr."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processor=renderer)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("werkzeug", "botocore", "urllib3", "boto3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def register_request_context(app: Flask) -> None:
+    """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line."""
+
+    @app.before_request
+    def _bind_request_id() -> None:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else uuid.uuid4().hex
+        g.request_id = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        request_id = g.get("request_id")
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    @app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        structlog.contextvars.clear_contextvars()
