@@ -207,7 +207,7 @@ def _take_slot(
             },
         ).first()
         if row is not None:
-            return row  # type: ignore[return-value]
+            return row
     # Slow path, and the only path on SQLite: every candidate may be locked by concurrent assigns whose
     # commits can still leave room, so wait for them one row at a time. A guarded UPDATE waits for the
     # row lock and re-checks status and room on the newest version; holding at most one instance lock at a
