@@ -21,7 +21,6 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     Uuid,
-    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -57,7 +56,8 @@ def _enum(enum_cls: type[enum.StrEnum], name: str) -> Enum:
 
 
 def _now() -> Any:
-    return func.now()
+    # CURRENT_TIMESTAMP is understood by Postgres and SQLite alike (the embedded default); now() is not.
+    return text("CURRENT_TIMESTAMP")
 
 
 class InstanceStatus(enum.StrEnum):

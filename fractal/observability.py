@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 import uuid
 from collections.abc import MutableMapping
 from typing import Any
@@ -18,6 +19,9 @@ _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _URL_PASSWORD = re.compile(r"(\w+://[^:/\s]+:)[^@\s]+@")
 REDACTED = "[REDACTED]"
+# Probes and scrapes would drown the access log.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+access_log = structlog.get_logger("fractal.access")
 
 
 def redact_text(value: str) -> str:
@@ -69,6 +73,7 @@ def register_request_context(app: Flask) -> None:
 
     @app.before_request
     def _bind_request_id() -> None:
+        g.request_started = time.perf_counter()
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else uuid.uuid4().hex
         g.request_id = request_id
@@ -80,6 +85,13 @@ def register_request_context(app: Flask) -> None:
         request_id = g.get("request_id")
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
+        started = g.get("request_started")
+        if started is not None and request.path not in _QUIET_PATHS:
+            access_log.info(
+                "request",
+                status=response.status_code,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
         return response
 
     @app.teardown_request

@@ -23,7 +23,7 @@ def upgrade() -> None:
         sa.Column(
             "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("actor", sa.String(length=255), nullable=False),
         sa.Column("instance_name", sa.String(length=128), nullable=True),
@@ -49,7 +49,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("mandelbox_id", sa.Uuid(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("user_id", "key", name=op.f("pk_idempotency_keys")),
     )
@@ -64,8 +64,8 @@ def upgrade() -> None:
         sa.Column("instance_type", sa.String(length=64), nullable=False),
         sa.Column("mandelbox_capacity", sa.Integer(), nullable=False),
         sa.Column("target_free", sa.Integer(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.CheckConstraint("mandelbox_capacity > 0", name=op.f("ck_images_capacity_positive")),
         sa.CheckConstraint(
             "target_free IS NULL OR target_free >= 0", name=op.f("ck_images_target_free_non_negative")
@@ -101,9 +101,9 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("host_secret_hash", sa.String(length=128), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column(
-            "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
         sa.Column("empty_since", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
@@ -140,7 +140,7 @@ def upgrade() -> None:
             ),
             nullable=False,
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("unsubscribed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("email", name=op.f("pk_newsletter_subscriptions")),
@@ -149,7 +149,7 @@ def upgrade() -> None:
         "heartbeats",
         sa.Column("instance_name", sa.String(length=128), nullable=False),
         sa.Column(
-            "last_heartbeat_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "last_heartbeat_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
         sa.Column(
             "metrics",
@@ -185,9 +185,9 @@ def upgrade() -> None:
             ),
             nullable=False,
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column(
-            "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
@@ -247,7 +247,7 @@ def upgrade() -> None:
         ),
         sa.Column("key", sa.String(length=512), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
-        sa.Column("uploaded_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("uploaded_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.ForeignKeyConstraint(
             ["mandelbox_id"],
             ["mandelboxes.mandelbox_id"],

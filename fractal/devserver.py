@@ -1,0 +1,179 @@
+"""`./commands run`: the whole stack in one process on the embedded defaults.
+
+Migrates the database (a SQLite file unless DATABASE_URL is set), seeds a demo fleet when the database is empty,
+serves the public, admin and host APIs on 127.0.0.1:8000/8001/8002, and prints ready-to-use tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from alembic.config import Config
+from apiflask import APIFlask
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from alembic import command
+from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
+from fractal.blueprints import ADMIN_BLUEPRINTS, HOST_BLUEPRINTS, PUBLIC_BLUEPRINTS
+from fractal.config import Environment, Settings, load_settings
+from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.events import EventKind, record_event
+from fractal.factory import create_app
+from fractal.images import ImageSpec, upsert_image
+from fractal.models import Image, Instance, InstanceStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_REGIONS = ("us-east-1", "eu-west-1")
+DEMO_COMMIT = "demo-0001"
+DEMO_CAPACITY = 4
+
+
+def migrate(settings: Settings) -> None:
+    """alembic upgrade head against settings.database_url."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    engine = create_db_engine(settings)
+    try:
+        with engine.connect() as connection:
+            config.attributes["connection"] = connection
+            config.attributes["skip_logging_config"] = True
+            command.upgrade(config, "head")
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+def seed_demo_fleet(session: Session) -> bool:
+    """An active demo image in two regions and two ACTIVE demo hosts each, only into an empty database."""
+    if session.execute(select(func.count()).select_from(Image)).scalar_one() > 0:
+        return False
+    from fractal.auth.hosts import generate_host_secret, hash_host_secret
+
+    for region in DEMO_REGIONS:
+        upsert_image(
+            session,
+            region=region,
+            client_commit_hash=DEMO_COMMIT,
+            spec=ImageSpec(ami_id="ami-demo", active=True, instance_type="local.sim", mandelbox_capacity=DEMO_CAPACITY),
+            actor="devserver",
+        )
+        for n in range(2):
+            name = f"demo-{region}-{n}"
+            session.add(
+                Instance(
+                    instance_name=name,
+                    region=region,
+                    client_commit_hash=DEMO_COMMIT,
+                    ami_id="ami-demo",
+                    instance_type="local.sim",
+                    ip=f"127.0.0.{10 + n}",
+                    mandelbox_capacity=DEMO_CAPACITY,
+                    status=InstanceStatus.ACTIVE,
+                    host_secret_hash=hash_host_secret(generate_host_secret()),
+                )
+            )
+            record_event(session, kind=EventKind.INSTANCE_REGISTERED, actor="devserver", instance_name=name)
+    session.commit()
+    return True
+
+
+class ServerThread(threading.Thread):
+    def __init__(self, app: APIFlask, host: str, port: int) -> None:
+        super().__init__(daemon=True, name=f"fractal-{port}")
+        self.server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+
+    def run(self) -> None:
+        self.server.serve_forever()
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+
+
+def build_apps(settings: Settings, session_factory: SessionFactory) -> dict[str, APIFlask]:
+    return {
+        "public": create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings, session_factory=session_factory),
+        "admin": create_app(blueprints=ADMIN_BLUEPRINTS, settings=settings, session_factory=session_factory),
+        "host": create_app(blueprints=HOST_BLUEPRINTS, settings=settings, session_factory=session_factory),
+    }
+
+
+def print_welcome(settings: Settings, ports: dict[str, int], host: str) -> None:
+    pair = ensure_dev_keypair()
+    user = mint_token(pair.private_pem, user_id="dev-user", audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+    admin = mint_token(
+        pair.private_pem, user_id="dev-admin", admin=True, audience=settings.jwt_audience, issuer=settings.jwt_issuer
+    )
+    base = {name: f"http://{host}:{port}" for name, port in ports.items()}
+    print(
+        f"""
+Fractal is running ({settings.env}, database {settings.database_url.split("@")[-1]}).
+  public API  {base["public"]}   docs {base["public"]}/docs
+  admin API   {base["admin"]}   docs {base["admin"]}/docs
+  host API    {base["host"]}   docs {base["host"]}/docs
+
+Try it:
+  export TOKEN={user}
+  export ADMIN_TOKEN={admin}
+  curl -s {base["public"]}/regions -H "Authorization: Bearer $TOKEN"
+  curl -s -X POST {base["public"]}/mandelbox/assign -H "Authorization: Bearer $TOKEN" \\
+       -H 'Content-Type: application/json' -d '{{"regions": ["us-east-1"], "client_commit_hash": "local_dev"}}'
+  curl -s {base["admin"]}/admin/instances -H "Authorization: Bearer $ADMIN_TOKEN"
+
+Press Ctrl-C to stop.""",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("FRACTAL_DEV_HOST", "127.0.0.1"))
+    parser.add_argument("--public-port", type=int, default=int(os.environ.get("FRACTAL_PUBLIC_PORT", "8000")))
+    parser.add_argument("--admin-port", type=int, default=int(os.environ.get("FRACTAL_ADMIN_PORT", "8001")))
+    parser.add_argument("--host-port", type=int, default=int(os.environ.get("FRACTAL_HOST_PORT", "8002")))
+    parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo fleet into an empty database.")
+    args = parser.parse_args(argv)
+
+    settings = load_settings()
+    if settings.env is Environment.PRODUCTION:
+        print("devserver is for development; run the apps under gunicorn in production (see README).", file=sys.stderr)
+        return 2
+    migrate(settings)
+    engine = create_db_engine(settings)
+    session_factory = create_session_factory(engine)
+    if not args.no_seed:
+        with session_factory() as session:
+            seed_demo_fleet(session)
+
+    ports = {"public": args.public_port, "admin": args.admin_port, "host": args.host_port}
+    apps = build_apps(settings, session_factory)
+    threads = [ServerThread(apps[name], args.host, port) for name, port in ports.items()]
+    for thread in threads:
+        thread.start()
+    stoppers: list[Callable[[], None]] = [thread.shutdown for thread in threads]
+    print_welcome(settings, ports, args.host)
+
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    stop.wait()
+    for stopper in reversed(stoppers):
+        stopper()
+    engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
