@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The development signing key lives here (generated on first use by `./commands token`).
@@ -143,3 +143,17 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; keyword overrides win (tests use them)."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def load_settings_or_exit() -> Settings:
+    """For process start-up: unsafe or invalid configuration ends the process with a message naming it."""
+    try:
+        return load_settings()
+    except UnsafeSettingsError as exc:
+        raise SystemExit(f"fractal: refusing to start: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']).upper() or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SystemExit(f"fractal: invalid configuration: {problems}") from None

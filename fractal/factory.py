@@ -9,7 +9,7 @@ from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
 
 from fractal.auth.tokens import build_verifier
-from fractal.config import Settings, load_settings
+from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
 from fractal.health.views import health_blueprint
@@ -34,7 +34,7 @@ def create_app(
     title: str = "Fractal",
 ) -> APIFlask:
     """Build a Flask app serving ``blueprints`` plus health, error handling and request logging."""
-    settings = settings or load_settings()
+    settings = settings or load_settings_or_exit()
     app = APIFlask(__name__, title=title, version="0.1.0", json_errors=True, docs_path="/docs")
     configure_app(app, settings)
     configure_logging(level=settings.log_level, json=settings.log_json)

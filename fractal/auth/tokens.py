@@ -62,6 +62,7 @@ class JwtVerifier:
         jwks_url: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
+        jwks_refresh_cooldown_s: float = 30,
     ) -> None:
         if not public_key_pem and not jwks_url:
             raise ValueError("JwtVerifier needs a public key or a JWKS URL")
@@ -70,8 +71,13 @@ class JwtVerifier:
             if public_key_pem and public_key_pem.lstrip().startswith("{")
             else public_key_pem
         )
-        # PyJWKClient caches the key set and refetches once when a token names an unknown kid.
-        self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=600, timeout=5) if jwks_url else None
+        # PyJWKClient caches the key set and refetches once when a token names an unknown kid; the cooldown
+        # stops a flood of made-up kids from turning into a flood of requests to the issuer.
+        self._jwks = (
+            PyJWKClient(jwks_url, cache_keys=True, lifespan=600, timeout=5, cooldown_duration=jwks_refresh_cooldown_s)
+            if jwks_url
+            else None
+        )
         self._audience = audience
         self._issuer = issuer
 

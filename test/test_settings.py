@@ -1,0 +1,99 @@
+"""Settings: defaults, URL normalisation, and production refusing unsafe configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fractal.auth.dev_keys import generate_keypair
+from fractal.config import DEV_KEY_MARKER, Settings, UnsafeSettingsError, normalise_database_url
+
+SAFE_PRODUCTION = {
+    "env": "production",
+    "database_url": "postgresql://fractal@db/fractal",
+    "jwt_audience": "fractal",
+    "jwt_issuer": "https://issuer.example/",
+    "secret_key": "a-real-secret",
+}
+
+
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DATABASE_URL", "REDIS_URL", "FRACTAL_ENV", "FRACTAL_CLOUD"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert settings.database_url == "sqlite:///instance/fractal.db"
+    assert settings.redis_url is None
+    assert settings.env == "development"
+    assert settings.cloud == "local"
+    assert settings.max_mandelboxes_per_user == 1
+    assert settings.assign_rate_limit == "10 per minute"
+    assert (settings.heartbeat_interval_s, settings.host_timeout_s, settings.connect_timeout_s) == (10, 60, 90)
+    assert settings.target_free_mandelboxes == 10
+    assert settings.boot_timeout_s == 900 and settings.scale_down_delay_s == 300
+    assert settings.max_instances_per_region == 100
+    assert settings.host_api_url == "http://127.0.0.1:8002"
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:p@h:5432/d")
+    monkeypatch.setenv("FRACTAL_MAX_MANDELBOXES_PER_USER", "3")
+    monkeypatch.setenv("FRACTAL_REQUIRE_SUBSCRIPTION", "true")
+    settings = Settings()
+    assert settings.database_url == "postgresql+psycopg2://u:p@h:5432/d"
+    assert settings.max_mandelboxes_per_user == 3
+    assert settings.require_subscription is True
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://a/b", "postgresql+psycopg2://a/b"),
+        ("postgresql://a/b", "postgresql+psycopg2://a/b"),
+        ("postgresql+psycopg2://a/b", "postgresql+psycopg2://a/b"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+    ],
+)
+def test_database_urls_are_normalised_to_psycopg2(url: str, expected: str) -> None:
+    assert normalise_database_url(url) == expected
+
+
+def test_safe_production_settings_are_accepted() -> None:
+    Settings(**SAFE_PRODUCTION, jwks_url="https://issuer.example/.well-known/jwks.json")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"database_url": "sqlite:///instance/fractal.db"}, "DATABASE_URL"),
+        ({"jwt_audience": None}, "FRACTAL_JWT_AUDIENCE"),
+        ({"jwt_issuer": None}, "FRACTAL_JWT_ISSUER"),
+        ({"jwks_url": None}, "FRACTAL_JWT_PUBLIC_KEY"),
+        ({"jwks_url": None, "jwt_public_key": f"{DEV_KEY_MARKER}\n{generate_keypair().public_pem}"}, "development key"),
+        ({"secret_key": "development-only-secret-key"}, "FRACTAL_SECRET_KEY"),
+    ],
+)
+def test_production_refuses_unsafe_settings(change: dict[str, object], named: str) -> None:
+    values = {**SAFE_PRODUCTION, "jwks_url": "https://issuer.example/jwks.json", **change}
+    with pytest.raises(UnsafeSettingsError, match=named):
+        Settings(**values)
+
+
+def test_production_process_exits_non_zero_naming_the_setting(tmp_path: object) -> None:
+    env = {"FRACTAL_ENV": "production", "PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite:///x.db"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "refusing to start" in result.stderr and "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_values_exit_naming_the_variable() -> None:
+    env = {"PATH": "/usr/bin:/bin", "FRACTAL_MAX_MANDELBOXES_PER_USER": "lots"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "MAX_MANDELBOXES_PER_USER" in result.stderr
