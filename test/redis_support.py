@@ -62,7 +62,7 @@ def throwaway_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         raise RuntimeError("redis-server is not installed")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="fractal-redis-")
-    process = subprocess.Popen(  # noqa: S603 (fixed arguments)
+    process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -91,7 +91,7 @@ def app_replica(env: dict[str, str], *, log_path: Path) -> Iterator[str]:
     """Start test/serve_app.py in another process with ``env``; yields its base URL; stopped by pid."""
     full_env = {**os.environ, **env}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+        process = subprocess.Popen(
             [sys.executable, "-m", "test.serve_app"], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=log
         )
         try:

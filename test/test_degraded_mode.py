@@ -26,7 +26,11 @@ def test_redis_outage_degrades_instead_of_failing(
     factories.instance(instance_name="draining", region="eu-west-1", status=InstanceStatus.DRAINING)
     factories.image(region="eu-west-1")
     with throwaway_redis() as (url, server):
-        overrides: dict[str, Any] = {"redis_url": url, "redis_prefix": unique_prefix(), "assign_rate_limit": "5 per minute"}
+        overrides: dict[str, Any] = {
+            "redis_url": url,
+            "redis_prefix": unique_prefix(),
+            "assign_rate_limit": "5 per minute",
+        }
         public = make_app("public", **overrides).test_client()
         admin = make_app("admin", **overrides).test_client()
         assert public.get("/readyz").json["checks"]["redis"] == "ok"

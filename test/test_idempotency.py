@@ -102,8 +102,14 @@ def test_expired_keys_are_ignored_replaced_and_purged(
     stale = db.get(IdempotencyKey, ("u1", "old"))
     assert stale is not None
     stale.expires_at = utcnow() - timedelta(seconds=1)
-    other_user_stale = IdempotencyKey(user_id="gone", key="k", request_hash="0" * 64, response_status=201,
-                                      response_body={}, expires_at=utcnow() - timedelta(days=2))
+    other_user_stale = IdempotencyKey(
+        user_id="gone",
+        key="k",
+        request_hash="0" * 64,
+        response_status=201,
+        response_body={},
+        expires_at=utcnow() - timedelta(days=2),
+    )
     db.add(other_user_stale)
     db.commit()
     # An expired key does not replay (nor refuse a different body): the request is new.
@@ -132,13 +138,31 @@ def test_concurrent_retries_with_one_key_create_one_mandelbox(
     make_app: Callable[..., APIFlask], committed_factory: SessionFactory, user_headers: Headers
 ) -> None:
     with committed_factory() as session:
-        session.add(Image(region="us-east-1", client_commit_hash="abc123", ami_id="ami-1", active=True,
-                          instance_type="g4dn.xlarge", mandelbox_capacity=20))
+        session.add(
+            Image(
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                active=True,
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=20,
+            )
+        )
         for n in range(3):
-            session.add(Instance(instance_name=f"i-{n}", region="us-east-1", client_commit_hash="abc123",
-                                 ami_id="ami-1", instance_type="g4dn.xlarge", ip=f"10.0.0.{n + 1}",
-                                 mandelbox_capacity=20, live_mandelboxes=0, status=InstanceStatus.ACTIVE,
-                                 host_secret_hash=f"{n}" * 64))
+            session.add(
+                Instance(
+                    instance_name=f"i-{n}",
+                    region="us-east-1",
+                    client_commit_hash="abc123",
+                    ami_id="ami-1",
+                    instance_type="g4dn.xlarge",
+                    ip=f"10.0.0.{n + 1}",
+                    mandelbox_capacity=20,
+                    live_mandelboxes=0,
+                    status=InstanceStatus.ACTIVE,
+                    host_secret_hash=f"{n}" * 64,
+                )
+            )
         session.commit()
     # Two replicas of the app, five threads on each, all sending the same key at once.
     apps = [make_app("public", factory=committed_factory, max_mandelboxes_per_user=20) for _ in range(2)]

@@ -53,7 +53,7 @@ def test_redis_nudge_crosses_processes(redis_settings: Settings) -> None:
         started = time.monotonic()
         print(nudge.wait(10), round(time.monotonic() - started, 2), flush=True)
     """)
-    waiter = subprocess.Popen([sys.executable, "-c", waiter_code], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # noqa: S603
+    waiter = subprocess.Popen([sys.executable, "-c", waiter_code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert waiter.stdout is not None and waiter.stdout.readline().strip() == "waiting"
         time.sleep(0.3)
@@ -99,8 +99,9 @@ def test_no_capacity_assign_nudges_the_scaler(
 @pytest.mark.parametrize("shared", [False, True])
 def test_cache_serves_until_invalidated(shared: bool, redis_settings: Settings) -> None:
     client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
-    backend: Any = (RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:") if shared
-                    else SimpleCache())
+    backend: Any = (
+        RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:") if shared else SimpleCache()
+    )
     cache = DataCache(backend, ttl_s=60)
     loads: list[int] = []
 

@@ -51,8 +51,9 @@ def redis_prefix() -> Iterator[str]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-def probe_app(request: pytest.FixtureRequest, settings: Settings, session_factory: SessionFactory,
-              redis_prefix: str) -> APIFlask:
+def probe_app(
+    request: pytest.FixtureRequest, settings: Settings, session_factory: SessionFactory, redis_prefix: str
+) -> APIFlask:
     overrides: dict[str, Any] = {"handshake_failure_rate_limit": "3 per minute", "newsletter_rate_limit": "2 per hour"}
     if request.param == "redis":
         overrides.update(redis_url=REDIS_SERVER_URL, redis_prefix=redis_prefix)
@@ -83,8 +84,9 @@ def test_newsletter_limit_counts_every_request_per_address(probe_app: APIFlask) 
     assert client.post("/probe/newsletter", environ_base={"REMOTE_ADDR": "10.1.1.1"}).status_code == 202
 
 
-def test_limit_keys_live_under_the_prefix(settings: Settings, session_factory: SessionFactory, redis_prefix: str
-                                          ) -> None:
+def test_limit_keys_live_under_the_prefix(
+    settings: Settings, session_factory: SessionFactory, redis_prefix: str
+) -> None:
     app_settings = Settings(**{**settings.model_dump(), "redis_url": REDIS_SERVER_URL, "redis_prefix": redis_prefix})
     app = create_app(blueprints=[probe_blueprint], settings=app_settings, session_factory=session_factory)
     app.test_client().post("/probe/newsletter")
@@ -116,8 +118,9 @@ def test_unreachable_redis_fails_open_with_a_warning(
     factories.image()
     factories.instance(mandelbox_capacity=10)
     dead = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-    client = make_app("public", redis_url=dead, assign_rate_limit="2 per minute", max_mandelboxes_per_user=10
-                      ).test_client()
+    client = make_app(
+        "public", redis_url=dead, assign_rate_limit="2 per minute", max_mandelboxes_per_user=10
+    ).test_client()
     codes = [client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code for _ in range(3)]
     # The in-memory fallback still applies the limit in this process.
     assert codes == [201, 201, 429]

@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 
 from fractal.auth.dev_keys import DevKeyPair
 from fractal.cache import DataCache
-from fractal.images import IMAGES_CACHE_NAMESPACE
 from fractal.config import Settings
 from fractal.database import SessionFactory
+from fractal.images import IMAGES_CACHE_NAMESPACE
 from fractal.models import Image, Instance, InstanceStatus, Mandelbox
 from fractal.nudge import build_nudge
 from test.redis_support import REDIS_SERVER_URL, app_replica, delete_prefixed, unique_prefix
@@ -28,25 +28,27 @@ pytestmark = pytest.mark.slow
 ASSIGN_LIMIT = 3
 
 
-def call(base: str, method: str, path: str, *, token: str, body: Any = None, headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, str], Any]:
+def call(
+    base: str, method: str, path: str, *, token: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(  # noqa: S310 (loopback test server)
+    request = urllib.request.Request(
         base + path,
         data=data,
         method=method,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), json.loads(error.read() or b"null")
 
 
 @pytest.fixture(scope="module")
-def replicas(database_url: str, keypair: DevKeyPair, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[tuple[str, str, str]]:
+def replicas(
+    database_url: str, keypair: DevKeyPair, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, str]]:
     """Replicas A and B (public + admin APIs) sharing the test database and one Redis; yields (a, b, prefix)."""
     prefix = unique_prefix()
     env = {
@@ -75,11 +77,30 @@ def fleet(committed_factory: SessionFactory, replicas: tuple[str, str, str]) -> 
     Rows written behind the API's back are invalidated by hand, as an operator script would have to.
     """
     with committed_factory() as session:
-        session.add(Image(region="us-east-1", client_commit_hash="abc123", ami_id="ami-1", active=True,
-                          instance_type="g4dn.xlarge", mandelbox_capacity=50))
-        session.add(Instance(instance_name="i-shared", region="us-east-1", client_commit_hash="abc123",
-                             ami_id="ami-1", instance_type="g4dn.xlarge", ip="10.0.0.9", mandelbox_capacity=50,
-                             live_mandelboxes=0, status=InstanceStatus.ACTIVE, host_secret_hash="0" * 64))
+        session.add(
+            Image(
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                active=True,
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=50,
+            )
+        )
+        session.add(
+            Instance(
+                instance_name="i-shared",
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                instance_type="g4dn.xlarge",
+                ip="10.0.0.9",
+                mandelbox_capacity=50,
+                live_mandelboxes=0,
+                status=InstanceStatus.ACTIVE,
+                host_secret_hash="0" * 64,
+            )
+        )
         session.commit()
     client = redis.Redis.from_url(REDIS_SERVER_URL)
     assert DataCache(RedisCache(host=client, key_prefix=f"{replicas[2]}cache:"), ttl_s=300).invalidate(
@@ -143,8 +164,9 @@ def test_no_capacity_on_a_replica_nudges_a_scaler_in_another_process(
     replicas: tuple[str, str, str], fleet: SessionFactory, make_token: Callable[..., str], settings: Settings
 ) -> None:
     a, _, prefix = replicas
-    scaler_side = build_nudge(Settings(**{**settings.model_dump(), "redis_url": REDIS_SERVER_URL,
-                                          "redis_prefix": prefix}))
+    scaler_side = build_nudge(
+        Settings(**{**settings.model_dump(), "redis_url": REDIS_SERVER_URL, "redis_prefix": prefix})
+    )
     scaler_side.wait(0)  # drop a nudge left by an earlier test
     assert scaler_side.wait(0.2) is False
     with fleet() as session:

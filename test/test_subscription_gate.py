@@ -28,12 +28,16 @@ def test_active_subscriptions_pass(gated: Any, user_headers: Headers, status: st
     assert gated.post("/mandelbox/assign", json=ASSIGN, headers=headers).status_code == 201
 
 
-@pytest.mark.parametrize("claims", [{"subscription_status": "canceled"}, {"subscription_status": "past_due"},
-                                    {}, {"subscription_status": ["active"]}])
+@pytest.mark.parametrize(
+    "claims",
+    [{"subscription_status": "canceled"}, {"subscription_status": "past_due"}, {}, {"subscription_status": ["active"]}],
+)
 def test_other_or_missing_subscriptions_are_402(gated: Any, user_headers: Headers, claims: dict[str, Any]) -> None:
     headers = user_headers("free-rider", extra_claims=claims)
-    for response in (gated.get("/regions", headers=headers),
-                     gated.post("/mandelbox/assign", json=ASSIGN, headers=headers)):
+    for response in (
+        gated.get("/regions", headers=headers),
+        gated.post("/mandelbox/assign", json=ASSIGN, headers=headers),
+    ):
         assert response.status_code == 402
         assert response.json["error"] == "PAYMENT_REQUIRED" and response.json["message"]
 

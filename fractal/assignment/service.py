@@ -281,9 +281,7 @@ def _stored_answer(session: Session, *, user_id: str, idempotency: IdempotencyRe
     return Assignment.from_body(row.response_body)
 
 
-def _store_answer(
-    session: Session, *, user_id: str, idempotency: IdempotencyRequest, assignment: Assignment
-) -> None:
+def _store_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest, assignment: Assignment) -> None:
     now = utcnow()
     session.execute(
         insert(IdempotencyKey).values(
