@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    # Every Redis key Fractal writes (limits, cache, nudges) starts with this, so deployments or test runs can
+    # share one Redis server and clean up only their own keys.
+    redis_prefix: str = Field(default="fractal:", min_length=1, max_length=64)
     env: Environment = Environment.DEVELOPMENT
 
     jwt_public_key: SecretStr | None = None

@@ -9,11 +9,15 @@ from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
 
 from fractal.auth.tokens import build_verifier
+from fractal.cache import init_cache
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
 from fractal.health.views import health_blueprint
+from fractal.nudge import build_nudge
 from fractal.observability import configure_logging, register_request_context
+from fractal.ratelimit import init_rate_limits
+from fractal.redis_client import build_redis_client
 from fractal.web import EXTENSION_KEY, FractalState, close_db_session
 
 SECURITY_SCHEMES = {
@@ -63,7 +67,7 @@ def configure_app(app: APIFlask, settings: Settings) -> None:
 
 
 def register_extensions(app: APIFlask, settings: Settings, session_factory: SessionFactory | None) -> FractalState:
-    """Database sessions and the token verifier; built lazily, nothing connects here."""
+    """Database sessions, token verifier, Redis client, cache, scaler nudge, rate limits; nothing connects here."""
     engine: Engine | None = None
     if session_factory is None:
         engine = create_db_engine(settings)
@@ -71,6 +75,12 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
     state = FractalState(settings=settings, session_factory=session_factory, verifier=build_verifier(settings))
     if engine is not None:
         state.services["engine"] = engine
+    redis_client = build_redis_client(settings)
+    if redis_client is not None:
+        state.services["redis"] = redis_client  # /readyz pings it
+    state.services["cache"] = init_cache(app, settings, redis_client)
+    state.services["nudge"] = build_nudge(settings)
+    init_rate_limits(app, settings)
     return state
 
 

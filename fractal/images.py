@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fractal.cache import DataCache
 from fractal.events import EventKind, record_event
 from fractal.lifecycle import utcnow
 from fractal.models import Image
@@ -26,13 +28,21 @@ def list_images(session: Session) -> list[Image]:
     return list(session.scalars(select(Image).order_by(Image.region, Image.created_at, Image.id)))
 
 
-def enabled_regions(session: Session) -> list[str]:
-    """Regions with at least one active image, sorted."""
-    return list(session.scalars(select(Image.region).where(Image.active).distinct().order_by(Image.region)))
+# Cache namespace of everything derived from the images table; bumped whenever an image changes.
+IMAGES_CACHE_NAMESPACE = "images"
 
 
-def newest_active_commits(session: Session) -> dict[str, str]:
-    """region → client_commit_hash of its newest active image (the `local_dev` override)."""
+def active_image_summary(session: Session, *, cache: DataCache | None = None) -> dict[str, Any]:
+    """What every assign and /regions read: ``{"regions": [...], "newest": {region: commit}}``.
+
+    Served from ``cache`` (plain data, short TTL, invalidated by :func:`upsert_image`) when one is given.
+    """
+    if cache is None:
+        return _load_active_image_summary(session)
+    return cache.get_or_load(IMAGES_CACHE_NAMESPACE, "active", lambda: _load_active_image_summary(session))
+
+
+def _load_active_image_summary(session: Session) -> dict[str, Any]:
     rows = session.execute(
         select(Image.region, Image.client_commit_hash)
         .where(Image.active)
@@ -41,21 +51,45 @@ def newest_active_commits(session: Session) -> dict[str, str]:
     newest: dict[str, str] = {}
     for region, commit in rows:
         newest.setdefault(region, commit)
-    return newest
+    return {"regions": sorted(newest), "newest": newest}
+
+
+def enabled_regions(session: Session, *, cache: DataCache | None = None) -> list[str]:
+    """Regions with at least one active image, sorted."""
+    return list(active_image_summary(session, cache=cache)["regions"])
+
+
+def newest_active_commits(session: Session, *, cache: DataCache | None = None) -> dict[str, str]:
+    """region → client_commit_hash of its newest active image (the `local_dev` override)."""
+    return dict(active_image_summary(session, cache=cache)["newest"])
 
 
 def upsert_image(
-    session: Session, *, region: str, client_commit_hash: str, spec: ImageSpec, actor: str
+    session: Session,
+    *,
+    region: str,
+    client_commit_hash: str,
+    spec: ImageSpec,
+    actor: str,
+    cache: DataCache | None = None,
 ) -> tuple[Image, bool]:
     """Create or update the image for (region, client_commit_hash); returns (image, created).
 
     Two first-time upserts of one key race on the unique constraint; the loser retries as an update.
+    After the commit, the cached image summary is invalidated for every replica sharing ``cache``.
     """
     try:
-        return _upsert_image_once(session, region=region, client_commit_hash=client_commit_hash, spec=spec, actor=actor)
+        result = _upsert_image_once(
+            session, region=region, client_commit_hash=client_commit_hash, spec=spec, actor=actor
+        )
     except IntegrityError:
         session.rollback()
-        return _upsert_image_once(session, region=region, client_commit_hash=client_commit_hash, spec=spec, actor=actor)
+        result = _upsert_image_once(
+            session, region=region, client_commit_hash=client_commit_hash, spec=spec, actor=actor
+        )
+    if cache is not None:
+        cache.invalidate(IMAGES_CACHE_NAMESPACE)
+    return result
 
 
 def _upsert_image_once(

@@ -22,7 +22,7 @@ from fractal.auth.decorators import admin_required
 from fractal.images import ImageSpec, list_images, upsert_image
 from fractal.models import Image
 from fractal.schemas import MandelboxListOut
-from fractal.web import current_user, db_session
+from fractal.web import current_user, db_session, state
 
 admin_blueprint = APIBlueprint("admin", __name__, tag="Admin", url_prefix="/admin")
 _AUTH = {401: "Unauthorized", 403: "Forbidden"}
@@ -65,6 +65,7 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
         client_commit_hash=client_commit_hash,
         spec=ImageSpec(**body.model_dump()),
         actor=f"admin:{current_user().user_id}",
+        cache=state().services.get("cache"),
     )
     return image_body(image)
 

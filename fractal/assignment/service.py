@@ -7,31 +7,42 @@ per-user advisory lock serialises one user's concurrent assigns so the per-user 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Select, insert, select, text, update
+from sqlalchemy import Row, Select, delete, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
+from fractal.cache import DataCache
 from fractal.database import advisory_xact_lock, is_postgres
 from fractal.errors import (
     CommitHashMismatchError,
     FractalError,
+    IdempotencyKeyReusedError,
     NoInstanceAvailableError,
     NotFoundError,
     RegionNotEnabledError,
     UserAlreadyActiveError,
 )
 from fractal.events import EventKind, record_event
-from fractal.images import enabled_regions, newest_active_commits
+from fractal.images import active_image_summary
 from fractal.lifecycle import live_count_for_user, utcnow
-from fractal.models import EndReason, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.models import EndReason, IdempotencyKey, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 LOCAL_DEV_COMMIT_HASH = "local_dev"
 NO_CAPACITY_RETRY_AFTER_S = 10
+# Only successful assigns are remembered under an Idempotency-Key; the view answers them 201 Created.
+# Refusals (409/422/503) are not stored: a retried refusal is evaluated again, since the state that caused
+# it (the user's live mandelboxes, enabled regions, free capacity) may have changed, and nothing was created.
+IDEMPOTENT_SUCCESS_STATUS = 201
+DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600
+# Expired keys are purged opportunistically, a bounded batch whenever a new key is stored.
+IDEMPOTENCY_PURGE_BATCH = 100
 
 # Postgres fast path (one round trip): pick the fullest ACTIVE instance with room, lock it, take a slot and create the
 # mandelbox in one statement. FOR NO KEY UPDATE (not FOR UPDATE) so that heartbeat rows referencing the
@@ -69,6 +80,53 @@ class Assignment:
     region: str
     status: MandelboxStatus
 
+    def to_body(self) -> dict[str, Any]:
+        """The JSON answer of a successful assign (also what an Idempotency-Key replays)."""
+        return {
+            "mandelbox_id": str(self.mandelbox_id),
+            "ip": self.ip,
+            "region": self.region,
+            "instance_name": self.instance_name,
+            "status": str(self.status),
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Assignment:
+        return cls(
+            mandelbox_id=uuid.UUID(body["mandelbox_id"]),
+            instance_name=body["instance_name"],
+            ip=body["ip"],
+            region=body["region"],
+            status=MandelboxStatus(body["status"]),
+        )
+
+
+@dataclass(frozen=True)
+class AssignResult:
+    """An assignment, and whether it is the stored answer to an earlier request with the same key."""
+
+    assignment: Assignment
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class IdempotencyRequest:
+    """An Idempotency-Key and the fingerprint of the request body it was sent with."""
+
+    key: str
+    request_hash: str
+    ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
+
+
+def request_fingerprint(*, regions: Sequence[str], client_commit_hash: str, session_id: str | None) -> str:
+    """sha256 of the canonical assign body: a key reused with another body is refused."""
+    canonical = json.dumps(
+        {"regions": list(regions), "client_commit_hash": client_commit_hash, "session_id": session_id},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class MandelboxView:
@@ -94,7 +152,9 @@ def assign_mandelbox(
     max_per_user: int = 1,
     allow_local_dev: bool = False,
     on_no_capacity: Callable[[Sequence[str], str], None] | None = None,
-) -> Assignment:
+    idempotency: IdempotencyRequest | None = None,
+    cache: DataCache | None = None,
+) -> AssignResult:
     """Give ``user_id`` a mandelbox on the fullest suitable instance of the first region with room.
 
     Args:
@@ -102,15 +162,19 @@ def assign_mandelbox(
         client_commit_hash: the client's version; only instances running exactly it qualify
             (``local_dev`` means each region's newest active image when ``allow_local_dev``).
         on_no_capacity: called with (regions, commit) when nothing had room, e.g. to wake the scaler.
+        idempotency: the request's Idempotency-Key; a success is stored under it in the same transaction
+            as the mandelbox, and a later request with that key (from any replica) gets the same answer.
+        cache: where the enabled regions / newest images are read from (the database when None).
 
     Returns:
-        The new ALLOCATED mandelbox and where to connect.
+        The new ALLOCATED mandelbox and where to connect, or the stored first answer for a repeated key.
 
     Raises:
-        UserAlreadyActiveError, RegionNotEnabledError, CommitHashMismatchError, NoInstanceAvailableError.
+        UserAlreadyActiveError, RegionNotEnabledError, CommitHashMismatchError, NoInstanceAvailableError,
+        IdempotencyKeyReusedError (the key was used with a different body and has not expired).
     """
     try:
-        assignment = _assign_in_transaction(
+        result = _assign_in_transaction(
             session,
             user_id=user_id,
             regions=regions,
@@ -118,6 +182,8 @@ def assign_mandelbox(
             session_id=session_id,
             max_per_user=max_per_user,
             allow_local_dev=allow_local_dev,
+            idempotency=idempotency,
+            cache=cache,
         )
     except FractalError as refusal:
         session.rollback()
@@ -126,7 +192,7 @@ def assign_mandelbox(
             on_no_capacity(regions, client_commit_hash)
         raise
     session.commit()
-    return assignment
+    return result
 
 
 def _assign_in_transaction(
@@ -138,18 +204,29 @@ def _assign_in_transaction(
     session_id: str | None,
     max_per_user: int,
     allow_local_dev: bool,
-) -> Assignment:
-    enabled = set(enabled_regions(session))
+    idempotency: IdempotencyRequest | None,
+    cache: DataCache | None,
+) -> AssignResult:
+    # Serialise this user's assigns so that counting live mandelboxes and adding one is atomic, and so that
+    # concurrent retries with one Idempotency-Key queue here: the first stores its answer and commits, the
+    # others then find it (each statement under READ COMMITTED sees rows committed before it began).
+    advisory_xact_lock(session, f"fractal:user:{user_id}")
+    if idempotency is not None:
+        stored = _stored_answer(session, user_id=user_id, idempotency=idempotency)
+        if stored is not None:
+            return AssignResult(stored, replayed=True)
+
+    summary = active_image_summary(session, cache=cache)
+    enabled = set(summary["regions"])
     candidates = list(dict.fromkeys(region for region in regions if region in enabled))
     if not candidates:
         raise RegionNotEnabledError(details={"regions": list(regions)})
 
-    # Serialise this user's assigns so that counting live mandelboxes and adding one is atomic.
-    advisory_xact_lock(session, f"fractal:user:{user_id}")
     if live_count_for_user(session, user_id) >= max_per_user:
         raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
 
-    newest = newest_active_commits(session) if allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH else {}
+    use_newest = allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH
+    newest: dict[str, str] = dict(summary["newest"]) if use_newest else {}
     mandelbox_id = uuid.uuid4()
     for region in candidates:
         commit = newest.get(region, client_commit_hash)
@@ -170,17 +247,72 @@ def _assign_in_transaction(
                 mandelbox_id=mandelbox_id,
                 detail={"region": row.region, "client_commit_hash": commit},
             )
-            return Assignment(
+            assignment = Assignment(
                 mandelbox_id=mandelbox_id,
                 instance_name=row.instance_name,
                 ip=row.ip,
                 region=row.region,
                 status=MandelboxStatus.ALLOCATED,
             )
+            if idempotency is not None:
+                _store_answer(session, user_id=user_id, idempotency=idempotency, assignment=assignment)
+            return AssignResult(assignment)
 
     if _other_versions_have_room(session, candidates, client_commit_hash, newest):
         raise CommitHashMismatchError(details={"client_commit_hash": client_commit_hash})
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
+
+
+def _stored_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest) -> Assignment | None:
+    """The answer stored under this user's key, None if there is none (an expired one is dropped).
+
+    Raises:
+        IdempotencyKeyReusedError: the key is live but was sent with a different body.
+    """
+    row = session.get(IdempotencyKey, (user_id, idempotency.key), populate_existing=True)
+    if row is None:
+        return None
+    if row.expires_at <= utcnow():
+        session.delete(row)
+        session.flush()
+        return None
+    if row.request_hash != idempotency.request_hash:
+        raise IdempotencyKeyReusedError()
+    return Assignment.from_body(row.response_body)
+
+
+def _store_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest, assignment: Assignment) -> None:
+    now = utcnow()
+    session.execute(
+        insert(IdempotencyKey).values(
+            user_id=user_id,
+            key=idempotency.key,
+            request_hash=idempotency.request_hash,
+            response_status=IDEMPOTENT_SUCCESS_STATUS,
+            response_body=assignment.to_body(),
+            mandelbox_id=assignment.mandelbox_id,
+            created_at=now,
+            expires_at=now + timedelta(seconds=idempotency.ttl_s),
+        )
+    )
+    _purge_expired_keys(session, now=now)
+
+
+def _purge_expired_keys(session: Session, *, now: datetime) -> None:
+    """Delete a bounded batch of expired keys (any user's); a key replaced meanwhile is a newer row, kept."""
+    expired = (
+        select(IdempotencyKey.user_id, IdempotencyKey.key)
+        .where(IdempotencyKey.expires_at <= now)
+        .limit(IDEMPOTENCY_PURGE_BATCH)
+    )
+    if is_postgres(session):
+        # Rows another transaction is replacing right now are skipped, never waited for.
+        expired = expired.with_for_update(skip_locked=True)
+    session.execute(
+        delete(IdempotencyKey)
+        .where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired), IdempotencyKey.expires_at <= now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _take_slot(
@@ -370,11 +502,14 @@ def _to_view(row: Row[tuple[object, ...]]) -> MandelboxView:
 
 
 __all__ = [
+    "AssignResult",
     "Assignment",
+    "IdempotencyRequest",
     "MandelboxView",
     "assign_mandelbox",
     "delete_mandelbox_for_user",
     "get_mandelbox_for_user",
     "get_mandelbox_view",
     "list_mandelbox_views",
+    "request_fingerprint",
 ]

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import asdict
 from typing import Any
 
 from apiflask import APIBlueprint
+from flask import request
 
 from fractal.assignment import service
 from fractal.assignment.schemas import AssignIn, AssignOut, RegionsOut
 from fractal.auth.decorators import user_required
 from fractal.config import Environment
-from fractal.errors import NotFoundError
+from fractal.errors import NotFoundError, ValidationError
 from fractal.images import enabled_regions
+from fractal.ratelimit import assign_rate_limit
 from fractal.schemas import MandelboxOut
-from fractal.web import current_user, db_session, settings
+from fractal.web import current_user, db_session, settings, state
 
 public_blueprint = APIBlueprint("public", __name__, tag="Mandelboxes")
 
 _ERRORS = {401: "Unauthorized", 404: "Not found"}
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# At most 255 printable ASCII characters (what the idempotency_keys.key column holds).
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def idempotency_key_header() -> str | None:
+    """The request's Idempotency-Key, None when absent; 400 when empty, too long or not printable ASCII."""
+    raw = request.headers.get(IDEMPOTENCY_HEADER)
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise ValidationError(
+            "The Idempotency-Key header must be 1 to 255 printable ASCII characters.",
+            details={"headers": {IDEMPOTENCY_HEADER: ["1 to 255 printable ASCII characters"]}},
+        )
+    return raw
 
 
 def parse_mandelbox_id(raw: str) -> uuid.UUID:
@@ -35,7 +54,7 @@ def parse_mandelbox_id(raw: str) -> uuid.UUID:
 @public_blueprint.doc(summary="Enabled regions", security="UserToken", responses={401: "Unauthorized"})
 @user_required
 def list_regions() -> dict[str, Any]:
-    return {"regions": enabled_regions(db_session())}
+    return {"regions": enabled_regions(db_session(), cache=state().services.get("cache"))}
 
 
 @public_blueprint.post("/mandelbox/assign")
@@ -47,15 +66,21 @@ def list_regions() -> dict[str, Any]:
     responses={
         400: "Validation error",
         401: "Unauthorized",
+        402: "Subscription required",
         409: "User already active / commit hash mismatch",
-        422: "Region not enabled",
+        422: "Region not enabled / Idempotency-Key reused with another body",
+        429: "Rate limited",
         503: "No instance available",
     },
 )
 @user_required
+@assign_rate_limit  # under user_required: counted per verified user, after authentication
 def assign(body: AssignIn) -> Any:
     config = settings()
-    assignment = service.assign_mandelbox(
+    services = state().services
+    key = idempotency_key_header()
+    nudge = services.get("nudge")
+    result = service.assign_mandelbox(
         db_session(),
         user_id=current_user().user_id,
         regions=body.regions,
@@ -63,8 +88,22 @@ def assign(body: AssignIn) -> Any:
         session_id=body.session_id,
         max_per_user=config.max_mandelboxes_per_user,
         allow_local_dev=config.env is Environment.DEVELOPMENT,
+        on_no_capacity=nudge.nudge if nudge is not None else None,
+        idempotency=(
+            service.IdempotencyRequest(
+                key=key,
+                request_hash=service.request_fingerprint(
+                    regions=body.regions, client_commit_hash=body.client_commit_hash, session_id=body.session_id
+                ),
+                ttl_s=config.idempotency_ttl_s,
+            )
+            if key is not None
+            else None
+        ),
+        cache=services.get("cache"),
     )
-    return asdict(assignment)
+    headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
+    return result.assignment.to_body(), 201, headers
 
 
 @public_blueprint.get("/mandelbox/<mandelbox_id>")

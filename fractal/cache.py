@@ -1,0 +1,120 @@
+"""A short-lived cache of read-mostly plain data, shared by every replica through Redis when configured.
+
+Services receive a :class:`DataCache` as an argument (this module imports no flask at module level); the
+app builds one per process with Flask-Caching (`RedisCache` with ``REDIS_URL``, else an in-process
+`SimpleCache`).
+
+Invalidation bumps a generation counter per namespace instead of deleting keys: readers look up the
+namespace's generation first and read ``<namespace>:<generation>:<name>``. A reader that loaded old rows just
+before a change can then only write them under the old generation, which nobody reads any more, so a
+change is visible to every replica at once (delete-on-change would let such a reader re-cache stale data).
+
+A Redis outage never fails a request: the cache is bypassed (the loader reads the database) and, for a few
+seconds after a failure, not even tried, so a dead Redis costs one failed round trip, not one per lookup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+if TYPE_CHECKING:
+    import redis
+    from cachelib import BaseCache
+    from flask import Flask
+
+    from fractal.config import Settings
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+# After a failed Redis round trip the cache is skipped for this long.
+OUTAGE_BACKOFF_S = 5.0
+
+
+class DataCache:
+    """get-or-load and namespace invalidation over a cachelib backend; never raises for backend failures."""
+
+    def __init__(self, backend: BaseCache | None, *, ttl_s: int) -> None:
+        # ttl 0 would mean "never expire" to cachelib; here it means "do not cache".
+        self._backend = backend if ttl_s > 0 else None
+        self._ttl_s = ttl_s
+        self._skip_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._backend is not None
+
+    def get_or_load(self, namespace: str, name: str, load: Callable[[], T]) -> T:
+        """The cached value of ``namespace``/``name``, or ``load()`` (then cached for the TTL)."""
+        backend = self._available()
+        if backend is None:
+            return load()
+        try:
+            key = f"{namespace}:{self._generation(backend, namespace)}:{name}"
+            cached = backend.get(key)
+        except Exception as exc:  # any backend failure means "bypass", never a failed request
+            self._failed("cache_read_failed", exc)
+            return load()
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        value = load()
+        try:
+            backend.set(key, value, timeout=self._ttl_s)
+        except Exception as exc:
+            self._failed("cache_write_failed", exc)
+        return value
+
+    def invalidate(self, namespace: str) -> bool:
+        """Make every cached value of ``namespace`` stale for all replicas; False if the backend failed."""
+        backend = self._backend
+        if backend is None:
+            return True
+        try:
+            if backend.inc(f"{namespace}:gen") is None:
+                raise RuntimeError("generation counter not incremented")
+        except Exception as exc:
+            # Other replicas may serve the old value until the TTL ends; nothing more can be done now.
+            self._failed("cache_invalidation_failed", exc, namespace=namespace)
+            return False
+        return True
+
+    def _available(self) -> BaseCache | None:
+        if self._backend is None or time.monotonic() < self._skip_until:
+            return None
+        return self._backend
+
+    @staticmethod
+    def _generation(backend: BaseCache, namespace: str) -> int:
+        value: Any = backend.get(f"{namespace}:gen")
+        return int(value) if value is not None else 0
+
+    def _failed(self, event: str, exc: BaseException, **extra: Any) -> None:
+        if time.monotonic() >= self._skip_until:
+            log.warning(event, error_type=type(exc).__name__, bypass_s=OUTAGE_BACKOFF_S, **extra)
+        self._skip_until = time.monotonic() + OUTAGE_BACKOFF_S
+
+
+NO_CACHE = DataCache(None, ttl_s=0)
+
+
+def init_cache(app: Flask, settings: Settings, redis_client: redis.Redis[bytes] | None) -> DataCache:
+    """Flask-Caching for ``app``: RedisCache on the app's Redis client when configured, else SimpleCache."""
+    from flask_caching import Cache
+
+    config: dict[str, Any] = {
+        "CACHE_DEFAULT_TIMEOUT": settings.cache_ttl_s,
+        "CACHE_KEY_PREFIX": f"{settings.redis_prefix}cache:",
+    }
+    if redis_client is not None:
+        # Handing over the client (not the URL) shares its short timeouts and connection pool.
+        config.update(CACHE_TYPE="RedisCache", CACHE_REDIS_HOST=redis_client)
+    else:
+        config.update(CACHE_TYPE="SimpleCache", CACHE_THRESHOLD=1000)
+    cache = Cache(config=config)
+    cache.init_app(app)
+    backend: BaseCache = app.extensions["cache"][cache]
+    return DataCache(backend, ttl_s=settings.cache_ttl_s)
