@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -322,3 +323,31 @@ def test_secrets_are_never_logged(
     assert "host_handshake" in logged and "host_refused" in logged and "host_secret_hash" in logged
     assert secret not in logged
     assert wrong not in logged
+
+
+def test_agent_over_real_http(committed_factory: SessionFactory, make_app: Callable[..., Any]) -> None:
+    from werkzeug.serving import make_server
+
+    with committed_factory() as session:
+        instance, secret = Factories(session).instance(status=InstanceStatus.PRE_CONNECTION, ip=None)
+    server = make_server("127.0.0.1", 0, make_app("host", factory=committed_factory), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        agent = HostAgent(
+            f"http://127.0.0.1:{server.server_port}",
+            instance_name=instance.instance_name,
+            host_secret=secret,
+            ip="127.0.0.1",
+            client_commit_hash="abc123",
+            mandelbox_capacity=2,
+            timeout_s=5,
+        )
+        assert agent.handshake()["status"] == "ACTIVE"
+        assert agent.heartbeat().status == "ACTIVE"
+        with pytest.raises(HostAgentError) as missing:
+            agent.get_mandelbox(uuid.uuid4())
+        assert (missing.value.status, missing.value.code) == (404, "NOT_FOUND")
+    finally:
+        server.shutdown()
+        thread.join(5)
