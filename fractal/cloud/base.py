@@ -72,12 +72,16 @@ class CloudHost:
 
 
 class CloudError(Exception):
-    """A cloud call failed (after any retries). ``code`` is the provider's error code when known."""
+    """A cloud call failed (after any retries). ``code`` is the provider's error code when known;
+    ``maybe_done`` is True when the request may still have taken effect (a timeout, a lost connection)."""
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, retryable: bool = False, maybe_done: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+        self.maybe_done = maybe_done
 
 
 @runtime_checkable

@@ -195,7 +195,9 @@ class Ec2Cloud:
                 self._sleep(delay)
             except BotoCoreError as error:
                 # Connection trouble: the request may or may not have reached EC2; the caller decides.
-                raise CloudError(f"EC2 {operation} failed: {type(error).__name__}", code=type(error).__name__) from error
+                raise CloudError(
+                    f"EC2 {operation} failed: {type(error).__name__}", code=type(error).__name__, maybe_done=True
+                ) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _client(self, region: str) -> EC2Client:
