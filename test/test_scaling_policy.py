@@ -117,7 +117,9 @@ def test_image_target_overrides_the_default() -> None:
     assert plan([image(target_free=0)], [], target=10).launches == ()
 
 
-@pytest.mark.parametrize(("free", "target", "cap", "want"), [(0, 10, 4, 3), (9, 10, 4, 1), (10, 10, 4, 0), (0, 1, 8, 1)])
+@pytest.mark.parametrize(
+    ("free", "target", "cap", "want"), [(0, 10, 4, 3), (9, 10, 4, 1), (10, 10, 4, 0), (0, 1, 8, 1)]
+)
 def test_instances_needed_is_ceil_of_deficit(free: int, target: int, cap: int, want: int) -> None:
     assert instances_needed(free=free, target_free=target, capacity_per_instance=cap) == want
 

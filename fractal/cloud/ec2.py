@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import shlex
 import threading
@@ -145,12 +146,14 @@ class Ec2Cloud:
         ids = list(dict.fromkeys(cloud_provider_ids))
         for start in range(0, len(ids), TERMINATE_CHUNK):
             chunk = ids[start : start + TERMINATE_CHUNK]
-            self._call("terminate_instances", lambda chunk=chunk: client.terminate_instances(InstanceIds=chunk))
+            self._call("terminate_instances", functools.partial(client.terminate_instances, InstanceIds=chunk))
 
     def describe(self, region: str, hosts: Sequence[HostRef]) -> list[CloudHost]:
         """Filter-based describe (unknown ids are simply absent instead of failing the whole call)."""
         client = self._client(region)
-        ids = sorted({h.cloud_provider_id for h in hosts if h.cloud_provider_id and h.cloud_provider_id.startswith("i-")})
+        ids = sorted(
+            {h.cloud_provider_id for h in hosts if h.cloud_provider_id and h.cloud_provider_id.startswith("i-")}
+        )
         names = sorted({h.instance_name for h in hosts if not (h.cloud_provider_id or "").startswith("i-")})
         found: dict[str, CloudHost] = {}
         for filter_name, values in (("instance-id", ids), (f"tag:{TAG_INSTANCE_NAME}", names)):
@@ -164,9 +167,7 @@ class Ec2Cloud:
     def _describe_filtered(self, client: EC2Client, filter_name: str, values: list[str]) -> Iterator[CloudHost]:
         def pages() -> list[dict[str, Any]]:
             paginator = client.get_paginator("describe_instances")
-            return [
-                dict(page) for page in paginator.paginate(Filters=[{"Name": filter_name, "Values": values}])
-            ]
+            return [dict(page) for page in paginator.paginate(Filters=[{"Name": filter_name, "Values": values}])]
 
         for page in self._call("describe_instances", pages):
             for reservation in page.get("Reservations", []):

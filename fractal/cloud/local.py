@@ -36,9 +36,7 @@ class SimulatedHost:
     thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(
-            target=self._run, name=f"sim-host-{self.request.instance_name}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._run, name=f"sim-host-{self.request.instance_name}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -68,11 +66,17 @@ class SimulatedHost:
         self.agent = agent
         agent.start()
         log.info("simulated_host.up", instance_name=self.request.instance_name)
+        # A real host powers off when its agent ends by itself (drained and empty, or told it is lost/terminated);
+        # EC2 then reports it terminated. Mirror that so describe tells the scaler the same story.
+        while not self.stopped.is_set():
+            if agent.wait_stopped(0.5):
+                self.state = CloudState.TERMINATED
+                return
 
     def stop(self) -> None:
         self.stopped.set()
         if self.agent is not None:
-            self.agent.stop()
+            self.agent.stop(timeout=2.0)
         self.state = CloudState.TERMINATED
 
 
@@ -118,9 +122,14 @@ class LocalCloud:
         with self._lock:
             ids = {h.cloud_provider_id for h in hosts if h.cloud_provider_id in self._hosts}
             ids |= {self._by_name[h.instance_name] for h in hosts if h.instance_name in self._by_name}
-            return [
-                CloudHost(self._hosts[i].request.instance_name, i, self._hosts[i].state) for i in sorted(ids)
-            ]
+            return [CloudHost(self._hosts[i].request.instance_name, i, self._hosts[i].state) for i in sorted(ids)]
+
+    def agent(self, instance_name: str) -> HostAgent | None:
+        """The running agent of a simulated host (tests and demos use it to claim mandelboxes)."""
+        with self._lock:
+            cloud_id = self._by_name.get(instance_name)
+            host = self._hosts.get(cloud_id) if cloud_id else None
+        return host.agent if host is not None else None
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop every simulated host (process exit, end of a test)."""
@@ -131,4 +140,3 @@ class LocalCloud:
         for host in hosts:
             if host.thread is not None:
                 host.thread.join(timeout=timeout_s)
-

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +22,6 @@ class MemoryCloud:
     fail_launches: int = 0
     fail_terminates: int = 0
     fail_describes: int = 0
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
@@ -31,7 +30,7 @@ class MemoryCloud:
                 self.fail_launches -= 1
                 raise CloudError("injected launch failure", code="InsufficientInstanceCapacity", retryable=True)
             self.launches.append(request)
-            cloud_id = f"mem-{next(self._ids):08d}"
+            cloud_id = f"mem-{uuid.uuid4().hex[:12]}"
             self.hosts[cloud_id] = CloudHost(request.instance_name, cloud_id, CloudState.RUNNING)
             return LaunchedHost(request.instance_name, cloud_id)
 

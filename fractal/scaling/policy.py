@@ -204,6 +204,8 @@ def plan_fleet(
         for instance in sorted(fleet, key=lambda i: i.instance_name):
             if instance.status in DRAINABLE_STATUSES:
                 drains.append(
-                    DrainPlan(instance.instance_name, instance.region, instance.client_commit_hash, DrainReason.INACTIVE_IMAGE)
+                    DrainPlan(
+                        instance.instance_name, instance.region, instance.client_commit_hash, DrainReason.INACTIVE_IMAGE
+                    )
                 )
     return FleetPlan(launches=tuple(launches), drains=tuple(drains))

@@ -234,8 +234,14 @@ class _Pass:
             .execution_options(synchronize_session=False)
         ).all()
         for name, region, commit in rows:
-            self.note("terminate", EventKind.INSTANCE_TERMINATING, instance_name=name, region=region,
-                      client_commit_hash=commit, reason=reason)
+            self.note(
+                "terminate",
+                EventKind.INSTANCE_TERMINATING,
+                instance_name=name,
+                region=region,
+                client_commit_hash=commit,
+                reason=reason,
+            )
 
     def retire_hosts(self) -> None:
         """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
@@ -336,8 +342,14 @@ class _Pass:
                 .execution_options(synchronize_session=False)
             ).all()
             for name, region, commit in rows:
-                self.note("drain", EventKind.INSTANCE_DRAINED, instance_name=name, region=region,
-                          client_commit_hash=commit, reason=str(reason))
+                self.note(
+                    "drain",
+                    EventKind.INSTANCE_DRAINED,
+                    instance_name=name,
+                    region=region,
+                    client_commit_hash=commit,
+                    reason=str(reason),
+                )
 
     def terminate_drained(self) -> None:
         # No assignment ever targets a DRAINING host, so once empty it stays empty.
@@ -403,9 +415,15 @@ class _Pass:
                 )
                 continue
             launched.append({"instance_name": request.instance_name, "cloud_provider_id": host.cloud_provider_id})
-            self.note("launch", EventKind.INSTANCE_LAUNCHED, instance_name=request.instance_name,
-                      region=request.region, client_commit_hash=request.client_commit_hash,
-                      cloud_provider_id=host.cloud_provider_id, cloud=self.cloud.name)
+            self.note(
+                "launch",
+                EventKind.INSTANCE_LAUNCHED,
+                instance_name=request.instance_name,
+                region=request.region,
+                client_commit_hash=request.client_commit_hash,
+                cloud_provider_id=host.cloud_provider_id,
+                cloud=self.cloud.name,
+            )
         if launched:
             self.session.execute(update(Instance), launched)  # bulk UPDATE by primary key
         if definitely_failed:
@@ -418,8 +436,14 @@ class _Pass:
                 .execution_options(synchronize_session=False)
             ).all()
             for name, region, commit in rows_done:
-                self.note("launch_failed", EventKind.INSTANCE_TERMINATED, instance_name=name, region=region,
-                          client_commit_hash=commit, reason="launch_refused")
+                self.note(
+                    "launch_failed",
+                    EventKind.INSTANCE_TERMINATED,
+                    instance_name=name,
+                    region=region,
+                    client_commit_hash=commit,
+                    reason="launch_refused",
+                )
         if unknown:
             # The request may have reached the cloud: keep the marker and let termination find it by name.
             self._to_terminating(Instance.instance_name.in_(unknown), "launch_unconfirmed")
@@ -470,10 +494,18 @@ class _Pass:
             .execution_options(synchronize_session=False)
         ).all()
         for name, region, commit in done:
-            self.note("terminated", EventKind.INSTANCE_TERMINATED, instance_name=name, region=region,
-                      client_commit_hash=commit, cloud_provider_id=gone.get(name))
+            self.note(
+                "terminated",
+                EventKind.INSTANCE_TERMINATED,
+                instance_name=name,
+                region=region,
+                client_commit_hash=commit,
+                cloud_provider_id=gone.get(name),
+            )
         for mandelbox_id, name in ended:
-            self.report.actions.append(ScalerAction("mandelbox_ended", name, detail={"mandelbox_id": str(mandelbox_id)}))
+            self.report.actions.append(
+                ScalerAction("mandelbox_ended", name, detail={"mandelbox_id": str(mandelbox_id)})
+            )
             self.events.append(
                 {
                     "kind": EventKind.MANDELBOX_STATUS,
@@ -519,4 +551,3 @@ def _group(hosts: Sequence[CloudHost], rows: Sequence[Any]) -> dict[str, list[Cl
         if name is not None:
             grouped[name].append(host)
     return grouped
-
