@@ -163,7 +163,7 @@ def main() -> int:
     for r in results:
         print(
             f"{r['instances']:>10} {r['regions']:>8} {r['first_pass_s']:>13} {r['median_pass_s']:>9} "
-            f"{str(r['statements_per_pass']):>16} {str(r['actions_per_pass']):>12}"
+            f"{r['statements_per_pass']!s:>16} {r['actions_per_pass']!s:>12}"
         )
     for r in results:
         print(json.dumps(r))
