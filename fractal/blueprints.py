@@ -7,9 +7,10 @@ from apiflask import APIBlueprint
 from fractal.admin.views import admin_blueprint
 from fractal.assignment.views import public_blueprint
 from fractal.host_service.views import host_blueprint
+from fractal.scaling.views import scaling_blueprint
 
 PUBLIC_BLUEPRINTS: tuple[APIBlueprint, ...] = (public_blueprint,)
-ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (admin_blueprint,)
+ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (admin_blueprint, scaling_blueprint)
 HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint,)
 
 BLUEPRINTS_BY_API: dict[str, tuple[APIBlueprint, ...]] = {

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from fractal.auth.tokens import build_verifier
 from fractal.cache import init_cache
+from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
@@ -73,6 +74,8 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
         engine = create_db_engine(settings)
         session_factory = create_session_factory(engine)
     state = FractalState(settings=settings, session_factory=session_factory, verifier=build_verifier(settings))
+    # The scaler's cloud (admin API's reconcile, `flask scaler`); building it connects to nothing.
+    state.services["cloud"] = build_cloud_provider(settings)
     if engine is not None:
         state.services["engine"] = engine
     redis_client = build_redis_client(settings)

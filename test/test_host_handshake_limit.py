@@ -9,9 +9,7 @@ from fractal.models import InstanceStatus
 from test.factories import Factories
 
 
-def test_failed_handshakes_are_rate_limited_per_address(
-    make_app: Callable[..., Any], factories: Factories
-) -> None:
+def test_failed_handshakes_are_rate_limited_per_address(make_app: Callable[..., Any], factories: Factories) -> None:
     instance, secret = factories.instance(status=InstanceStatus.PRE_CONNECTION)
     client = make_app("host", handshake_failure_rate_limit="3 per minute").test_client()
     body = {
