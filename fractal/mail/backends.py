@@ -96,23 +96,27 @@ class SmtpBackend:
     def send(self, mail: OutgoingMail) -> str:
         message = build_message(mail)
         target = self.target
+        client: smtplib.SMTP | None = None
         try:
-            client: smtplib.SMTP
             if target.implicit_tls:
                 client = smtplib.SMTP_SSL(target.host, target.port, timeout=self.timeout_s, context=self.ssl_context)
             else:
                 client = smtplib.SMTP(target.host, target.port, timeout=self.timeout_s)
-            with client:
+            client.ehlo()
+            if not target.implicit_tls and client.has_extn("starttls"):
+                client.starttls(context=self.ssl_context)
                 client.ehlo()
-                if not target.implicit_tls and client.has_extn("starttls"):
-                    client.starttls(context=self.ssl_context)
-                    client.ehlo()
-                if target.username is not None:
-                    client.login(target.username, target.password or "")
-                client.send_message(message)
+            if target.username is not None:
+                client.login(target.username, target.password or "")
+            client.send_message(message)
+            client.quit()
         except (smtplib.SMTPException, OSError) as exc:
             # Only the class name: server replies can echo addresses or credentials.
             raise MailDeliveryError(f"SMTP delivery failed ({type(exc).__name__})") from exc
+        finally:
+            # close(), not quit(): after a failed TLS handshake a QUIT would wait out the whole timeout.
+            if client is not None:
+                client.close()
         return str(message["Message-ID"])
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import BaseModel
 
-from pydantic import BaseModel, EmailStr, StringConstraints
-
+from fractal.mail.schemas import EmailAddress
 from fractal.models import SubscriptionStatus
 from fractal.schemas import StrictIn
 
 
 class SubscribeIn(StrictIn):
-    email: Annotated[EmailStr, StringConstraints(max_length=320)]
+    email: EmailAddress
 
 
 class TokenQueryIn(BaseModel):
