@@ -33,8 +33,10 @@ def s3_client() -> Any:
     client = services.get("s3")
     if client is None:
         import boto3
+        from botocore.config import Config
 
-        client = services["s3"] = boto3.client("s3")
+        # SigV4 presigned URLs: SigV2 ones are refused by S3 in every region opened since 2014.
+        client = services["s3"] = boto3.client("s3", config=Config(signature_version="s3v4"))
     return client
 
 
