@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from fractal.events import EventKind
 from fractal.mail.backends import MailDeliveryError, OutgoingMail, SmtpBackend
-from fractal.mail.templates import render_mail
+from fractal.mail.registry import render_mail
 from fractal.models import Event
 from test.servers import SmtpServer, TlsSmtpServer, free_port
 

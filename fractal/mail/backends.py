@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from fractal.config import MailBackend as MailBackendKind
 from fractal.config import Settings
-from fractal.mail.templates import RenderedMail
+from fractal.mail.registry import RenderedMail
 
 SMTP_TIMEOUT_S = 15.0
 

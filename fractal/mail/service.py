@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from fractal.errors import ServiceUnavailableError
 from fractal.events import EventKind, record_event
 from fractal.mail.backends import MailBackend, MailDeliveryError, OutgoingMail
-from fractal.mail.templates import render_mail
+from fractal.mail.registry import render_mail
 
 log = structlog.get_logger(__name__)
 

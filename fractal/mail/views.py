@@ -9,8 +9,8 @@ from apiflask import APIBlueprint
 from fractal.auth.decorators import admin_required
 from fractal.mail import service
 from fractal.mail.backends import MailBackend, build_mail_backend
+from fractal.mail.registry import list_templates, template_subject
 from fractal.mail.schemas import MailIn, MailSentOut, TemplateListOut
-from fractal.mail.templates import list_templates, template_subject
 from fractal.web import current_user, db_session, settings, state
 
 mail_admin_blueprint = APIBlueprint("mail_admin", __name__, tag="Mail", url_prefix="/admin")
