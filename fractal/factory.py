@@ -13,6 +13,7 @@ from fractal.config import Settings, load_settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
 from fractal.health.views import health_blueprint
+from fractal.metrics import register_metrics
 from fractal.observability import configure_logging, register_request_context
 from fractal.web import EXTENSION_KEY, FractalState, close_db_session
 
@@ -42,6 +43,7 @@ def create_app(
     register_blueprints(app, [health_blueprint, *blueprints])
     register_error_handlers(app)
     register_request_context(app)
+    register_metrics(app)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)

@@ -14,6 +14,7 @@ from fractal.auth.decorators import user_required
 from fractal.config import Environment
 from fractal.errors import NotFoundError
 from fractal.images import enabled_regions
+from fractal.metrics import count_assignments
 from fractal.schemas import MandelboxOut
 from fractal.web import current_user, db_session, settings
 
@@ -53,6 +54,7 @@ def list_regions() -> dict[str, Any]:
     },
 )
 @user_required
+@count_assignments
 def assign(body: AssignIn) -> Any:
     config = settings()
     assignment = service.assign_mandelbox(
