@@ -106,6 +106,7 @@ def main() -> NoReturn:
 
     json_logs = _truthy(os.environ.get("FRACTAL_LOG_JSON"), default=True)
     configure_logging(level=os.environ.get("FRACTAL_LOG_LEVEL", "INFO"), json=json_logs)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     role = os.environ.get("FRACTAL_APP", "public").strip().lower()
     try:
         argv = command_for(role)
