@@ -100,8 +100,29 @@ def command_for(role: str) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), ROLES[role]]
 
 
+def healthcheck() -> int:
+    """The container HEALTHCHECK: an API answers /healthz on its bind port; the scaler can reach the database."""
+    role = os.environ.get("FRACTAL_APP", "public").strip().lower()
+    try:
+        if role == SCALER_ROLE:
+            from fractal.config import load_settings
+
+            wait_for_database(load_settings().database_url, timeout_s=3, max_backoff_s=1)
+            return 0
+        import urllib.request
+
+        port = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000").rsplit(":", 1)[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
+            return 0 if response.status == 200 else 1
+    except Exception as exc:  # any failure is "unhealthy"; say why on stderr for `docker inspect`
+        print(f"unhealthy: {type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
 def main() -> NoReturn:
-    """Wait, migrate, exec."""
+    """Wait, migrate, exec (or, with the argument ``healthcheck``, probe and exit)."""
+    if sys.argv[1:] == ["healthcheck"]:
+        sys.exit(healthcheck())
     from fractal.observability import configure_logging
 
     json_logs = _truthy(os.environ.get("FRACTAL_LOG_JSON"), default=True)
