@@ -15,10 +15,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import pytest
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,6 +164,47 @@ class TcpProxy:
         for sock in [*self._sockets, *([self._server] if self._server else [])]:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+@dataclass
+class Stack:
+    """The three APIs started by env.py at once against one fresh, empty database."""
+
+    public: StartedProcess
+    admin: StartedProcess
+    host: StartedProcess
+    database_url: str
+    password: str
+
+    @property
+    def shells(self) -> list[StartedProcess]:
+        return [self.public, self.admin, self.host]
+
+
+@pytest.fixture(scope="session")
+def three_shells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Public, admin and host shells launched together on an empty database (development settings, dev key)."""
+    from fractal.auth.dev_keys import ensure_dev_keypair
+    from fractal.config import DEV_PRIVATE_KEY_PATH, DEV_PUBLIC_KEY_PATH
+    from test.conftest import PG_SERVER_URL, create_database, drop_database
+
+    # Generated once here, not by three servers racing to create it.
+    ensure_dev_keypair(ROOT / DEV_PRIVATE_KEY_PATH, ROOT / DEV_PUBLIC_KEY_PATH)
+    name = f"fractal_stack_{uuid.uuid4().hex[:8]}"
+    password = "pw-" + uuid.uuid4().hex  # trust auth ignores it; the logs are checked for it
+    url = make_url(create_database(PG_SERVER_URL, name)).set(password=password)
+    database_url = url.render_as_string(hide_password=False)
+    log_dir = tmp_path_factory.mktemp("stack")
+    env = {"FRACTAL_ENV": "development", "FRACTAL_CLOUD": "local"}
+    shells = [start_sequence(role, database_url, log_dir, **env) for role in ("public", "admin", "host")]
+    try:
+        for shell in shells:
+            wait_until_ready(shell, timeout_s=90)
+        yield Stack(*shells, database_url=database_url, password=password)
+    finally:
+        for shell in shells:
+            shell.stop()
+        drop_database(PG_SERVER_URL, name)
 
 
 @contextlib.contextmanager

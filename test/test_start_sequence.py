@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from fractal.config import normalise_database_url
 from test.conftest import PG_SERVER_URL, create_database, drop_database
-from test.processes import TcpProxy, free_port, http_get, start_sequence, stopping, wait_until_ready
+from test.processes import Stack, TcpProxy, free_port, http_get, start_sequence, stopping, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -108,23 +108,18 @@ def test_unknown_role_or_unsafe_settings_refuse_to_start(tmp_path: Path) -> None
     assert "DATABASE_URL" in unsafe.log_text()  # names the setting it refuses
 
 
-def test_three_shells_starting_at_once_migrate_once_and_serve(empty_database: str, tmp_path: Path) -> None:
-    url = with_password(empty_database)
-    shells = [start_sequence(role, url, tmp_path) for role in ("public", "admin", "host")]
-    with stopping(*shells):
-        for shell in shells:
-            wait_until_ready(shell, timeout_s=90)
-        for shell in shells:
-            status, body = http_get(shell.url + "/readyz")
-            assert status == 200, body
-            assert http_get(shell.url + "/healthz")[0] == 200
-            status, body = http_get(shell.url + "/metrics")
-            assert status == 200 and b"fractal_fleet_metrics_up 1.0" in body
-        # Each shell serves its own API: only the admin shell knows /admin/instances.
-        assert http_get(shells[0].url + "/admin/instances")[0] == 404
-        assert http_get(shells[1].url + "/admin/instances")[0] == 401
-        logs = [shell.log_text() for shell in shells]
+def test_three_shells_starting_at_once_migrate_once_and_serve(three_shells: Stack) -> None:
+    for shell in three_shells.shells:
+        status, body = http_get(shell.url + "/readyz")
+        assert status == 200, body
+        assert http_get(shell.url + "/healthz")[0] == 200
+        status, body = http_get(shell.url + "/metrics")
+        assert status == 200 and b"fractal_fleet_metrics_up 1.0" in body
+    # Each shell serves its own API: only the admin shell knows /admin/instances.
+    assert http_get(three_shells.public.url + "/admin/instances")[0] == 404
+    assert http_get(three_shells.admin.url + "/admin/instances")[0] == 401
+    logs = [shell.log_text() for shell in three_shells.shells]
     upgrades = sum(log.count("Running upgrade") for log in logs)
     assert upgrades == 1, "\n---\n".join(logs)
-    assert len(alembic_versions(empty_database)) == 1
-    assert all(FAKE_PASSWORD not in log for log in logs)
+    assert len(alembic_versions(three_shells.database_url)) == 1
+    assert all(three_shells.password not in log for log in logs)
