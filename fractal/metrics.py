@@ -27,10 +27,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
+from wsgiref.simple_server import WSGIServer
 
 from apiflask import APIFlask
 from flask import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -156,6 +164,21 @@ class FleetCollector(Collector):
             hosts.add_metric([region, str(status)], count)
         up.add_metric([], 1)
         yield from (capacity, used, free, hosts, up)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:  # noqa: S104 (inside a container)
+    """Serve this process's metrics on ``port`` from a daemon thread (the scaler loop has no web app).
+
+    Returns the server; ``shutdown()`` stops it.
+    """
+    registry = CollectorRegistry()
+    if multiprocess_mode():
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        for collector in PROCESS_METRICS:
+            registry.register(collector)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
 
 
 def multiprocess_mode() -> bool:

@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from fractal.blueprints import ADMIN_BLUEPRINTS
 from fractal.config import Settings
 from fractal.factory import create_app
-from fractal.metrics import record_reconcile, time_reconcile
+from fractal.metrics import record_reconcile, start_metrics_server, time_reconcile
 from fractal.models import InstanceStatus
 from test.factories import Factories
+from test.processes import free_port, http_get
 
 Headers = Callable[..., dict[str, str]]
 COUNT = "flask_http_request_duration_seconds_count"  # requests by method, status and route rule
@@ -113,3 +114,17 @@ def test_metrics_survive_a_database_outage(settings: Settings) -> None:
     client = create_app(blueprints=ADMIN_BLUEPRINTS, settings=down).test_client()
     samples = scrape(client)
     assert value(samples, "fractal_fleet_metrics_up") == 0
+
+
+def test_the_scaler_process_can_serve_its_metrics_without_a_web_app() -> None:
+    port = free_port()
+    server = start_metrics_server(port, addr="127.0.0.1")
+    try:
+        record_reconcile(0.5, {"launch": 1})
+        status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert b"fractal_reconcile_duration_seconds_count" in body
+    assert b'fractal_reconcile_actions_total{action="launch"}' in body
