@@ -15,6 +15,7 @@ from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
 from fractal.health.views import health_blueprint
+from fractal.metrics import register_metrics
 from fractal.nudge import build_nudge
 from fractal.observability import configure_logging, register_request_context
 from fractal.ratelimit import init_rate_limits
@@ -47,6 +48,7 @@ def create_app(
     register_blueprints(app, [health_blueprint, *blueprints])
     register_error_handlers(app)
     register_request_context(app)
+    register_metrics(app)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)

@@ -26,6 +26,7 @@ from fractal.config import Settings, normalise_database_url
 from fractal.database import SessionFactory
 from fractal.factory import create_app
 from test.factories import Factories
+from test.processes import three_shells  # noqa: F401 (a session fixture: one stack shared by its tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER_URL = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -16,7 +16,7 @@ from fractal.web import current_user, db_session, settings, state
 
 host_logs_blueprint = APIBlueprint("host_logs", __name__, tag="Host", url_prefix="/host")
 public_logs_blueprint = APIBlueprint("public_logs", __name__, tag="Logs")
-admin_logs_blueprint = APIBlueprint("admin_logs", __name__, tag="Admin", url_prefix="/admin")
+admin_logs_blueprint = APIBlueprint("admin_logs", __name__, tag="Logs", url_prefix="/admin")
 
 _UPLOAD_RESPONSES = {
     400: "Unsupported Content-Encoding or corrupt gzip",
