@@ -99,6 +99,15 @@ def count_assignments(view: F) -> F:
     return cast(F, wrapper)
 
 
+def observe_reconcile(report: Any) -> None:
+    """Record one scaler pass (a ReconcileReport) that actually ran."""
+    if getattr(report, "ran", False):
+        counts: dict[str, int] = {}
+        for action in report.actions:
+            counts[action.action] = counts.get(action.action, 0) + 1
+        record_reconcile(report.duration_s, counts)
+
+
 def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
     """Record one scaler pass: its duration and how many actions of each kind it took."""
     RECONCILE_DURATION.observe(duration_s)

@@ -128,3 +128,25 @@ def test_the_scaler_process_can_serve_its_metrics_without_a_web_app() -> None:
     assert status == 200
     assert b"fractal_reconcile_duration_seconds_count" in body
     assert b'fractal_reconcile_actions_total{action="launch"}' in body
+
+
+def test_a_reconcile_pass_through_the_admin_api_is_counted(
+    make_app: Callable[..., Any], admin_headers: dict[str, str], factories: Any
+) -> None:
+    from fractal.cloud.memory import MemoryCloud
+
+    app = make_app("admin", target_free_mandelboxes=8)
+    app.extensions["fractal"].services["cloud"] = MemoryCloud()
+    client = app.test_client()
+    factories.image(mandelbox_capacity=4)  # no instances yet: the pass launches two
+    before = scrape(client)
+    response = client.post("/admin/scaling/reconcile", headers=admin_headers)
+    assert response.status_code == 200
+    launched = [a for a in response.json["actions"] if a["action"] == "launch"]
+    assert len(launched) == 2
+    after = scrape(client)
+    name = "fractal_reconcile_actions_total"
+    before_launches = value(before, name, action="launch") if (name, (("action", "launch"),)) in before else 0
+    assert value(after, name, action="launch") - before_launches == 2
+    count = "fractal_reconcile_duration_seconds_count"
+    assert value(after, count) - value(before, count) == 1

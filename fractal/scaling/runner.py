@@ -18,6 +18,7 @@ import structlog
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory
+from fractal.metrics import observe_reconcile, start_metrics_server
 from fractal.nudge import LocalNudge, build_nudge
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 
@@ -71,6 +72,7 @@ class ScalerLoop:
             return None
         finally:
             self.passes += 1
+        observe_reconcile(report)
         self.last_report = report
         return report
 
@@ -133,6 +135,10 @@ def run_scaler(
     loop = ScalerLoop(settings=settings, session_factory=session_factory, cloud=cloud, wakeup=wakeup)
     if once:
         return loop.run_once()
+    if settings.scaler_metrics_port is not None:
+        # The loop has no web app; Prometheus scrapes this port instead.
+        start_metrics_server(settings.scaler_metrics_port)
+        log.info("scaler.metrics", port=settings.scaler_metrics_port)
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("scaler.signal", signal=signal.Signals(signum).name)

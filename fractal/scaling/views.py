@@ -8,6 +8,7 @@ from typing import Any
 from apiflask import APIBlueprint
 
 from fractal.auth.decorators import admin_required
+from fractal.metrics import observe_reconcile
 from fractal.scaling.capacity import list_capacity
 from fractal.scaling.reconcile import reconcile_fleet
 from fractal.scaling.schemas import CapacityListOut, ReconcileOut
@@ -28,6 +29,7 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
 @admin_required
 def post_reconcile() -> Any:
     report = reconcile_fleet(state().session_factory, settings=settings(), cloud=state().services["cloud"])
+    observe_reconcile(report)
     return report.as_dict()
 
 
