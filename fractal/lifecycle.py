@@ -59,18 +59,29 @@ def exit_mandelboxes(
 
 
 def release_slots(session: Session, freed: Counter[str], *, now: datetime) -> None:
-    """Give ``freed[name]`` slots back to each instance, locking instances in name order (no deadlocks)."""
-    for name in sorted(freed):
-        count = freed[name]
-        session.execute(
-            update(Instance)
-            .where(Instance.instance_name == name)
-            .values(
-                live_mandelboxes=Instance.live_mandelboxes - count,
-                empty_since=case((Instance.live_mandelboxes - count == 0, now), else_=Instance.empty_since),
-            )
-            .execution_options(synchronize_session=False)
+    """Give ``freed[name]`` slots back to each instance in two statements whatever their number.
+
+    The rows are first locked in name order so two releasers can never deadlock.
+    """
+    names = sorted(name for name, count in freed.items() if count)
+    if not names:
+        return
+    session.execute(
+        select(Instance.instance_name)
+        .where(Instance.instance_name.in_(names))
+        .order_by(Instance.instance_name)
+        .with_for_update(key_share=True)
+    ).all()
+    delta = case({name: freed[name] for name in names}, value=Instance.instance_name, else_=0)
+    session.execute(
+        update(Instance)
+        .where(Instance.instance_name.in_(names))
+        .values(
+            live_mandelboxes=Instance.live_mandelboxes - delta,
+            empty_since=case((Instance.live_mandelboxes - delta == 0, now), else_=Instance.empty_since),
         )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def live_count_for_user(session: Session, user_id: str) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -57,6 +58,42 @@ class InstanceOut(BaseModel):
 
 class InstanceListOut(BaseModel):
     instances: list[InstanceOut]
+
+
+class InstanceIn(StrictIn):
+    """Register a host by hand; ``ami_id`` and ``instance_type`` default to the image of (region, commit)."""
+
+    instance_name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+    region: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")]
+    client_commit_hash: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    mandelbox_capacity: int = Field(ge=1, le=10_000)
+    ami_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    cloud_provider_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+
+
+class InstanceCreatedOut(BaseModel):
+    instance_name: str
+    status: InstanceStatus
+    host_secret: str = Field(description="Shown once; only its hash is stored")
+
+
+class EventOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    actor: str
+    instance_name: str | None
+    mandelbox_id: uuid.UUID | None
+    detail: dict[str, Any]
+
+
+class EventListOut(BaseModel):
+    events: list[EventOut]
+
+
+class EventFilterIn(BaseModel):
+    limit: int = Field(default=100, ge=1, le=1000)
 
 
 class InstanceFilterIn(BaseModel):

@@ -9,7 +9,11 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from fractal.models import Heartbeat, Instance, InstanceStatus
+from fractal.errors import NotFoundError
+from fractal.instances import create_instance_record, drain_instance
+from fractal.models import Heartbeat, Image, Instance, InstanceStatus
+
+MANUAL_PLACEHOLDER = "manual"
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,67 @@ def list_instance_views(
 def get_instance_view(session: Session, *, instance_name: str) -> InstanceView | None:
     row = session.execute(_instance_view_query().where(Instance.instance_name == instance_name)).first()
     return InstanceView(*row) if row is not None else None
+
+
+def get_instance_view_or_raise(session: Session, *, instance_name: str) -> InstanceView:
+    view = get_instance_view(session, instance_name=instance_name)
+    if view is None:
+        raise NotFoundError("No such instance.")
+    return view
+
+
+@dataclass(frozen=True)
+class RegisteredInstance:
+    instance_name: str
+    status: InstanceStatus
+    host_secret: str
+
+
+def register_instance(
+    session: Session,
+    *,
+    instance_name: str,
+    region: str,
+    client_commit_hash: str,
+    mandelbox_capacity: int,
+    ami_id: str | None,
+    instance_type: str | None,
+    cloud_provider_id: str | None,
+    actor: str,
+) -> RegisteredInstance:
+    """An operator registers a host by hand: a PRE_CONNECTION row and its secret (answered once). Commits.
+
+    Missing ``ami_id``/``instance_type`` come from the image of (region, commit), else ``manual``.
+
+    Raises:
+        ConflictError: the name (or cloud provider id) is taken.
+    """
+    image = session.execute(
+        select(Image.ami_id, Image.instance_type).where(
+            Image.region == region, Image.client_commit_hash == client_commit_hash
+        )
+    ).first()
+    instance, secret = create_instance_record(
+        session,
+        instance_name=instance_name,
+        region=region,
+        client_commit_hash=client_commit_hash,
+        ami_id=ami_id or (image.ami_id if image else MANUAL_PLACEHOLDER),
+        instance_type=instance_type or (image.instance_type if image else MANUAL_PLACEHOLDER),
+        mandelbox_capacity=mandelbox_capacity,
+        cloud_provider_id=cloud_provider_id,
+        actor=actor,
+    )
+    status = instance.status
+    session.commit()
+    return RegisteredInstance(instance_name=instance_name, status=status, host_secret=secret)
+
+
+def drain_instance_view(session: Session, *, instance_name: str, actor: str) -> InstanceView:
+    """Drain an instance (see ``fractal.instances.drain_instance``) and answer the admin view of it.
+
+    Raises:
+        NotFoundError, InvalidTransitionError.
+    """
+    drain_instance(session, instance_name=instance_name, actor=actor)
+    return get_instance_view_or_raise(session, instance_name=instance_name)

@@ -9,18 +9,24 @@ from apiflask import APIBlueprint
 
 from fractal.admin import service
 from fractal.admin.schemas import (
+    EventFilterIn,
+    EventListOut,
     ImageIn,
     ImageListOut,
     ImageOut,
+    InstanceCreatedOut,
     InstanceFilterIn,
+    InstanceIn,
     InstanceListOut,
+    InstanceOut,
     MandelboxFilterIn,
     validate_image_key,
 )
 from fractal.assignment.service import list_mandelbox_views
 from fractal.auth.decorators import admin_required
+from fractal.events import list_events
 from fractal.images import ImageSpec, list_images, upsert_image
-from fractal.models import Image
+from fractal.models import Event, Image
 from fractal.schemas import MandelboxListOut
 from fractal.web import current_user, db_session, state
 
@@ -94,3 +100,53 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
         limit=filters.limit,
     )
     return {"mandelboxes": [asdict(view) for view in views]}
+
+
+@admin_blueprint.post("/instances")
+@admin_blueprint.input(InstanceIn, arg_name="body")
+@admin_blueprint.output(InstanceCreatedOut, status_code=201)
+@admin_blueprint.doc(
+    summary="Register a host by hand (answers its secret once)",
+    security="UserToken",
+    responses={**_AUTH, 400: "Validation error", 409: "CONFLICT: the name is taken"},
+)
+@admin_required
+def post_instance(body: InstanceIn) -> Any:
+    registered = service.register_instance(db_session(), **body.model_dump(), actor=f"admin:{current_user().user_id}")
+    return asdict(registered)
+
+
+@admin_blueprint.post("/instances/<instance_name>/drain")
+@admin_blueprint.output(InstanceOut)
+@admin_blueprint.doc(
+    summary="Drain an instance: no new assignments; terminated once empty",
+    security="UserToken",
+    responses={**_AUTH, 404: "Not found", 409: "INVALID_TRANSITION"},
+)
+@admin_required
+def drain_instance(instance_name: str) -> Any:
+    view = service.drain_instance_view(
+        db_session(), instance_name=instance_name, actor=f"admin:{current_user().user_id}"
+    )
+    return asdict(view)
+
+
+def event_body(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "created_at": event.created_at,
+        "kind": event.kind,
+        "actor": event.actor,
+        "instance_name": event.instance_name,
+        "mandelbox_id": event.mandelbox_id,
+        "detail": event.detail,
+    }
+
+
+@admin_blueprint.get("/events")
+@admin_blueprint.input(EventFilterIn, location="query", arg_name="filters")
+@admin_blueprint.output(EventListOut)
+@admin_blueprint.doc(summary="Audit events, newest first", security="UserToken", responses=_AUTH)
+@admin_required
+def get_events(filters: EventFilterIn) -> Any:
+    return {"events": [event_body(event) for event in list_events(db_session(), limit=filters.limit)]}

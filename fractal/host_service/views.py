@@ -2,6 +2,109 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 from apiflask import APIBlueprint
+from flask import request
+
+from fractal.assignment.views import parse_mandelbox_id
+from fractal.auth.decorators import current_host_instance_name, host_required
+from fractal.host_service import service
+from fractal.host_service.schemas import (
+    MAX_HEARTBEAT_BYTES,
+    HandshakeIn,
+    HandshakeOut,
+    HeartbeatIn,
+    HeartbeatOut,
+    HostMandelboxOut,
+    MandelboxStatusIn,
+)
+from fractal.web import db_session, settings
 
 host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="/host")
+_AUTH = {401: "Unauthorized (no hint whether the instance exists)"}
+
+
+@host_blueprint.before_request
+def _cap_heartbeat_body() -> None:
+    # Heartbeats are frequent and small: refuse a large body before reading it (413 PAYLOAD_TOO_LARGE).
+    if request.endpoint == "host.heartbeat":
+        request.max_content_length = MAX_HEARTBEAT_BYTES
+
+
+@host_blueprint.post("/handshake")
+@host_blueprint.input(HandshakeIn, arg_name="body")
+@host_blueprint.output(HandshakeOut)
+@host_blueprint.doc(
+    summary="A host announces itself (PRE_CONNECTION becomes ACTIVE)",
+    security="HostSecret",
+    responses={**_AUTH, 400: "Validation error", 409: "HOST_MISMATCH or INVALID_TRANSITION"},
+)
+@host_required
+def handshake(body: HandshakeIn) -> Any:
+    result = service.handshake_host(
+        db_session(),
+        authenticated_instance=current_host_instance_name(),
+        instance_name=body.instance_name,
+        ip=body.ip,
+        client_commit_hash=body.client_commit_hash,
+        mandelbox_capacity=body.mandelbox_capacity,
+        heartbeat_interval_s=settings().heartbeat_interval_s,
+    )
+    return asdict(result)
+
+
+@host_blueprint.post("/heartbeat")
+@host_blueprint.input(HeartbeatIn, arg_name="body")
+@host_blueprint.output(HeartbeatOut)
+@host_blueprint.doc(
+    summary="A host is alive; answers its status and which mandelboxes to stop",
+    security="HostSecret",
+    responses={**_AUTH, 400: "Validation error", 413: "Body too large"},
+)
+@host_required
+def heartbeat(body: HeartbeatIn) -> Any:
+    answer = service.record_heartbeat(
+        db_session(),
+        authenticated_instance=current_host_instance_name(),
+        instance_name=body.instance_name,
+        mandelboxes=[(box.mandelbox_id, box.status) for box in body.mandelboxes],
+        metrics=body.metrics,
+        heartbeat_interval_s=settings().heartbeat_interval_s,
+    )
+    return asdict(answer)
+
+
+@host_blueprint.get("/mandelboxes/<mandelbox_id>")
+@host_blueprint.output(HostMandelboxOut)
+@host_blueprint.doc(
+    summary="Check a connecting client's mandelbox (404 unless it is on this instance)",
+    security="HostSecret",
+    responses={**_AUTH, 404: "Not found"},
+)
+@host_required
+def get_mandelbox(mandelbox_id: str) -> Any:
+    view = service.get_mandelbox_for_host(
+        db_session(), instance_name=current_host_instance_name(), mandelbox_id=parse_mandelbox_id(mandelbox_id)
+    )
+    return asdict(view)
+
+
+@host_blueprint.put("/mandelboxes/<mandelbox_id>")
+@host_blueprint.input(MandelboxStatusIn, arg_name="body")
+@host_blueprint.output(HostMandelboxOut)
+@host_blueprint.doc(
+    summary="Report a mandelbox's status (EXITED frees its slot)",
+    security="HostSecret",
+    responses={**_AUTH, 400: "Validation error", 404: "Not found", 409: "INVALID_TRANSITION"},
+)
+@host_required
+def put_mandelbox(mandelbox_id: str, body: MandelboxStatusIn) -> Any:
+    view = service.report_mandelbox_status(
+        db_session(),
+        instance_name=current_host_instance_name(),
+        mandelbox_id=parse_mandelbox_id(mandelbox_id),
+        status=body.status,
+    )
+    return asdict(view)

@@ -1,0 +1,344 @@
+"""The host protocol: handshake, heartbeats and mandelbox status reports.
+
+Heartbeats are the hot path (every host, every few seconds): they write only the ``heartbeats`` table and read
+the instance without locking it, so they never contend with assignment, which locks instance rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NoReturn
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from fractal.database import is_postgres
+from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
+from fractal.events import EventKind, record_event
+from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+
+log = structlog.get_logger(__name__)
+
+REFUSED_HANDSHAKE_STATUSES = frozenset({InstanceStatus.TERMINATING, InstanceStatus.TERMINATED, InstanceStatus.LOST})
+FINAL_STATUSES = REFUSED_HANDSHAKE_STATUSES
+
+# What a host may report, from each state (ARCHITECTURE §10). Repeating the current state is a no-op.
+ALLOWED_TRANSITIONS: dict[MandelboxStatus, frozenset[MandelboxStatus]] = {
+    MandelboxStatus.ALLOCATED: frozenset({MandelboxStatus.CONNECTING, MandelboxStatus.EXITED}),
+    MandelboxStatus.CONNECTING: frozenset({MandelboxStatus.RUNNING, MandelboxStatus.EXITED}),
+    MandelboxStatus.RUNNING: frozenset({MandelboxStatus.DYING, MandelboxStatus.EXITED}),
+    MandelboxStatus.DYING: frozenset({MandelboxStatus.EXITED}),
+    MandelboxStatus.EXITED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    status: InstanceStatus
+    heartbeat_interval_s: float
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    status: InstanceStatus
+    heartbeat_interval_s: float
+    stop_mandelboxes: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class HostMandelboxView:
+    mandelbox_id: uuid.UUID
+    user_id: str
+    session_id: str | None
+    status: MandelboxStatus
+
+
+def _actor(instance_name: str) -> str:
+    return f"host:{instance_name}"
+
+
+def _require_own_name(authenticated: str, claimed: str) -> None:
+    # A secret authenticates one instance; claiming another name gets the same 401 as a wrong secret.
+    if claimed != authenticated:
+        raise UnauthorizedError()
+
+
+def _refuse(
+    session: Session, *, instance_name: str, action: str, error: FractalError, detail: dict[str, Any]
+) -> NoReturn:
+    """Undo the failed unit of work, record the refusal on its own, and raise."""
+    session.rollback()
+    log.warning("host_refused", instance_name=instance_name, action=action, code=str(error.code))
+    record_event(
+        session,
+        kind=EventKind.HOST_REFUSED,
+        actor=_actor(instance_name),
+        instance_name=instance_name,
+        detail={"action": action, "code": str(error.code), **detail},
+    )
+    session.commit()
+    raise error
+
+
+def handshake_host(
+    session: Session,
+    *,
+    authenticated_instance: str,
+    instance_name: str,
+    ip: str,
+    client_commit_hash: str,
+    mandelbox_capacity: int,
+    heartbeat_interval_s: float,
+    now: datetime | None = None,
+) -> HandshakeResult:
+    """A host announces itself: PRE_CONNECTION becomes ACTIVE with the reported ip and capacity.
+
+    A restarted ACTIVE or DRAINING host keeps its status (its ip and capacity are refreshed).
+
+    Raises:
+        UnauthorizedError: the secret belongs to another instance.
+        HostMismatchError: the commit hash differs from the row, or the capacity is below the live count.
+        InvalidTransitionError: the instance is TERMINATING, TERMINATED or LOST.
+    """
+    _require_own_name(authenticated_instance, instance_name)
+    now = now or utcnow()
+    # Handshakes are rare: locking the row here is fine, and it orders us against drains and sweeps.
+    instance = session.execute(
+        select(Instance)
+        .where(Instance.instance_name == instance_name)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    if instance.status in REFUSED_HANDSHAKE_STATUSES:
+        status = instance.status
+        _refuse(
+            session,
+            instance_name=instance_name,
+            action="handshake",
+            error=InvalidTransitionError(
+                f"This instance is {status} and cannot reconnect.", details={"status": str(status)}
+            ),
+            detail={"status": str(status)},
+        )
+    if instance.client_commit_hash != client_commit_hash:
+        expected = instance.client_commit_hash
+        _refuse(
+            session,
+            instance_name=instance_name,
+            action="handshake",
+            error=HostMismatchError(
+                "The host runs a different client commit hash than registered.",
+                details={"expected_client_commit_hash": expected, "client_commit_hash": client_commit_hash},
+            ),
+            detail={"expected": expected, "reported": client_commit_hash},
+        )
+    if mandelbox_capacity < instance.live_mandelboxes:
+        live = instance.live_mandelboxes
+        _refuse(
+            session,
+            instance_name=instance_name,
+            action="handshake",
+            error=HostMismatchError(
+                "The reported capacity is below the instance's live mandelboxes.",
+                details={"mandelbox_capacity": mandelbox_capacity, "live_mandelboxes": live},
+            ),
+            detail={"reported_capacity": mandelbox_capacity, "live_mandelboxes": live},
+        )
+
+    previous_status, previous_capacity, previous_ip = instance.status, instance.mandelbox_capacity, instance.ip
+    if previous_status is InstanceStatus.PRE_CONNECTION:
+        instance.status = InstanceStatus.ACTIVE
+        instance.status_changed_at = now
+        if instance.live_mandelboxes == 0 and instance.empty_since is None:
+            instance.empty_since = now
+    instance.ip = ip
+    instance.mandelbox_capacity = mandelbox_capacity
+    record_event(
+        session,
+        kind=EventKind.INSTANCE_ACTIVATED
+        if previous_status is InstanceStatus.PRE_CONNECTION
+        else EventKind.INSTANCE_RECONNECTED,
+        actor=_actor(instance_name),
+        instance_name=instance_name,
+        detail={"from": str(previous_status), "status": str(instance.status), "ip": ip, "previous_ip": previous_ip},
+    )
+    if previous_capacity != mandelbox_capacity:
+        record_event(
+            session,
+            kind=EventKind.INSTANCE_CAPACITY_CHANGED,
+            actor=_actor(instance_name),
+            instance_name=instance_name,
+            detail={"from": previous_capacity, "to": mandelbox_capacity},
+        )
+    _upsert_heartbeat(session, instance_name=instance_name, now=now, metrics=None)
+    session.commit()
+    log.info("host_handshake", instance_name=instance_name, previous_status=str(previous_status), ip=ip)
+    return HandshakeResult(status=instance.status, heartbeat_interval_s=heartbeat_interval_s)
+
+
+def record_heartbeat(
+    session: Session,
+    *,
+    authenticated_instance: str,
+    instance_name: str,
+    mandelboxes: Sequence[tuple[uuid.UUID, MandelboxStatus]],
+    metrics: dict[str, Any],
+    heartbeat_interval_s: float,
+    now: datetime | None = None,
+) -> HeartbeatAnswer:
+    """Note that the host is alive and tell it its status and which mandelboxes to stop.
+
+    Writes only the heartbeats row; reads the instance and its mandelboxes without locking them.
+    ``stop_mandelboxes`` holds this instance's DYING mandelboxes (user deletions) and every mandelbox the host
+    reports as live that is not live on this instance any more (released by a sweep, or not its own).
+
+    Raises:
+        UnauthorizedError: the secret belongs to another instance.
+    """
+    _require_own_name(authenticated_instance, instance_name)
+    now = now or utcnow()
+    _upsert_heartbeat(session, instance_name=instance_name, now=now, metrics=metrics)
+    status = session.execute(select(Instance.status).where(Instance.instance_name == instance_name)).scalar_one()
+    reported_live = {mid for mid, reported in mandelboxes if reported is not MandelboxStatus.EXITED}
+    if status in FINAL_STATUSES:
+        stop = reported_live
+    else:
+        dying = set(
+            session.scalars(
+                select(Mandelbox.mandelbox_id).where(
+                    Mandelbox.instance_name == instance_name, Mandelbox.status == MandelboxStatus.DYING
+                )
+            )
+        )
+        still_live: set[uuid.UUID] = set()
+        if reported_live:
+            still_live = set(
+                session.scalars(
+                    select(Mandelbox.mandelbox_id).where(
+                        Mandelbox.mandelbox_id.in_(list(reported_live)),
+                        Mandelbox.instance_name == instance_name,
+                        Mandelbox.status != MandelboxStatus.EXITED,
+                    )
+                )
+            )
+        stop = dying | (reported_live - still_live)
+    session.commit()
+    log.debug("host_heartbeat", instance_name=instance_name, status=str(status), stop=len(stop))
+    return HeartbeatAnswer(status=status, heartbeat_interval_s=heartbeat_interval_s, stop_mandelboxes=sorted(stop))
+
+
+def _upsert_heartbeat(session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any] | None) -> None:
+    # INSERT ... ON CONFLICT DO UPDATE on the heartbeats row only. The FK check on first insert takes KEY SHARE
+    # on the instance, which never conflicts with the FOR NO KEY UPDATE locks that assignment holds.
+    dialect_insert = postgresql.insert if is_postgres(session) else sqlite.insert
+    values: dict[str, Any] = {"instance_name": instance_name, "last_heartbeat_at": now}
+    changes: dict[str, Any] = {"last_heartbeat_at": now}
+    if metrics is not None:
+        values["metrics"] = metrics
+        changes["metrics"] = metrics
+    else:
+        values["metrics"] = {}
+    statement = dialect_insert(Heartbeat).values(**values)
+    session.execute(statement.on_conflict_do_update(index_elements=[Heartbeat.instance_name], set_=changes))
+
+
+def get_mandelbox_for_host(session: Session, *, instance_name: str, mandelbox_id: uuid.UUID) -> HostMandelboxView:
+    """A mandelbox of this instance, for checking a connecting client; any other id is 404.
+
+    Raises:
+        NotFoundError.
+    """
+    row = session.execute(
+        select(Mandelbox.mandelbox_id, Mandelbox.user_id, Mandelbox.session_id, Mandelbox.status).where(
+            Mandelbox.mandelbox_id == mandelbox_id, Mandelbox.instance_name == instance_name
+        )
+    ).first()
+    if row is None:
+        raise NotFoundError("No such mandelbox on this instance.")
+    return HostMandelboxView(*row)
+
+
+def report_mandelbox_status(
+    session: Session,
+    *,
+    instance_name: str,
+    mandelbox_id: uuid.UUID,
+    status: MandelboxStatus,
+    now: datetime | None = None,
+) -> HostMandelboxView:
+    """Apply a host's status report; EXITED frees the slot at once. Repeating the current status is a no-op.
+
+    Raises:
+        NotFoundError: no such mandelbox on this instance.
+        InvalidTransitionError: not a move ARCHITECTURE §10 allows (replayed or out-of-order reports).
+    """
+    now = now or utcnow()
+    # Lock the mandelbox so concurrent reports, a user's delete and the sweeps apply one after another.
+    box = session.execute(
+        select(Mandelbox)
+        .where(Mandelbox.mandelbox_id == mandelbox_id, Mandelbox.instance_name == instance_name)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if box is None:
+        session.rollback()
+        raise NotFoundError("No such mandelbox on this instance.")
+    current = box.status
+    if status is current:
+        session.commit()
+        return _host_view(box)
+    if status not in ALLOWED_TRANSITIONS[current]:
+        _refuse(
+            session,
+            instance_name=instance_name,
+            action="mandelbox_status",
+            error=InvalidTransitionError(
+                f"A {current} mandelbox cannot become {status}.", details={"from": str(current), "to": str(status)}
+            ),
+            detail={"mandelbox_id": str(mandelbox_id), "from": str(current), "to": str(status)},
+        )
+    if status is MandelboxStatus.EXITED:
+        # Keeps USER_DELETED when the user asked for this exit; the slot returns in this transaction.
+        exit_mandelboxes(session, mandelbox_ids=[mandelbox_id], reason=EndReason.HOST_EXITED, now=now)
+    else:
+        session.execute(
+            update(Mandelbox)
+            .where(Mandelbox.mandelbox_id == mandelbox_id)
+            .values(status=status, status_changed_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    record_event(
+        session,
+        kind=EventKind.MANDELBOX_STATUS,
+        actor=_actor(instance_name),
+        instance_name=instance_name,
+        mandelbox_id=mandelbox_id,
+        detail={"from": str(current), "to": str(status)},
+    )
+    session.commit()
+    log.info("mandelbox_status", mandelbox_id=str(mandelbox_id), previous_status=str(current), status=str(status))
+    return get_mandelbox_for_host(session, instance_name=instance_name, mandelbox_id=mandelbox_id)
+
+
+def _host_view(box: Mandelbox) -> HostMandelboxView:
+    return HostMandelboxView(
+        mandelbox_id=box.mandelbox_id, user_id=box.user_id, session_id=box.session_id, status=box.status
+    )
+
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "HandshakeResult",
+    "HeartbeatAnswer",
+    "HostMandelboxView",
+    "get_mandelbox_for_host",
+    "handshake_host",
+    "record_heartbeat",
+    "report_mandelbox_status",
+]
