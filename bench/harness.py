@@ -10,6 +10,7 @@ prefix). `./commands bench` finds or starts both, like `./commands test`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -228,6 +229,34 @@ def seed_exited_mandelboxes(
             """
         ),
         {"count": count, "instances": instances, "users": users, "first_instance": first_instance},
+    )
+    connection.commit()
+
+
+def live_mandelbox_id(instance: int, k: int) -> uuid.UUID:
+    """The id of seeded live mandelbox ``k`` on instance ``instance`` (md5-derived, as the SQL below does)."""
+    return uuid.UUID(hashlib.md5(f"bench-live-{instance}-{k}".encode()).hexdigest())
+
+
+def seed_live_mandelboxes(
+    connection: Connection, *, instances: int, per_instance: int, status: str = "RUNNING"
+) -> None:
+    """``per_instance`` live mandelboxes on each of instances 0 .. ``instances - 1`` (live counts kept in step)."""
+    connection.execute(
+        text(
+            """
+            INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
+                                     created_at, status_changed_at)
+            SELECT md5('bench-live-' || i || '-' || k)::uuid, 'bench-i-' || lpad(i::text, 6, '0'),
+                   'bench-host-user-' || i || '-' || k, NULL, :status, now(), now()
+            FROM generate_series(0, CAST(:instances AS int) - 1) AS i, generate_series(0, CAST(:per AS int) - 1) AS k
+            """
+        ),
+        {"instances": instances, "per": per_instance, "status": status},
+    )
+    connection.execute(
+        text("UPDATE instances SET live_mandelboxes = :per, empty_since = NULL WHERE instance_name < :bound"),
+        {"per": per_instance, "bound": instance_name(instances)},
     )
     connection.commit()
 
