@@ -84,7 +84,7 @@ def summarise(raw: Path, top: int) -> list[str]:
         buckets[bucket] += count
     if not total:
         return ["no samples inside a request (is py-spy allowed to attach? try as root)"]
-    out = [f"{total} samples inside requests (wall clock, incl. waits)", "", "by bucket (leaf-most match):"]
+    out = [f"{total} samples inside requests", "", "by bucket (leaf-most match):"]
     out += [f"  {100 * n / total:5.1f}%  {name}" for name, n in buckets.most_common()]
     out += ["", f"top {top} by inclusive share:"]
     out += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = h.RESULTS_DIR / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
     report = h.Report("profile_assign", args.quick, client=h.wrk_version())
-    raw = out_dir / f"assign-{report.run_id}.txt"
+    raw = out_dir / f"assign-{report.run_id}.txt"  # one file per mode beside it
 
     with h.workdir("profile") as work, h.bench_database("profile") as url:
         with h.connect(url) as connection:
@@ -208,37 +208,31 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             load(2)  # warm-up
-            results: list[h.LoadResult] = []
-            driver = threading.Thread(target=lambda: results.append(load(seconds + 2)), daemon=True)
-            driver.start()
-            argv_spy = [
-                pyspy,
-                "record",
-                "--pid",
-                str(server.process.pid),
-                "--subprocesses",
-                "--idle",
-                "--nonblocking",
-                "--rate",
-                "200",
-                "--duration",
-                str(seconds),
-                "--format",
-                "raw",
-                "--output",
-                str(raw),
-            ]
-            spy = subprocess.run(argv_spy, capture_output=True, text=True, timeout=seconds + 60, check=False)
-            driver.join(timeout=seconds + 90)
-            if spy.returncode != 0 or not raw.exists():
-                raise SystemExit(f"py-spy failed ({spy.returncode}): {spy.stderr[-2000:]}")
-        if results:
-            report.add_load("assign_under_profiler", results[0])
+            raws: dict[str, Path] = {}
+            for mode, flag in (("wall", "--idle"), ("cpu", "--gil")):
+                raws[mode] = raw.with_name(f"{raw.stem}-{mode}.txt")
+                results: list[h.LoadResult] = []
+                driver = threading.Thread(target=lambda out=results: out.append(load(seconds + 2)), daemon=True)
+                driver.start()
+                argv_spy = [pyspy, "record", "--pid", str(server.process.pid), "--subprocesses", flag]
+                argv_spy += ["--nonblocking", "--rate", "200", "--duration", str(seconds)]
+                argv_spy += ["--format", "raw", "--output", str(raws[mode])]
+                spy = subprocess.run(argv_spy, capture_output=True, text=True, timeout=seconds + 60, check=False)
+                driver.join(timeout=seconds + 90)
+                if spy.returncode != 0 or not raws[mode].exists():
+                    raise SystemExit(f"py-spy failed ({spy.returncode}): {spy.stderr[-2000:]}")
+                if results:
+                    report.add_load(f"assign_under_profiler_{mode}", results[0])
         trips = count_round_trips(url, keypair, tokens[250:], body)
     report.emit()
     print("\n" + "\n".join(trips))
-    print(f"\nprofile of POST /mandelbox/assign ({seconds}s, py-spy --idle, raw stacks: {raw})")
-    print("\n".join(summarise(raw, args.top)))
+    titles = {
+        "wall": "wall clock (py-spy --idle: waits on Postgres/Redis and on the GIL count where they happen)",
+        "cpu": "CPU (py-spy --gil: only the thread holding the GIL is sampled)",
+    }
+    for mode, path in raws.items():
+        print(f"\n=== profile of POST /mandelbox/assign, {titles[mode]}, {seconds}s; raw stacks: {path}")
+        print("\n".join(summarise(path, args.top)))
     return 0
 
 
