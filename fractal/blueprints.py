@@ -7,10 +7,19 @@ from apiflask import APIBlueprint
 from fractal.admin.views import admin_blueprint
 from fractal.assignment.views import public_blueprint
 from fractal.host_service.views import host_blueprint
+from fractal.log_uploads.views import admin_logs_blueprint, host_logs_blueprint, public_logs_blueprint
+from fractal.mail.views import mail_admin_blueprint
+from fractal.newsletter.views import newsletter_blueprint
+from fractal.scaling.views import scaling_blueprint
 
-PUBLIC_BLUEPRINTS: tuple[APIBlueprint, ...] = (public_blueprint,)
-ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (admin_blueprint,)
-HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint,)
+PUBLIC_BLUEPRINTS: tuple[APIBlueprint, ...] = (public_blueprint, public_logs_blueprint, newsletter_blueprint)
+ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (
+    admin_blueprint,
+    scaling_blueprint,
+    mail_admin_blueprint,
+    admin_logs_blueprint,
+)
+HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint, host_logs_blueprint)
 
 BLUEPRINTS_BY_API: dict[str, tuple[APIBlueprint, ...]] = {
     "public": PUBLIC_BLUEPRINTS,

@@ -29,3 +29,22 @@ def register_cli(app: Flask) -> None:
                 issuer=settings.jwt_issuer,
             )
         )
+
+    @app.cli.command("scaler")
+    @click.option("--once", is_flag=True, help="Run one pass, print its report as JSON and exit.")
+    def scaler_command(once: bool) -> None:
+        """Run the scaler loop until SIGTERM (many replicas may run: one pass at a time wins the lock)."""
+        import json
+
+        from fractal.scaling.runner import build_wakeup, run_scaler
+
+        state = app.extensions["fractal"]
+        report = run_scaler(
+            state.settings,
+            state.session_factory,
+            state.services["cloud"],
+            wakeup=build_wakeup(state.settings),
+            once=once,
+        )
+        if once:
+            click.echo(json.dumps(report.as_dict() if report else {"ran": False, "error": "pass failed"}))

@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     max_instances_per_region: int = Field(default=100, ge=0)
     host_api_url: str = "http://127.0.0.1:8002"
     scaler_interval_s: float = Field(default=15, gt=0)
+    scaler_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     local_boot_delay_s: float = Field(default=2, ge=0)
 
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)

@@ -1,7 +1,8 @@
 """`./commands run`: the whole stack in one process on the embedded defaults.
 
-Migrates the database (a SQLite file unless DATABASE_URL is set), seeds a demo fleet when the database is empty,
-serves the public, admin and host APIs on 127.0.0.1:8000/8001/8002, and prints ready-to-use tokens.
+Migrates the database (a SQLite file unless DATABASE_URL is set), seeds a demo image in two regions when the
+database is empty, serves the public, admin and host APIs on 127.0.0.1:8000/8001/8002, runs the scaler loop (which
+launches simulated hosts that shake hands over HTTP) and prints ready-to-use tokens.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from alembic import command
 from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
 from fractal.blueprints import ADMIN_BLUEPRINTS, HOST_BLUEPRINTS, PUBLIC_BLUEPRINTS
+from fractal.cloud import build_cloud_provider
+from fractal.cloud.local import LocalCloud
 from fractal.config import Environment, Settings, load_settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.events import EventKind, record_event
 from fractal.factory import create_app
 from fractal.images import ImageSpec, upsert_image
-from fractal.models import Image, Instance, InstanceStatus
+from fractal.models import Image
+from fractal.scaling.runner import build_wakeup, start_scaler_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_REGIONS = ("us-east-1", "eu-west-1")
 DEMO_COMMIT = "demo-0001"
 DEMO_CAPACITY = 4
+# One simulated host per region stays free; assigning more makes the scaler launch another.
+DEMO_TARGET_FREE = 4
 
 
 def migrate(settings: Settings) -> None:
@@ -52,37 +57,24 @@ def migrate(settings: Settings) -> None:
         engine.dispose()
 
 
-def seed_demo_fleet(session: Session) -> bool:
-    """An active demo image in two regions and two ACTIVE demo hosts each, only into an empty database."""
+def seed_demo_images(session: Session) -> bool:
+    """An active demo image in two regions, only into an empty database; the scaler launches their hosts."""
     if session.execute(select(func.count()).select_from(Image)).scalar_one() > 0:
         return False
-    from fractal.auth.hosts import generate_host_secret, hash_host_secret
-
     for region in DEMO_REGIONS:
         upsert_image(
             session,
             region=region,
             client_commit_hash=DEMO_COMMIT,
-            spec=ImageSpec(ami_id="ami-demo", active=True, instance_type="local.sim", mandelbox_capacity=DEMO_CAPACITY),
+            spec=ImageSpec(
+                ami_id="ami-demo",
+                active=True,
+                instance_type="local.sim",
+                mandelbox_capacity=DEMO_CAPACITY,
+                target_free=DEMO_TARGET_FREE,
+            ),
             actor="devserver",
         )
-        for n in range(2):
-            name = f"demo-{region}-{n}"
-            session.add(
-                Instance(
-                    instance_name=name,
-                    region=region,
-                    client_commit_hash=DEMO_COMMIT,
-                    ami_id="ami-demo",
-                    instance_type="local.sim",
-                    ip=f"127.0.0.{10 + n}",
-                    mandelbox_capacity=DEMO_CAPACITY,
-                    status=InstanceStatus.ACTIVE,
-                    host_secret_hash=hash_host_secret(generate_host_secret()),
-                )
-            )
-            record_event(session, kind=EventKind.INSTANCE_REGISTERED, actor="devserver", instance_name=name)
-    session.commit()
     return True
 
 
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-port", type=int, default=int(os.environ.get("FRACTAL_PUBLIC_PORT", "8000")))
     parser.add_argument("--admin-port", type=int, default=int(os.environ.get("FRACTAL_ADMIN_PORT", "8001")))
     parser.add_argument("--host-port", type=int, default=int(os.environ.get("FRACTAL_HOST_PORT", "8002")))
-    parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo fleet into an empty database.")
+    parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo images into an empty database.")
     args = parser.parse_args(argv)
 
     settings = load_settings()
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     session_factory = create_session_factory(engine)
     if not args.no_seed:
         with session_factory() as session:
-            seed_demo_fleet(session)
+            seed_demo_images(session)
 
     ports = {"public": args.public_port, "admin": args.admin_port, "host": args.host_port}
     apps = build_apps(settings, session_factory)
@@ -159,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     for thread in threads:
         thread.start()
     stoppers: list[Callable[[], None]] = [thread.shutdown for thread in threads]
+    # The scaler launches simulated hosts (FRACTAL_CLOUD=local) that speak real HTTP to the host API above;
+    # it shares the process-wide nudge that assign fires when it runs out of room.
+    cloud = build_cloud_provider(settings)
+    stoppers.insert(0, start_scaler_thread(settings, session_factory, cloud, wakeup=build_wakeup(settings)))
+    if isinstance(cloud, LocalCloud):
+        stoppers.insert(0, cloud.shutdown)
     print_welcome(settings, ports, args.host)
 
     stop = threading.Event()

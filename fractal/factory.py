@@ -10,10 +10,12 @@ from sqlalchemy import Engine
 
 from fractal.auth.tokens import build_verifier
 from fractal.cache import init_cache
+from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import register_error_handlers
 from fractal.health.views import health_blueprint
+from fractal.metrics import register_metrics
 from fractal.nudge import build_nudge
 from fractal.observability import configure_logging, register_request_context
 from fractal.ratelimit import init_rate_limits
@@ -46,6 +48,7 @@ def create_app(
     register_blueprints(app, [health_blueprint, *blueprints])
     register_error_handlers(app)
     register_request_context(app)
+    register_metrics(app)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)
@@ -73,6 +76,8 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
         engine = create_db_engine(settings)
         session_factory = create_session_factory(engine)
     state = FractalState(settings=settings, session_factory=session_factory, verifier=build_verifier(settings))
+    # The scaler's cloud (admin API's reconcile, `flask scaler`); building it connects to nothing.
+    state.services["cloud"] = build_cloud_provider(settings)
     if engine is not None:
         state.services["engine"] = engine
     redis_client = build_redis_client(settings)

@@ -52,6 +52,9 @@ class LocalNudge:
         return nudged
 
 
+_PROCESS_NUDGE = LocalNudge()
+
+
 class RedisNudge:
     """Nudges through a Redis list, shared by every process on one Redis; falls back to in-process."""
 
@@ -102,4 +105,5 @@ def build_nudge(settings: Settings) -> LocalNudge | RedisNudge:
     """A Redis-backed nudge when ``REDIS_URL`` is set, else an in-process one. Connects on first use."""
     if settings.redis_url:
         return RedisNudge(settings.redis_url, key=f"{settings.redis_prefix}{NUDGE_KEY}")
-    return LocalNudge()
+    # Without Redis a nudge can only reach this process: every app and the scaler loop in it share one.
+    return _PROCESS_NUDGE

@@ -7,21 +7,22 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 from flask import Flask, Response, g, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_access_log = structlog.get_logger("fractal.access")
 _SENSITIVE_KEYS = re.compile(r"(authorization|token|secret|password|passwd|api[_-]?key|cookie)", re.IGNORECASE)
 _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_URL_PASSWORD = re.compile(r"(\w+://[^:/\s]+:)[^@\s]+@")
+_URL_PASSWORD = re.compile(r"(\w+://[^:/\s@]*:)[^@\s]+@")
 REDACTED = "[REDACTED]"
 # Probes and scrapes would drown the access log.
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-access_log = structlog.get_logger("fractal.access")
+_NOT_SENSITIVE = frozenset({"request_id", "event"})
 
 
 def redact_text(value: str) -> str:
@@ -31,13 +32,24 @@ def redact_text(value: str) -> str:
     return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", value)
 
 
+def _redact_value(key: str, value: Any, depth: int = 0) -> Any:
+    if _SENSITIVE_KEYS.search(key) and key not in _NOT_SENSITIVE:
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if depth > 4:  # deeper structures are not logged as-is; keep the processor cheap and bounded
+        return value if isinstance(value, int | float | bool) or value is None else REDACTED
+    if isinstance(value, Mapping):
+        return {str(k): _redact_value(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_redact_value("", item, depth + 1) for item in value]
+    return value
+
+
 def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: secrets never reach a log line, whatever key or text they hide in."""
+    """structlog processor: secrets never reach a log line, whatever key, nested field or text they hide in."""
     for key, value in list(event_dict.items()):
-        if _SENSITIVE_KEYS.search(key) and key not in ("request_id",):
-            event_dict[key] = REDACTED
-        elif isinstance(value, str):
-            event_dict[key] = redact_text(value)
+        event_dict[key] = _redact_value(key, value)
     return event_dict
 
 
@@ -77,6 +89,7 @@ def register_request_context(app: Flask) -> None:
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else uuid.uuid4().hex
         g.request_id = request_id
+        g.request_started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
 
@@ -86,11 +99,13 @@ def register_request_context(app: Flask) -> None:
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         started = g.get("request_started")
-        if started is not None and request.path not in _QUIET_PATHS:
-            access_log.info(
+        # One access line per request (gunicorn's access log is off): the bound context adds the request id
+        # and, once authenticated, the user id or instance name. The query string is left out on purpose.
+        if request.path not in _QUIET_PATHS:
+            _access_log.info(
                 "request",
                 status=response.status_code,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round((time.perf_counter() - started) * 1000, 2) if started else None,
             )
         return response
 

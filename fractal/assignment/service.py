@@ -44,16 +44,23 @@ DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600
 # Expired keys are purged opportunistically, a bounded batch whenever a new key is stored.
 IDEMPOTENCY_PURGE_BATCH = 100
 
-# Postgres fast path (one round trip): pick the fullest ACTIVE instance with room, lock it, take a slot and create the
-# mandelbox in one statement. FOR NO KEY UPDATE (not FOR UPDATE) so that heartbeat rows referencing the
-# instance by foreign key (they take KEY SHARE) never block or get skipped by assignment. SKIP LOCKED
-# lets concurrent assigns spread over candidates instead of queueing on the fullest one; the room check
-# in WHERE is re-evaluated on the locked, newest row version, so a slot can never be taken twice.
-_ASSIGN_SQL = """
-WITH candidate AS (
+# Postgres fast path, one round trip: count the user's live mandelboxes, pick the fullest ACTIVE instance with
+# room, lock it, take a slot, create the mandelbox and its audit event, all in one statement.
+# - The caller holds the user's advisory lock, so the count cannot change under this statement (the limit holds).
+# - FOR NO KEY UPDATE (not FOR UPDATE): heartbeat rows reference the instance by foreign key and take KEY SHARE,
+#   which NO KEY UPDATE does not conflict with, so heartbeats never block or get skipped by assignment.
+# - SKIP LOCKED spreads concurrent assigns over candidates instead of queueing them on the fullest one; the room
+#   check in WHERE is re-evaluated on the locked, newest row version, so a slot can never be taken twice.
+# The answer is always one row: the live count, and the instance when a slot was taken (else NULLs).
+_ASSIGN_SKIP_LOCKED = text(
+    """
+WITH live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = :user_id AND status <> 'EXITED'
+), candidate AS (
     SELECT instance_name FROM instances
     WHERE region = :region AND client_commit_hash = :commit AND status = 'ACTIVE'
       AND live_mandelboxes < mandelbox_capacity
+      AND (SELECT n FROM live) < :max_per_user
     ORDER BY live_mandelboxes DESC, instance_name
     LIMIT 1
     FOR NO KEY UPDATE SKIP LOCKED
@@ -66,10 +73,17 @@ WITH candidate AS (
                              created_at, status_changed_at)
     SELECT :mandelbox_id, taken.instance_name, :user_id, :session_id, 'ALLOCATED', :now, :now FROM taken
     RETURNING mandelbox_id
+), audited AS (
+    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
+    SELECT :now, :event_kind, :actor, taken.instance_name, :mandelbox_id,
+           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST(:commit AS text))
+    FROM taken
+    RETURNING id
 )
-SELECT taken.instance_name, taken.ip, taken.region FROM taken
+SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region
+FROM (SELECT 1) AS one LEFT JOIN taken ON true
 """
-_ASSIGN_SKIP_LOCKED = text(_ASSIGN_SQL)
+)
 
 
 @dataclass(frozen=True)
@@ -222,41 +236,37 @@ def _assign_in_transaction(
     if not candidates:
         raise RegionNotEnabledError(details={"regions": list(regions)})
 
-    if live_count_for_user(session, user_id) >= max_per_user:
-        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
-
     use_newest = allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH
     newest: dict[str, str] = dict(summary["newest"]) if use_newest else {}
     mandelbox_id = uuid.uuid4()
+    actor = f"user:{user_id}"
+    fast = is_postgres(session)
+    if not fast and live_count_for_user(session, user_id) >= max_per_user:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
     for region in candidates:
         commit = newest.get(region, client_commit_hash)
-        row = _take_slot(
-            session,
-            region=region,
-            commit=commit,
-            mandelbox_id=mandelbox_id,
-            user_id=user_id,
-            session_id=session_id,
+        params = {
+            "region": region,
+            "commit": commit,
+            "mandelbox_id": mandelbox_id,
+            "user_id": user_id,
+            "session_id": session_id,
+            "now": utcnow(),
+            "max_per_user": max_per_user,
+            "actor": actor,
+            "event_kind": str(EventKind.MANDELBOX_ASSIGNED),
+        }
+        # A nearer region whose candidates are merely locked by concurrent assigns is waited for before a
+        # farther one is tried: region order is the user's preference.
+        row = (_take_slot_fast(session, params) if fast else None) or _take_slot_waiting(session, params)
+        if row is None:
+            continue
+        assignment = Assignment(
+            mandelbox_id=mandelbox_id, instance_name=row[0], ip=row[1], region=row[2], status=MandelboxStatus.ALLOCATED
         )
-        if row is not None:
-            record_event(
-                session,
-                kind=EventKind.MANDELBOX_ASSIGNED,
-                actor=f"user:{user_id}",
-                instance_name=row.instance_name,
-                mandelbox_id=mandelbox_id,
-                detail={"region": row.region, "client_commit_hash": commit},
-            )
-            assignment = Assignment(
-                mandelbox_id=mandelbox_id,
-                instance_name=row.instance_name,
-                ip=row.ip,
-                region=row.region,
-                status=MandelboxStatus.ALLOCATED,
-            )
-            if idempotency is not None:
-                _store_answer(session, user_id=user_id, idempotency=idempotency, assignment=assignment)
-            return AssignResult(assignment)
+        if idempotency is not None:
+            _store_answer(session, user_id=user_id, idempotency=idempotency, assignment=assignment)
+        return AssignResult(assignment)
 
     if _other_versions_have_room(session, candidates, client_commit_hash, newest):
         raise CommitHashMismatchError(details={"client_commit_hash": client_commit_hash})
@@ -315,40 +325,28 @@ def _purge_expired_keys(session: Session, *, now: datetime) -> None:
     )
 
 
-def _take_slot(
-    session: Session,
-    *,
-    region: str,
-    commit: str,
-    mandelbox_id: uuid.UUID,
-    user_id: str,
-    session_id: str | None,
-) -> Row[str, str | None, str] | None:
-    """Lock an instance with room in ``region`` running ``commit``, take one slot, insert the mandelbox."""
-    now = utcnow()
-    if is_postgres(session):
-        row = session.execute(
-            _ASSIGN_SKIP_LOCKED,
-            {
-                "region": region,
-                "commit": commit,
-                "mandelbox_id": mandelbox_id,
-                "user_id": user_id,
-                "session_id": session_id,
-                "now": now,
-            },
-        ).first()
-        if row is not None:
-            return row
-    # Slow path, and the only path on SQLite: every candidate may be locked by concurrent assigns whose
-    # commits can still leave room, so wait for them one row at a time. A guarded UPDATE waits for the
-    # row lock and re-checks status and room on the newest version; holding at most one instance lock at a
-    # time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could).
+def _take_slot_fast(session: Session, params: dict[str, Any]) -> tuple[str, str | None, str] | None:
+    """The one-statement path; raises UserAlreadyActiveError when the user is at the limit."""
+    row = session.execute(_ASSIGN_SKIP_LOCKED, params).one()
+    if row.live_count >= params["max_per_user"]:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": params["max_per_user"]})
+    if row.instance_name is None:
+        return None
+    return (row.instance_name, row.ip, row.region)
+
+
+def _take_slot_waiting(session: Session, params: dict[str, Any]) -> tuple[str, str | None, str] | None:
+    """Wait for candidates one row at a time; the only path on SQLite (the development default).
+
+    Every candidate may be locked by concurrent assigns whose commits can still leave room. A guarded UPDATE
+    waits for the row lock and re-checks status and room on the newest version; holding at most one instance
+    lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could).
+    """
     candidates = session.scalars(
         select(Instance.instance_name)
         .where(
-            Instance.region == region,
-            Instance.client_commit_hash == commit,
+            Instance.region == params["region"],
+            Instance.client_commit_hash == params["commit"],
             Instance.status == InstanceStatus.ACTIVE,
             Instance.live_mandelboxes < Instance.mandelbox_capacity,
         )
@@ -366,19 +364,28 @@ def _take_slot(
             .returning(Instance.instance_name, Instance.ip, Instance.region)
             .execution_options(synchronize_session=False)
         ).first()
-        if taken is not None:
-            session.execute(
-                insert(Mandelbox).values(
-                    mandelbox_id=mandelbox_id,
-                    instance_name=name,
-                    user_id=user_id,
-                    session_id=session_id,
-                    status=MandelboxStatus.ALLOCATED,
-                    created_at=now,
-                    status_changed_at=now,
-                )
+        if taken is None:
+            continue
+        session.execute(
+            insert(Mandelbox).values(
+                mandelbox_id=params["mandelbox_id"],
+                instance_name=name,
+                user_id=params["user_id"],
+                session_id=params["session_id"],
+                status=MandelboxStatus.ALLOCATED,
+                created_at=params["now"],
+                status_changed_at=params["now"],
             )
-            return taken
+        )
+        record_event(
+            session,
+            kind=EventKind.MANDELBOX_ASSIGNED,
+            actor=params["actor"],
+            instance_name=name,
+            mandelbox_id=params["mandelbox_id"],
+            detail={"region": taken.region, "client_commit_hash": params["commit"]},
+        )
+        return (taken.instance_name, taken.ip, taken.region)
     return None
 
 

@@ -16,6 +16,7 @@ from fractal.auth.decorators import user_required
 from fractal.config import Environment
 from fractal.errors import NotFoundError, ValidationError
 from fractal.images import enabled_regions
+from fractal.metrics import count_assignments
 from fractal.ratelimit import assign_rate_limit
 from fractal.schemas import MandelboxOut
 from fractal.web import current_user, db_session, settings, state
@@ -75,6 +76,7 @@ def list_regions() -> dict[str, Any]:
 )
 @user_required
 @assign_rate_limit  # under user_required: counted per verified user, after authentication
+@count_assignments
 def assign(body: AssignIn) -> Any:
     config = settings()
     services = state().services

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -78,4 +80,10 @@ def mint_token(
         claims["iss"] = issuer
     claims.update(extra_claims or {})
     headers = {"kid": kid} if kid else None
-    return jwt.encode(claims, private_pem, algorithm="RS256", headers=headers)
+    return jwt.encode(claims, _signing_key(private_pem), algorithm="RS256", headers=headers)
+
+
+@functools.lru_cache(maxsize=8)
+def _signing_key(private_pem: str) -> Any:
+    # Parsing a PEM costs tens of milliseconds; tests and benchmarks mint thousands of tokens with one key.
+    return serialization.load_pem_private_key(private_pem.encode(), password=None)

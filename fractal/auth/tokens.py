@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from jwt import PyJWKClient
 
 from fractal.config import DEV_PUBLIC_KEY_PATH, Settings
@@ -15,6 +18,9 @@ ALGORITHMS = ["RS256"]
 ADMIN_SCOPE = "admin"
 # Accept one minute of clock skew between the issuer and us.
 LEEWAY_S = 60
+# Verified tokens are remembered this long (bounded by their exp) and at most this many at once.
+VERIFIED_CACHE_TTL_S = 30.0
+VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,12 @@ class JwtVerifier:
     ) -> None:
         if not public_key_pem and not jwks_url:
             raise ValueError("JwtVerifier needs a public key or a JWKS URL")
-        self._public_key = (
-            jwt.algorithms.RSAAlgorithm.from_jwk(public_key_pem)
-            if public_key_pem and public_key_pem.lstrip().startswith("{")
-            else public_key_pem
-        )
+        # Parse the key once: handing PyJWT a PEM string makes it parse the key on every request.
+        self._public_key: Any = None
+        if public_key_pem and public_key_pem.lstrip().startswith("{"):
+            self._public_key = jwt.algorithms.RSAAlgorithm.from_jwk(public_key_pem)
+        elif public_key_pem:
+            self._public_key = serialization.load_pem_public_key(_pem_body(public_key_pem).encode())
         # PyJWKClient caches the key set and refetches once when a token names an unknown kid; the cooldown
         # stops a flood of made-up kids from turning into a flood of requests to the issuer.
         self._jwks = (
@@ -80,8 +87,24 @@ class JwtVerifier:
         )
         self._audience = audience
         self._issuer = issuer
+        self._verified: dict[str, tuple[float, UserClaims]] = {}
+        self._verified_lock = threading.Lock()
 
     def verify(self, token: str) -> UserClaims:
+        cached = self._verified.get(token)
+        now = time.time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        user = self._verify_uncached(token)
+        # Clients send the same token for many requests; remember a verified one briefly (never past exp).
+        expires = min(float(user.claims.get("exp", now)), now + VERIFIED_CACHE_TTL_S)
+        with self._verified_lock:
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = (expires, user)
+        return user
+
+    def _verify_uncached(self, token: str) -> UserClaims:
         try:
             header = jwt.get_unverified_header(token)
             if header.get("alg") not in ALGORITHMS:
@@ -116,6 +139,12 @@ class JwtVerifier:
             # Covers bad signatures, malformed tokens, unknown kids and unreachable JWKS endpoints.
             raise UnauthorizedError("The token is invalid.") from exc
         return claims_to_user(claims)
+
+
+def _pem_body(pem: str) -> str:
+    """The PEM block alone: development keys carry a marker line before it."""
+    start = pem.find("-----BEGIN")
+    return pem[start:] if start >= 0 else pem
 
 
 def build_verifier(settings: Settings) -> TokenVerifier | None:

@@ -20,6 +20,7 @@ from fractal.host_service.schemas import (
     HostMandelboxOut,
     MandelboxStatusIn,
 )
+from fractal.ratelimit import handshake_failure_limit
 from fractal.web import db_session, settings
 
 host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="/host")
@@ -39,8 +40,9 @@ def _cap_heartbeat_body() -> None:
 @host_blueprint.doc(
     summary="A host announces itself (PRE_CONNECTION becomes ACTIVE)",
     security="HostSecret",
-    responses={**_AUTH, 400: "Validation error", 409: "HOST_MISMATCH or INVALID_TRANSITION"},
+    responses={**_AUTH, 400: "Validation error", 409: "HOST_MISMATCH or INVALID_TRANSITION", 429: "Rate limited"},
 )
+@handshake_failure_limit
 @host_required
 def handshake(body: HandshakeIn) -> Any:
     result = service.handshake_host(

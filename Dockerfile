@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+# Fractal control plane: one image for the public, admin and host APIs and the scaler (FRACTAL_APP picks one).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# --- build: resolve and install the package into a virtualenv (wheels only: nothing is compiled) ---
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml ./
+COPY fractal ./fractal
+RUN /opt/venv/bin/pip install --only-binary=:all: . \
+    && /opt/venv/bin/pip uninstall -y pip setuptools wheel
+
+# --- runtime: the virtualenv, the root shells and migrations; no compilers, no pip, no root ---
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    FRACTAL_APP=public \
+    GUNICORN_BIND=0.0.0.0:8000 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
+RUN groupadd --system --gid 10001 fractal \
+    && useradd --system --uid 10001 --gid fractal --home-dir /app --shell /usr/sbin/nologin fractal
+WORKDIR /app
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=root:root app.py admin_app.py host_service_app.py env.py gunicorn.conf.py alembic.ini ./
+COPY --chown=root:root alembic ./alembic
+# instance/ holds the development signing key (FRACTAL_ENV=development only); everything else is read-only.
+RUN mkdir -p /app/instance /tmp/prometheus && chown fractal:fractal /app/instance /tmp/prometheus
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["python", "env.py", "healthcheck"]
+STOPSIGNAL SIGTERM
+CMD ["python", "env.py"]

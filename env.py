@@ -1,0 +1,163 @@
+"""Container start sequence: wait for the database, migrate, then exec the chosen process.
+
+    FRACTAL_APP=public|admin|host  gunicorn serving app:app / admin_app:app / host_service_app:app
+    FRACTAL_APP=scaler             the scaler loop (`flask --app admin_app scaler`)
+
+The database wait is bounded (FRACTAL_DB_WAIT_TIMEOUT_S, default 60) with logged exponential backoff and exits
+non-zero when time runs out; SQLite is not waited for. `alembic upgrade head` runs under the advisory lock held by
+alembic/env.py, so any number of replicas of every shell may start at once: one migrates, the rest find the schema
+at head. FRACTAL_MIGRATE=false skips the migration (e.g. for a one-off job against a migrated database).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+ROOT = Path(__file__).resolve().parent
+ROLES: dict[str, str] = {
+    "public": "app:app",
+    "admin": "admin_app:app",
+    "host": "host_service_app:app",
+}
+SCALER_ROLE = "scaler"
+EXIT_DATABASE_TIMEOUT = 3
+EXIT_BAD_CONFIG = 2
+
+log = logging.getLogger("fractal.start")
+
+
+def _truthy(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def wait_for_database(url: str, *, timeout_s: float, max_backoff_s: float = 5.0) -> None:
+    """Block until ``url`` accepts a connection; raise TimeoutError after ``timeout_s``."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+    from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    from fractal.observability import redact_text
+
+    safe_url = make_url(url).render_as_string(hide_password=True)
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 3})
+    attempts = 0
+
+    def _log_retry(state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        sleep = getattr(getattr(state, "next_action", None), "sleep", 0.0)
+        log.warning(
+            "database not reachable yet: %s (attempt %d, retrying in %.1fs)",
+            redact_text(type(error).__name__ + ": " + str(error).strip().splitlines()[0] if error else "?"),
+            attempts,
+            sleep,
+        )
+
+    try:
+        for attempt in Retrying(
+            stop=stop_after_delay(timeout_s),
+            wait=wait_exponential(multiplier=0.25, max=max_backoff_s),
+            retry=retry_if_exception_type(Exception),
+            before_sleep=_log_retry,
+            reraise=False,
+        ):
+            with attempt:
+                attempts += 1
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+    except RetryError as exc:
+        raise TimeoutError(f"database {safe_url} not reachable after {timeout_s:.0f}s ({attempts} attempts)") from exc
+    finally:
+        engine.dispose()
+    log.info("database %s reachable after %d attempt(s)", safe_url, attempts)
+
+
+def migrate() -> None:
+    """`alembic upgrade head` in-process (alembic/env.py takes the migration advisory lock)."""
+    from alembic.config import Config
+
+    from alembic import command
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config.attributes["skip_logging_config"] = True  # keep our JSON logging
+    command.upgrade(config, "head")
+
+
+def command_for(role: str) -> list[str]:
+    """The argv that replaces this process for ``role``."""
+    if role == SCALER_ROLE:
+        return [sys.executable, "-m", "flask", "--app", "admin_app", "scaler"]
+    if role not in ROLES:
+        raise ValueError(f"FRACTAL_APP must be one of {', '.join([*ROLES, SCALER_ROLE])}, not {role!r}")
+    return [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), ROLES[role]]
+
+
+def healthcheck() -> int:
+    """The container HEALTHCHECK: an API answers /healthz on its bind port; the scaler can reach the database."""
+    role = os.environ.get("FRACTAL_APP", "public").strip().lower()
+    try:
+        if role == SCALER_ROLE:
+            from fractal.config import load_settings
+
+            wait_for_database(load_settings().database_url, timeout_s=3, max_backoff_s=1)
+            return 0
+        import urllib.request
+
+        port = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000").rsplit(":", 1)[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
+            return 0 if response.status == 200 else 1
+    except Exception as exc:  # any failure is "unhealthy"; say why on stderr for `docker inspect`
+        print(f"unhealthy: {type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def main() -> NoReturn:
+    """Wait, migrate, exec (or, with the argument ``healthcheck``, probe and exit)."""
+    if sys.argv[1:] == ["healthcheck"]:
+        sys.exit(healthcheck())
+    from fractal.observability import configure_logging
+
+    json_logs = _truthy(os.environ.get("FRACTAL_LOG_JSON"), default=True)
+    configure_logging(level=os.environ.get("FRACTAL_LOG_LEVEL", "INFO"), json=json_logs)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    role = os.environ.get("FRACTAL_APP", "public").strip().lower()
+    try:
+        argv = command_for(role)
+        from fractal.config import load_settings
+
+        settings = load_settings()
+    except Exception as exc:  # bad role or unsafe/invalid settings: say which, exit non-zero
+        log.error("refusing to start: %s", exc)
+        sys.exit(EXIT_BAD_CONFIG)
+
+    if settings.is_sqlite:
+        log.info("SQLite database: not waiting")
+    else:
+        try:
+            wait_for_database(settings.database_url, timeout_s=float(os.environ.get("FRACTAL_DB_WAIT_TIMEOUT_S", "60")))
+        except TimeoutError as exc:
+            log.error("giving up: %s", exc)
+            sys.exit(EXIT_DATABASE_TIMEOUT)
+
+    if _truthy(os.environ.get("FRACTAL_MIGRATE"), default=True):
+        log.info("applying migrations (alembic upgrade head)")
+        migrate()
+        log.info("migrations at head")
+
+    log.info("starting %s: %s", role, " ".join(argv[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(ROOT)
+    os.execv(argv[0], argv)  # noqa: S606 (a fixed argv, no shell: the server replaces this process)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Protocol logs uploaded by hosts and clients, kept in S3 for debugging."""

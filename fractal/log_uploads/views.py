@@ -1,0 +1,106 @@
+"""Log uploads: a host for its own mandelboxes, a user for their own, and the admin listing with download URLs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import IO, Any
+
+from apiflask import APIBlueprint
+from flask import request
+
+from fractal.assignment.views import parse_mandelbox_id
+from fractal.auth.decorators import admin_required, current_host_instance_name, host_required, user_required
+from fractal.log_uploads import service
+from fractal.log_uploads.schemas import LogListOut, LogStoredOut
+from fractal.web import current_user, db_session, settings, state
+
+host_logs_blueprint = APIBlueprint("host_logs", __name__, tag="Host", url_prefix="/host")
+public_logs_blueprint = APIBlueprint("public_logs", __name__, tag="Logs")
+admin_logs_blueprint = APIBlueprint("admin_logs", __name__, tag="Logs", url_prefix="/admin")
+
+_UPLOAD_RESPONSES = {
+    400: "Unsupported Content-Encoding or corrupt gzip",
+    401: "Unauthorized",
+    404: "Not found",
+    413: "Log too large",
+    503: "Log storage unavailable",
+}
+
+
+def s3_client() -> Any:
+    """This app's S3 client, built on first use (honours AWS_ENDPOINT_URL_S3)."""
+    services = state().services
+    client = services.get("s3")
+    if client is None:
+        import boto3
+        from botocore.config import Config
+
+        # SigV4 presigned URLs: SigV2 ones are refused by S3 in every region opened since 2014.
+        client = services["s3"] = boto3.client("s3", config=Config(signature_version="s3v4"))
+    return client
+
+
+def request_log_body() -> service.LogBody:
+    """This request's body as a log upload, limited by FRACTAL_MAX_LOG_BYTES rather than the JSON limit."""
+    max_bytes = settings().max_log_bytes
+
+    def open_stream() -> IO[bytes]:
+        # The app-wide MAX_CONTENT_LENGTH (1 MiB) is for JSON; a log route gets its own limit, per request,
+        # so werkzeug answers 413 to a larger Content-Length before a byte is read (and caps chunked bodies).
+        request.max_content_length = max_bytes
+        return request.stream
+
+    return service.LogBody(
+        open_stream=open_stream, content_encoding=request.headers.get("Content-Encoding"), max_bytes=max_bytes
+    )
+
+
+@host_logs_blueprint.put("/mandelboxes/<mandelbox_id>/logs")
+@host_logs_blueprint.output(LogStoredOut, status_code=201)
+@host_logs_blueprint.doc(
+    summary="Upload a mandelbox's protocol log (host)", security="HostSecret", responses=_UPLOAD_RESPONSES
+)
+@host_required
+def put_host_log(mandelbox_id: str) -> Any:
+    stored = service.upload_host_log(
+        db_session(),
+        instance_name=current_host_instance_name(),
+        mandelbox_id=parse_mandelbox_id(mandelbox_id),
+        upload=request_log_body(),
+        s3=s3_client(),
+        bucket=settings().logs_bucket,
+    )
+    return {"key": stored.key, "size": stored.size}
+
+
+@public_logs_blueprint.put("/mandelbox/<mandelbox_id>/logs")
+@public_logs_blueprint.output(LogStoredOut, status_code=201)
+@public_logs_blueprint.doc(
+    summary="Upload the client's log for your mandelbox", security="UserToken", responses=_UPLOAD_RESPONSES
+)
+@user_required
+def put_client_log(mandelbox_id: str) -> Any:
+    stored = service.upload_client_log(
+        db_session(),
+        user_id=current_user().user_id,
+        mandelbox_id=parse_mandelbox_id(mandelbox_id),
+        upload=request_log_body(),
+        s3=s3_client(),
+        bucket=settings().logs_bucket,
+    )
+    return {"key": stored.key, "size": stored.size}
+
+
+@admin_logs_blueprint.get("/mandelboxes/<mandelbox_id>/logs")
+@admin_logs_blueprint.output(LogListOut)
+@admin_logs_blueprint.doc(
+    summary="A mandelbox's logs with short-lived download URLs",
+    security="UserToken",
+    responses={401: "Unauthorized", 403: "Forbidden", 404: "Not found"},
+)
+@admin_required
+def get_logs(mandelbox_id: str) -> Any:
+    logs = service.list_logs(
+        db_session(), s3=s3_client(), bucket=settings().logs_bucket, mandelbox_id=parse_mandelbox_id(mandelbox_id)
+    )
+    return {"logs": [asdict(entry) for entry in logs]}

@@ -1,0 +1,1 @@
+"""Templated transactional mail: templates shipped in the package, SMTP or SES backends, the admin send API."""

@@ -1,0 +1,226 @@
+"""Prometheus metrics: HTTP requests per route rule, assignments, fleet capacity, scaler passes.
+
+Metric names (the contract for dashboards and alerts):
+
+- ``flask_http_request_duration_seconds{method,status,url_rule}`` (its ``_count`` is requests by route rule and
+  status): every request, labelled by route *rule* (``/mandelbox/<mandelbox_id>``), never by raw path;
+  ``flask_http_request_total{method,status}`` is the exporter's overall counter.
+- ``fractal_assignments_total{result}``: assign attempts by outcome; ``result`` is ``ALLOCATED`` or the
+  refusal's error code (``NO_INSTANCE_AVAILABLE``, ``USER_ALREADY_ACTIVE``, ...).
+- ``fractal_mandelbox_capacity{region,client_commit_hash}``, ``fractal_mandelboxes_used{...}`` and
+  ``fractal_free_mandelboxes{...}``: over ACTIVE instances, read from the database at scrape time.
+- ``fractal_hosts{region,status}``: instances by status (TERMINATED excluded: it only grows).
+- ``fractal_reconcile_duration_seconds`` (histogram) and ``fractal_reconcile_actions_total{action}``: one
+  observation per scaler pass and one count per action it took (``launch``, ``drain``, ``terminate``, ...).
+
+Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` switches the counters and histograms to multiprocess files so any
+worker's ``/metrics`` answers for all of them (gunicorn.conf.py sets this up). The fleet gauges are computed by
+whichever worker serves the scrape, with two cheap GROUP BY queries.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, cast
+from wsgiref.simple_server import WSGIServer
+
+from apiflask import APIFlask
+from flask import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_flask_exporter import PrometheusMetrics
+from sqlalchemy import func, select
+
+from fractal.database import SessionFactory
+from fractal.errors import FractalError
+from fractal.models import Instance, InstanceStatus
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+METRICS_PATH = "/metrics"
+ASSIGNED = "ALLOCATED"
+
+# Created unregistered: each app registers them in its own registry (several apps may live in one test process).
+ASSIGNMENTS = Counter(
+    "fractal_assignments_total",
+    "Mandelbox assign attempts by result: ALLOCATED or the refusal's error code.",
+    ["result"],
+    registry=None,
+)
+RECONCILE_DURATION = Histogram(
+    "fractal_reconcile_duration_seconds",
+    "Wall-clock time of one scaler reconcile pass.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=None,
+)
+RECONCILE_ACTIONS = Counter(
+    "fractal_reconcile_actions_total",
+    "Actions taken by scaler reconcile passes, by kind (launch, drain, terminate, mark_lost, release, ...).",
+    ["action"],
+    registry=None,
+)
+PROCESS_METRICS: tuple[Collector, ...] = (ASSIGNMENTS, RECONCILE_DURATION, RECONCILE_ACTIONS)
+
+
+def record_assignment(result: str) -> None:
+    """Count one assign attempt (``ALLOCATED`` or an error code)."""
+    ASSIGNMENTS.labels(result=result).inc()
+
+
+def count_assignments(view: F) -> F:
+    """Wrap the assign view: count its outcome by result without touching the (flask-free) service."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            response = view(*args, **kwargs)
+        except FractalError as refusal:
+            record_assignment(str(refusal.code))
+            raise
+        record_assignment(ASSIGNED)
+        return response
+
+    return cast(F, wrapper)
+
+
+def observe_reconcile(report: Any) -> None:
+    """Record one scaler pass (a ReconcileReport) that actually ran."""
+    if getattr(report, "ran", False):
+        counts: dict[str, int] = {}
+        for action in report.actions:
+            counts[action.action] = counts.get(action.action, 0) + 1
+        record_reconcile(report.duration_s, counts)
+
+
+def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
+    """Record one scaler pass: its duration and how many actions of each kind it took."""
+    RECONCILE_DURATION.observe(duration_s)
+    for action, count in actions.items():
+        if count:
+            RECONCILE_ACTIONS.labels(action=action).inc(count)
+
+
+@contextmanager
+def time_reconcile() -> Iterator[None]:
+    """``with time_reconcile(): reconcile(...)`` observes the pass's duration, even when it fails."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        RECONCILE_DURATION.observe(time.perf_counter() - started)
+
+
+class FleetCollector(Collector):
+    """Capacity and hosts-by-status gauges, read from the database when Prometheus scrapes."""
+
+    def __init__(self, session_factory: Callable[[], SessionFactory]) -> None:
+        self._session_factory = session_factory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["region", "client_commit_hash"]
+        capacity = GaugeMetricFamily(
+            "fractal_mandelbox_capacity", "Mandelbox slots on ACTIVE instances.", labels=labels
+        )
+        used = GaugeMetricFamily("fractal_mandelboxes_used", "Live mandelboxes on ACTIVE instances.", labels=labels)
+        free = GaugeMetricFamily("fractal_free_mandelboxes", "Free slots on ACTIVE instances.", labels=labels)
+        hosts = GaugeMetricFamily(
+            "fractal_hosts", "Instances by status (TERMINATED excluded).", labels=["region", "status"]
+        )
+        up = GaugeMetricFamily("fractal_fleet_metrics_up", "1 when the fleet gauges could be read from the database.")
+        try:
+            with self._session_factory()() as session:
+                per_version = session.execute(
+                    select(
+                        Instance.region,
+                        Instance.client_commit_hash,
+                        func.sum(Instance.mandelbox_capacity),
+                        func.sum(Instance.live_mandelboxes),
+                    )
+                    .where(Instance.status == InstanceStatus.ACTIVE)
+                    .group_by(Instance.region, Instance.client_commit_hash)
+                ).all()
+                per_status = session.execute(
+                    select(Instance.region, Instance.status, func.count())
+                    .where(Instance.status != InstanceStatus.TERMINATED)
+                    .group_by(Instance.region, Instance.status)
+                ).all()
+        except Exception as exc:  # a scrape must never fail because the database is down; say so in a gauge
+            log.warning("fleet metrics unavailable: database query failed (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        for region, commit, total, live in per_version:
+            capacity.add_metric([region, commit], int(total or 0))
+            used.add_metric([region, commit], int(live or 0))
+            free.add_metric([region, commit], int((total or 0) - (live or 0)))
+        for region, status, count in per_status:
+            hosts.add_metric([region, str(status)], count)
+        up.add_metric([], 1)
+        yield from (capacity, used, free, hosts, up)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:  # noqa: S104 (inside a container)
+    """Serve this process's metrics on ``port`` from a daemon thread (the scaler loop has no web app).
+
+    Returns the server; ``shutdown()`` stops it.
+    """
+    registry = CollectorRegistry()
+    if multiprocess_mode():
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        for collector in PROCESS_METRICS:
+            registry.register(collector)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
+
+
+def multiprocess_mode() -> bool:
+    """True under gunicorn with PROMETHEUS_MULTIPROC_DIR set (metrics shared through files)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def register_metrics(app: APIFlask) -> PrometheusMetrics:
+    """Request metrics by route rule, the process metrics above and the fleet collector, served on /metrics."""
+    registry = CollectorRegistry()
+    exporter = PrometheusMetrics(
+        app,
+        path=None,  # served below, so the fleet collector joins the multiprocess output too
+        registry=registry,
+        group_by="url_rule",
+        excluded_paths=[METRICS_PATH],
+    )
+    if not multiprocess_mode():
+        for collector in PROCESS_METRICS:
+            registry.register(collector)
+    fleet = FleetCollector(lambda: cast(SessionFactory, app.extensions["fractal"].session_factory))
+    if not multiprocess_mode():
+        registry.register(fleet)
+
+    @app.get(METRICS_PATH)
+    @app.doc(hide=True)  # Prometheus text format, not part of the JSON API
+    def serve_metrics() -> Response:
+        scrape = registry
+        if multiprocess_mode():
+            # Counters and histograms of every worker (ours and the exporter's) live in files; gauges are live.
+            scrape = CollectorRegistry()
+            MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+            scrape.register(fleet)
+        return Response(generate_latest(scrape), mimetype=CONTENT_TYPE_LATEST)
+
+    return exporter

@@ -1,0 +1,1 @@
+"""The newsletter: double opt-in subscriptions with signed, expiring links."""

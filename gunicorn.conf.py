@@ -1,0 +1,107 @@
+"""Gunicorn settings for every Fractal API, all from the environment (env.py execs gunicorn with this file).
+
+GUNICORN_BIND (default 0.0.0.0:8000, or 0.0.0.0:$PORT), GUNICORN_WORKERS (default 2 x CPUs + 1, capped at 8),
+GUNICORN_THREADS (default 4), GUNICORN_TIMEOUT (30), GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5),
+GUNICORN_MAX_REQUESTS (0: never recycle), GUNICORN_CONTROL_SOCKET (unset: no control socket), FRACTAL_LOG_LEVEL,
+FRACTAL_LOG_JSON (gunicorn's own lines as JSON, like the app's).
+
+Prometheus multiprocess mode: every worker writes its counters and histograms to files under
+PROMETHEUS_MULTIPROC_DIR (created here when unset, wiped at start so a restart never reports stale counts), and any
+worker's /metrics aggregates them. A dead worker's live gauges are dropped in child_exit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from typing import Any
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def _default_workers() -> int:
+    return min(2 * multiprocessing.cpu_count() + 1, 8)
+
+
+bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = _int("GUNICORN_WORKERS", _default_workers())
+threads = _int("GUNICORN_THREADS", 4)
+worker_class = "gthread"
+timeout = _int("GUNICORN_TIMEOUT", 30)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+keepalive = _int("GUNICORN_KEEPALIVE", 5)
+max_requests = _int("GUNICORN_MAX_REQUESTS", 0)
+max_requests_jitter = max_requests // 10
+# Heartbeat files in memory: a container's overlay filesystem can stall workers (gunicorn's own advice).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
+loglevel = os.environ.get("FRACTAL_LOG_LEVEL", "info").lower()
+errorlog = "-"
+accesslog = None  # the app logs one JSON line per request with its request id; no second, unstructured line
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+proc_name = "fractal-" + os.environ.get("FRACTAL_APP", "api")
+# gunicorn 27's control socket defaults to one path per user: several masters on a host would share it.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or None
+control_socket_disable = control_socket is None
+
+
+def _json_logging() -> dict[str, Any]:
+    """gunicorn's own lines (boot, worker exits) as JSON too, through the app's structlog renderer."""
+    import structlog
+
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "processor": structlog.processors.JSONRenderer(),
+        "foreign_pre_chain": [
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+    }
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter},
+        "handlers": {"console": handler},
+        "loggers": {"gunicorn.error": {"level": loglevel.upper(), "handlers": ["console"], "propagate": False}},
+    }
+
+
+if os.environ.get("FRACTAL_LOG_JSON", "true").strip().lower() not in ("0", "false", "no", "off"):
+    logconfig_dict = _json_logging()
+
+# Must be in the environment before the workers import prometheus_client (they import the app after forking).
+_OWN_MULTIPROC_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_MULTIPROC_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fractal-prometheus-")
+PROMETHEUS_MULTIPROC_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def on_starting(server: Any) -> None:
+    """Start from empty metric files: counts from a previous master would otherwise be added in."""
+    os.makedirs(PROMETHEUS_MULTIPROC_DIR, exist_ok=True)
+    for entry in os.listdir(PROMETHEUS_MULTIPROC_DIR):
+        path = os.path.join(PROMETHEUS_MULTIPROC_DIR, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    server.log.info("prometheus multiprocess dir %s", PROMETHEUS_MULTIPROC_DIR)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges from the aggregate."""
+    from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
+
+    GunicornPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this config created (an operator-provided one is left alone)."""
+    if _OWN_MULTIPROC_DIR:
+        shutil.rmtree(PROMETHEUS_MULTIPROC_DIR, ignore_errors=True)

@@ -1,0 +1,216 @@
+"""Helpers for tests that run real processes: free ports, the start sequence (env.py), a delayed TCP proxy.
+
+Everything binds 127.0.0.1, is bounded in time and is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class StartedProcess:
+    """A process launched by a test, its port and its captured stderr."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15) -> int | None:
+        """SIGTERM by pid (gunicorn stops gracefully), SIGKILL if it lingers; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._log.close()
+        return self.process.returncode
+
+
+def start_sequence(role: str, database_url: str, log_dir: Path, **env: str) -> StartedProcess:
+    """Run `python env.py` as the container would, serving ``role`` on a free loopback port."""
+    port = free_port()
+    child_env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    child_env.update(
+        {
+            "FRACTAL_APP": role,
+            "DATABASE_URL": database_url,
+            "GUNICORN_BIND": f"127.0.0.1:{port}",
+            "GUNICORN_WORKERS": "1",
+            "GUNICORN_THREADS": "2",
+            "GUNICORN_GRACEFUL_TIMEOUT": "3",
+            "FRACTAL_DB_WAIT_TIMEOUT_S": "30",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    child_env.update(env)
+    log_path = log_dir / f"{role}-{port}.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "env.py")], cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT
+    )
+    return StartedProcess(process=process, port=port, log_path=log_path, _log=log)
+
+
+def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_until_ready(started: StartedProcess, *, timeout_s: float = 60) -> None:
+    """Poll /readyz until it answers 200; fail with the process's log if it dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if started.process.poll() is not None:
+            raise AssertionError(f"process exited with {started.process.returncode}:\n{started.log_text()}")
+        with contextlib.suppress(OSError):
+            status, _ = http_get(started.url + "/readyz", timeout_s=2)
+            if status == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{started.url}/readyz not ready after {timeout_s}s:\n{started.log_text()}")
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``upstream``; start() it late to simulate a database that comes up late."""
+
+    def __init__(self, listen_port: int, upstream: tuple[str, int]) -> None:
+        self.listen_port = listen_port
+        self.upstream = upstream
+        self._server: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._sockets: list[socket.socket] = []
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.listen_port))
+        server.listen(64)
+        server.settimeout(0.2)
+        self._server = server
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            client.settimeout(None)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for sock in [*self._sockets, *([self._server] if self._server else [])]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@dataclass
+class Stack:
+    """The three APIs started by env.py at once against one fresh, empty database."""
+
+    public: StartedProcess
+    admin: StartedProcess
+    host: StartedProcess
+    database_url: str
+    password: str
+
+    @property
+    def shells(self) -> list[StartedProcess]:
+        return [self.public, self.admin, self.host]
+
+
+@pytest.fixture(scope="session")
+def three_shells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Public, admin and host shells launched together on an empty database (development settings, dev key)."""
+    from fractal.auth.dev_keys import ensure_dev_keypair
+    from fractal.config import DEV_PRIVATE_KEY_PATH, DEV_PUBLIC_KEY_PATH
+    from test.conftest import PG_SERVER_URL, create_database, drop_database
+
+    # Generated once here, not by three servers racing to create it.
+    ensure_dev_keypair(ROOT / DEV_PRIVATE_KEY_PATH, ROOT / DEV_PUBLIC_KEY_PATH)
+    name = f"fractal_stack_{uuid.uuid4().hex[:8]}"
+    password = "pw-" + uuid.uuid4().hex  # trust auth ignores it; the logs are checked for it
+    url = make_url(create_database(PG_SERVER_URL, name)).set(password=password)
+    database_url = url.render_as_string(hide_password=False)
+    log_dir = tmp_path_factory.mktemp("stack")
+    env = {"FRACTAL_ENV": "development", "FRACTAL_CLOUD": "local"}
+    shells = [start_sequence(role, database_url, log_dir, **env) for role in ("public", "admin", "host")]
+    try:
+        for shell in shells:
+            wait_until_ready(shell, timeout_s=90)
+        yield Stack(*shells, database_url=database_url, password=password)
+    finally:
+        for shell in shells:
+            shell.stop()
+        drop_database(PG_SERVER_URL, name)
+
+
+@contextlib.contextmanager
+def stopping(*processes: StartedProcess) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for started in processes:
+            started.stop()

@@ -1,0 +1,152 @@
+"""/metrics on every app: requests by route rule and status, assignments by result, fleet gauges, scaler metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from apiflask import APIFlask
+from prometheus_client.parser import text_string_to_metric_families
+
+from fractal.blueprints import ADMIN_BLUEPRINTS
+from fractal.config import Settings
+from fractal.factory import create_app
+from fractal.metrics import record_reconcile, start_metrics_server, time_reconcile
+from fractal.models import InstanceStatus
+from test.factories import Factories
+from test.processes import free_port, http_get
+
+Headers = Callable[..., dict[str, str]]
+COUNT = "flask_http_request_duration_seconds_count"  # requests by method, status and route rule
+
+
+def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.parametrize("kind", ["public", "admin", "host"])
+def test_every_app_serves_metrics(make_app: Callable[..., APIFlask], kind: str) -> None:
+    client = make_app(kind).test_client()
+    client.get("/healthz")
+    samples = scrape(client)
+    assert value(samples, COUNT, method="GET", status="200", url_rule="/healthz") == 1
+    assert value(samples, "fractal_fleet_metrics_up") == 1
+
+
+def test_requests_are_labelled_by_route_rule_not_raw_path(public_client: Any, user_headers: Headers) -> None:
+    for _ in range(3):
+        public_client.get(f"/mandelbox/{uuid.uuid4()}", headers=user_headers())
+    samples = scrape(public_client)
+    rule = "/mandelbox/<mandelbox_id>"
+    assert value(samples, COUNT, method="GET", status="404", url_rule=rule) == 3
+    assert not any("url_rule" in dict(labels) and "-" in dict(labels)["url_rule"] for _, labels in samples)
+
+
+def test_assignments_are_counted_by_result(public_client: Any, factories: Factories, user_headers: Headers) -> None:
+    factories.image()
+    factories.instance(mandelbox_capacity=1)
+    before = scrape(public_client)
+    body = {"regions": ["us-east-1"], "client_commit_hash": "abc123"}
+    assert public_client.post("/mandelbox/assign", json=body, headers=user_headers("m1")).status_code == 201
+    assert public_client.post("/mandelbox/assign", json=body, headers=user_headers("m1")).status_code == 409
+    assert public_client.post("/mandelbox/assign", json=body, headers=user_headers("m2")).status_code == 503
+    after = scrape(public_client)
+
+    def delta(result: str) -> float:
+        name = "fractal_assignments_total"
+        return value(after, name, result=result) - value(before, name, result=result)
+
+    assert delta("ALLOCATED") == 1
+    assert delta("USER_ALREADY_ACTIVE") == 1
+    assert delta("NO_INSTANCE_AVAILABLE") == 1
+
+
+def test_fleet_gauges_read_capacity_and_hosts_from_the_database(admin_client: Any, factories: Factories) -> None:
+    factories.instance(region="us-east-1", client_commit_hash="v1", mandelbox_capacity=4, live_mandelboxes=1)
+    factories.instance(region="us-east-1", client_commit_hash="v1", mandelbox_capacity=4, live_mandelboxes=4)
+    factories.instance(region="us-east-1", client_commit_hash="v2", mandelbox_capacity=2)
+    factories.instance(region="eu-west-1", client_commit_hash="v1", status=InstanceStatus.DRAINING, live_mandelboxes=1)
+    factories.instance(region="eu-west-1", client_commit_hash="v1", status=InstanceStatus.TERMINATED)
+    samples = scrape(admin_client)
+    east_v1 = {"region": "us-east-1", "client_commit_hash": "v1"}
+    assert value(samples, "fractal_mandelbox_capacity", **east_v1) == 8
+    assert value(samples, "fractal_mandelboxes_used", **east_v1) == 5
+    assert value(samples, "fractal_free_mandelboxes", **east_v1) == 3
+    assert value(samples, "fractal_free_mandelboxes", region="us-east-1", client_commit_hash="v2") == 2
+    # DRAINING capacity is not free capacity.
+    assert ("fractal_free_mandelboxes", (("client_commit_hash", "v1"), ("region", "eu-west-1"))) not in samples
+    assert value(samples, "fractal_hosts", region="us-east-1", status="ACTIVE") == 3
+    assert value(samples, "fractal_hosts", region="eu-west-1", status="DRAINING") == 1
+    assert ("fractal_hosts", (("region", "eu-west-1"), ("status", "TERMINATED"))) not in samples
+
+
+def test_reconcile_metrics_are_exported(admin_client: Any) -> None:
+    before = scrape(admin_client)
+    with time_reconcile():
+        pass
+    record_reconcile(0.25, {"launch": 2, "drain": 0, "terminate": 1})
+    after = scrape(admin_client)
+    count = "fractal_reconcile_duration_seconds_count"
+    assert value(after, count) - value(before, count) == 2
+    launches = "fractal_reconcile_actions_total"
+    assert value(after, launches, action="launch") - value(before, launches, action="launch") == 2
+    assert value(after, launches, action="terminate") - value(before, launches, action="terminate") == 1
+    assert ("fractal_reconcile_actions_total", (("action", "drain"),)) not in after or value(
+        after, launches, action="drain"
+    ) == value(before, launches, action="drain")
+
+
+def test_metrics_survive_a_database_outage(settings: Settings) -> None:
+    down = Settings(**{**settings.model_dump(), "database_url": "postgresql://nobody:pw@127.0.0.1:1/none"})
+    client = create_app(blueprints=ADMIN_BLUEPRINTS, settings=down).test_client()
+    samples = scrape(client)
+    assert value(samples, "fractal_fleet_metrics_up") == 0
+
+
+def test_the_scaler_process_can_serve_its_metrics_without_a_web_app() -> None:
+    port = free_port()
+    server = start_metrics_server(port, addr="127.0.0.1")
+    try:
+        record_reconcile(0.5, {"launch": 1})
+        status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert b"fractal_reconcile_duration_seconds_count" in body
+    assert b'fractal_reconcile_actions_total{action="launch"}' in body
+
+
+def test_a_reconcile_pass_through_the_admin_api_is_counted(
+    make_app: Callable[..., Any], admin_headers: dict[str, str], factories: Any
+) -> None:
+    from fractal.cloud.memory import MemoryCloud
+
+    app = make_app("admin", target_free_mandelboxes=8)
+    app.extensions["fractal"].services["cloud"] = MemoryCloud()
+    client = app.test_client()
+    factories.image(mandelbox_capacity=4)  # no instances yet: the pass launches two
+    before = scrape(client)
+    response = client.post("/admin/scaling/reconcile", headers=admin_headers)
+    assert response.status_code == 200
+    launched = [a for a in response.json["actions"] if a["action"] == "launch"]
+    assert len(launched) == 2
+    after = scrape(client)
+    name = "fractal_reconcile_actions_total"
+    before_launches = value(before, name, action="launch") if (name, (("action", "launch"),)) in before else 0
+    assert value(after, name, action="launch") - before_launches == 2
+    count = "fractal_reconcile_duration_seconds_count"
+    assert value(after, count) - value(before, count) == 1

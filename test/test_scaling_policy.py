@@ -1,0 +1,157 @@
+"""The buffer maths, including Whist's scaling-algorithm buffer cases, as pure-function tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from fractal.models import InstanceStatus
+from fractal.scaling.policy import (
+    DrainReason,
+    ImageTarget,
+    InstanceSnapshot,
+    free_slots,
+    instances_needed,
+    plan_fleet,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+LONG_AGO = NOW - timedelta(hours=1)
+S = InstanceStatus
+
+
+def image(**kw: Any) -> ImageTarget:
+    values: dict[str, Any] = {
+        "region": "us-east-1",
+        "client_commit_hash": "v1",
+        "ami_id": "ami-1",
+        "instance_type": "g4dn.xlarge",
+        "mandelbox_capacity": 4,
+    }
+    values.update(kw)
+    return ImageTarget(**values)
+
+
+_n = iter(range(10**6))
+
+
+def host(status: InstanceStatus = S.ACTIVE, live: int = 0, cap: int = 4, **kw: Any) -> InstanceSnapshot:
+    values: dict[str, Any] = {
+        "instance_name": f"h{next(_n):04d}",
+        "region": "us-east-1",
+        "client_commit_hash": "v1",
+        "status": status,
+        "mandelbox_capacity": cap,
+        "live_mandelboxes": live,
+        "idle_since": LONG_AGO if live == 0 else None,
+    }
+    values.update(kw)
+    return InstanceSnapshot(**values)
+
+
+def plan(images: list[ImageTarget], hosts: list[InstanceSnapshot], target: int = 10, **kw: Any) -> Any:
+    options: dict[str, Any] = {"max_instances_per_region": 100, "scale_down_delay_s": 300}
+    options.update(kw)
+    return plan_fleet(images, hosts, now=NOW, default_target_free=target, **options)
+
+
+# --- Whist's buffer cases -------------------------------------------------------------------------------
+def test_empty_fleet_launches_enough_for_the_target() -> None:
+    result = plan([image()], [], target=10)
+    assert [(p.count, p.free, p.target_free) for p in result.launches] == [(3, 0, 10)]  # ceil(10 / 4)
+
+
+def test_part_full_instance_counts_its_free_slots() -> None:
+    result = plan([image()], [host(live=1)], target=10)  # 3 free, deficit 7 → 2 hosts
+    assert [(p.count, p.free) for p in result.launches] == [(2, 3)]
+
+
+def test_exactly_at_target_does_nothing() -> None:
+    result = plan([image()], [host(live=2), host(live=0), host(live=0)], target=10)  # 2 + 4 + 4 free
+    assert result.launches == () and result.drains == ()
+
+
+def test_over_full_fleet_with_no_free_slot_launches() -> None:
+    result = plan([image()], [host(live=4), host(live=4)], target=4)
+    assert [p.count for p in result.launches] == [1]
+
+
+def test_free_slots_split_over_instances_add_up() -> None:
+    hosts = [host(live=3), host(live=2), host(live=1), host(live=3)]  # 1 + 2 + 3 + 1 = 7 free
+    assert free_slots(hosts, region="us-east-1", client_commit_hash="v1") == 7
+    assert [p.count for p in plan([image()], hosts, target=10).launches] == [1]
+
+
+def test_draining_lost_and_terminating_instances_do_not_count() -> None:
+    hosts = [host(S.DRAINING), host(S.LOST), host(S.TERMINATING), host(S.TERMINATED)]
+    assert free_slots(hosts, region="us-east-1", client_commit_hash="v1") == 0
+    assert [p.count for p in plan([image()], hosts, target=4).launches] == [1]
+
+
+def test_booting_instances_count_so_nothing_is_launched_twice() -> None:
+    hosts = [host(S.PRE_CONNECTION), host(S.PRE_CONNECTION), host(S.PRE_CONNECTION)]
+    assert free_slots(hosts, region="us-east-1", client_commit_hash="v1") == 12
+    assert plan([image()], hosts, target=10).launches == ()
+
+
+def test_buffer_is_region_sensitive() -> None:
+    hosts = [host(region="eu-west-1"), host(region="eu-west-1"), host(region="eu-west-1")]
+    result = plan([image(), image(region="eu-west-1")], hosts, target=10)
+    assert [(p.region, p.count) for p in result.launches] == [("us-east-1", 3)]
+
+
+def test_instances_of_another_image_do_not_count() -> None:
+    hosts = [host(client_commit_hash="v0"), host(client_commit_hash="v0"), host(client_commit_hash="v0")]
+    assert free_slots(hosts, region="us-east-1", client_commit_hash="v1") == 0
+    result = plan([image()], hosts, target=10)
+    assert [(p.client_commit_hash, p.count) for p in result.launches] == [("v1", 3)]
+    # v0 has no active image: its hosts drain.
+    assert {d.reason for d in result.drains} == {DrainReason.INACTIVE_IMAGE} and len(result.drains) == 3
+
+
+# --- targets, bounds, scale-down ------------------------------------------------------------------------
+def test_image_target_overrides_the_default() -> None:
+    assert [p.count for p in plan([image(target_free=1)], [], target=10).launches] == [1]
+    assert plan([image(target_free=0)], [], target=10).launches == ()
+
+
+@pytest.mark.parametrize(
+    ("free", "target", "cap", "want"), [(0, 10, 4, 3), (9, 10, 4, 1), (10, 10, 4, 0), (0, 1, 8, 1)]
+)
+def test_instances_needed_is_ceil_of_deficit(free: int, target: int, cap: int, want: int) -> None:
+    assert instances_needed(free=free, target_free=target, capacity_per_instance=cap) == want
+
+
+def test_launches_never_exceed_the_region_maximum() -> None:
+    hosts = [host(live=4), host(S.DRAINING), host(S.LOST)]
+    result = plan([image(), image(client_commit_hash="v2")], hosts, target=40, max_instances_per_region=5)
+    assert sum(p.count for p in result.launches) == 2  # 3 machines occupy the region already
+    assert result.launches[0].wanted == 10
+
+
+def test_empty_instances_beyond_one_instance_of_spare_drain_after_the_cool_down() -> None:
+    hosts = [host(live=0) for _ in range(5)]  # 20 free, target 10 → two hosts are spare
+    result = plan([image()], hosts, target=10)
+    assert len(result.drains) == 2 and {d.reason for d in result.drains} == {DrainReason.SPARE}
+    # Not yet idle long enough: nothing drains.
+    recent = [host(live=0, idle_since=NOW - timedelta(seconds=60)) for _ in range(5)]
+    assert plan([image()], recent, target=10).drains == ()
+
+
+def test_less_than_one_instance_of_spare_stays() -> None:
+    hosts = [host(live=0), host(live=0), host(live=1)]  # 11 free, target 8: draining any leaves 7
+    assert plan([image()], hosts, target=8).drains == ()
+
+
+def test_busy_instances_are_never_drained_as_spare() -> None:
+    hosts = [host(live=1) for _ in range(10)]
+    assert plan([image()], hosts, target=0).drains == ()
+
+
+def test_every_instance_of_an_inactive_image_drains() -> None:
+    hosts = [host(live=2), host(S.PRE_CONNECTION), host(S.DRAINING), host(live=0)]
+    result = plan([image(active=False)], hosts, target=10)
+    assert result.launches == ()
+    assert sorted(d.instance_name for d in result.drains) == sorted(h.instance_name for h in hosts[:2] + hosts[3:])
