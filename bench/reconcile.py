@@ -153,7 +153,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100 and 1,000 instances, one pass each")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.passes = "100,1000", 1
     name, url = fresh_database()
     try:
         results = [measure(url, int(size), args.passes) for size in args.sizes.split(",")]
