@@ -4,10 +4,11 @@ Services receive a :class:`DataCache` as an argument (this module imports no fla
 app builds one per process with Flask-Caching (`RedisCache` with ``REDIS_URL``, else an in-process
 `SimpleCache`).
 
-Invalidation bumps a generation counter per namespace instead of deleting keys: readers look up the
-namespace's generation first and read ``<namespace>:<generation>:<name>``. A reader that loaded old rows just
-before a change can then only write them under the old generation, which nobody reads any more, so a
-change is visible to every replica at once (delete-on-change would let such a reader re-cache stale data).
+Invalidation bumps a generation counter per namespace instead of deleting keys: every entry records the
+generation it was loaded under, and readers fetch the counter and the entry in one round trip (MGET), using
+the entry only when the generations match. A reader that loaded old rows just before a change can then only
+write them tagged with the old generation, which no reader accepts any more, so a change is visible to every
+replica at once (delete-on-change would let such a reader re-cache stale data).
 
 A Redis outage never fails a request: the cache is bypassed (the loader reads the database) and, for a few
 seconds after a failure, not even tried, so a dead Redis costs one failed round trip, not one per lookup.
@@ -53,17 +54,20 @@ class DataCache:
         backend = self._available()
         if backend is None:
             return load()
+        key = f"{namespace}:{name}"
         try:
-            key = f"{namespace}:{self._generation(backend, namespace)}:{name}"
-            cached = backend.get(key)
+            # One round trip: the namespace's generation and the entry, which records the generation it was
+            # loaded under. An entry from an older generation is stale, however recently it was written.
+            raw_generation, entry = backend.get_many(f"{namespace}:gen", key)
         except Exception as exc:  # any backend failure means "bypass", never a failed request
             self._failed("cache_read_failed", exc)
             return load()
-        if cached is not None:
-            return cached  # type: ignore[no-any-return]
+        generation = int(raw_generation) if raw_generation is not None else 0
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == generation:
+            return entry[1]  # type: ignore[no-any-return]
         value = load()
         try:
-            backend.set(key, value, timeout=self._ttl_s)
+            backend.set(key, (generation, value), timeout=self._ttl_s)
         except Exception as exc:
             self._failed("cache_write_failed", exc)
         return value
@@ -86,11 +90,6 @@ class DataCache:
         if self._backend is None or time.monotonic() < self._skip_until:
             return None
         return self._backend
-
-    @staticmethod
-    def _generation(backend: BaseCache, namespace: str) -> int:
-        value: Any = backend.get(f"{namespace}:gen")
-        return int(value) if value is not None else 0
 
     def _failed(self, event: str, exc: BaseException, **extra: Any) -> None:
         if time.monotonic() >= self._skip_until:

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
         default="sqlite:///instance/fractal.db",
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
+    db_pool_pre_ping: bool = False
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
     # Every Redis key Fractal writes (limits, cache, nudges) starts with this, so deployments or test runs can
     # share one Redis server and clean up only their own keys.

@@ -33,7 +33,10 @@ def create_db_engine(settings: Settings, **overrides: object) -> Engine:
     kwargs = {
         "pool_size": 10,
         "max_overflow": 20,
-        "pool_pre_ping": True,
+        # No pre-ping: it costs a round trip on every checkout. A connection that died with the server fails its
+        # request (503 DATABASE_UNAVAILABLE) and SQLAlchemy then invalidates the whole pool, so one request per
+        # process pays for a restart instead of every request paying all the time.
+        "pool_pre_ping": settings.db_pool_pre_ping,
         "pool_timeout": 5,
         # A dead server must fail fast (503 DATABASE_UNAVAILABLE), not hang a worker.
         "connect_args": {"connect_timeout": 3, "application_name": "fractal"},

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask, Response, g, request
-from flask_limiter import HeaderNames, Limiter, RateLimitExceeded, RouteLimit
+from flask_limiter import Limiter, RateLimitExceeded, RouteLimit
 
 from fractal.config import Settings
 from fractal.errors import RateLimitedError, error_response
@@ -58,13 +58,12 @@ class FractalLimiter(Limiter):
         super().init_app(app)
 
 
+# Headers on every answer would cost two more Redis round trips per request (the window's count and TTL), and
+# the limiter would overwrite other answers' Retry-After (the 503 NO_INSTANCE_AVAILABLE one): only refusals
+# carry rate-limit headers (Retry-After, X-RateLimit-Limit), written by the 429 handler below.
 limiter = FractalLimiter(
     key_func=client_address_key,
-    headers_enabled=True,
-    # The standard Retry-After is written by our 429 handler (always >= 1 s) and left alone on other answers
-    # (e.g. the 503 NO_INSTANCE_AVAILABLE one); the limiter's own hint goes into an X- header.
-    header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"},
-    retry_after="delta-seconds",
+    headers_enabled=False,
     strategy="fixed-window",
     swallow_errors=True,
     in_memory_fallback_enabled=True,
@@ -96,7 +95,9 @@ def _rate_limited(error: RateLimitExceeded) -> Response:
             retry_after = max(1, math.ceil(current.reset_at - time.time()))
     except Exception:  # the storage just failed: a 1 s hint is better than none
         retry_after = 1
-    return error_response(RateLimitedError(details={"limit": str(error.limit.limit)}, retry_after_s=retry_after))
+    response = error_response(RateLimitedError(details={"limit": str(error.limit.limit)}, retry_after_s=retry_after))
+    response.headers["X-RateLimit-Limit"] = str(error.limit.limit.amount)
+    return response
 
 
 def user_limit(limit: Callable[[], str], *, scope: str) -> RouteLimit:

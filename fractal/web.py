@@ -11,6 +11,7 @@ from typing import Any
 from flask import current_app, g
 from sqlalchemy.orm import Session
 
+from fractal.auth.hosts import HostSecretDirectory
 from fractal.auth.tokens import TokenVerifier, UserClaims
 from fractal.config import Settings
 from fractal.database import SessionFactory
@@ -25,6 +26,7 @@ class FractalState:
     settings: Settings
     session_factory: SessionFactory
     verifier: TokenVerifier | None
+    host_secrets: HostSecretDirectory = field(default_factory=HostSecretDirectory)
     services: dict[str, Any] = field(default_factory=dict)
 
 

@@ -9,7 +9,6 @@ from typing import Any, TypeVar, cast
 import structlog
 from flask import g, request
 
-from fractal.auth.hosts import instance_name_for_secret
 from fractal.auth.tokens import UserClaims
 from fractal.errors import ForbiddenError, PaymentRequiredError, UnauthorizedError
 from fractal.web import db_session, settings, state
@@ -75,7 +74,7 @@ def host_required(view: F) -> F:
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        name = instance_name_for_secret(db_session(), bearer_credential())
+        name = state().host_secrets.instance_name(db_session(), bearer_credential())
         if name is None:
             raise UnauthorizedError()
         g.host_instance_name = name

@@ -30,8 +30,32 @@ def host_secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_host_secret(secret), stored_hash)
 
 
-def instance_name_for_secret(session: Session, secret: str) -> str | None:
-    """The instance this secret belongs to, or None. The digest is unique, so one indexed lookup."""
+class HostSecretDirectory:
+    """secret → instance name, remembering hits in this process.
+
+    A secret's instance never changes (the digest is unique and instance rows are never deleted, only marked
+    TERMINATED), so a remembered hit can't go stale; misses are never remembered, so a freshly registered
+    host is found at once. Bounded: when full it starts over.
+    """
+
+    def __init__(self, *, max_entries: int = 100_000) -> None:
+        self._names: dict[str, str] = {}
+        self._max_entries = max_entries
+
+    def instance_name(self, session: Session, secret: str) -> str | None:
+        digest = hash_host_secret(secret)
+        name = self._names.get(digest)
+        if name is None:
+            name = instance_name_for_secret_hash(session, digest)
+            if name is not None:
+                if len(self._names) >= self._max_entries:
+                    self._names.clear()
+                self._names[digest] = name
+        return name
+
+
+def instance_name_for_secret_hash(session: Session, digest: str) -> str | None:
+    """The instance whose secret has this digest, or None (one indexed lookup: the digest is unique)."""
     return session.execute(
-        select(Instance.instance_name).where(Instance.host_secret_hash == hash_host_secret(secret))
+        select(Instance.instance_name).where(Instance.host_secret_hash == digest)
     ).scalar_one_or_none()

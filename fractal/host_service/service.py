@@ -6,6 +6,7 @@ the instance without locking it, so they never contend with assignment, which lo
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -203,34 +204,86 @@ def record_heartbeat(
     """
     _require_own_name(authenticated_instance, instance_name)
     now = now or utcnow()
-    _upsert_heartbeat(session, instance_name=instance_name, now=now, metrics=metrics)
-    status = session.execute(select(Instance.status).where(Instance.instance_name == instance_name)).scalar_one()
-    reported_live = {mid for mid, reported in mandelboxes if reported is not MandelboxStatus.EXITED}
-    if status in FINAL_STATUSES:
-        stop = reported_live
-    else:
-        dying = set(
-            session.scalars(
-                select(Mandelbox.mandelbox_id).where(
-                    Mandelbox.instance_name == instance_name, Mandelbox.status == MandelboxStatus.DYING
-                )
-            )
+    reported_live = [mid for mid, reported in mandelboxes if reported is not MandelboxStatus.EXITED]
+    if is_postgres(session):
+        status, dying, still_live = _heartbeat_in_one_statement(
+            session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
         )
-        still_live: set[uuid.UUID] = set()
-        if reported_live:
-            still_live = set(
-                session.scalars(
-                    select(Mandelbox.mandelbox_id).where(
-                        Mandelbox.mandelbox_id.in_(list(reported_live)),
-                        Mandelbox.instance_name == instance_name,
-                        Mandelbox.status != MandelboxStatus.EXITED,
-                    )
-                )
-            )
-        stop = dying | (reported_live - still_live)
+    else:
+        status, dying, still_live = _heartbeat_portable(
+            session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
+        )
+    stop = set(reported_live) if status in FINAL_STATUSES else dying | (set(reported_live) - still_live)
     session.commit()
     log.debug("host_heartbeat", instance_name=instance_name, status=str(status), stop=len(stop))
     return HeartbeatAnswer(status=status, heartbeat_interval_s=heartbeat_interval_s, stop_mandelboxes=sorted(stop))
+
+
+# One round trip per heartbeat on Postgres: upsert the heartbeats row (the only write; no instance row lock), read
+# the instance's status, its DYING mandelboxes and which of the reported ones are still live on it.
+_HEARTBEAT_SQL = text(
+    """
+WITH beat AS (
+    INSERT INTO heartbeats (instance_name, last_heartbeat_at, metrics)
+    VALUES (:instance_name, :now, CAST(:metrics AS jsonb))
+    ON CONFLICT (instance_name) DO UPDATE
+        SET last_heartbeat_at = EXCLUDED.last_heartbeat_at, metrics = EXCLUDED.metrics
+    RETURNING instance_name
+)
+SELECT i.status,
+       ARRAY(SELECT m.mandelbox_id FROM mandelboxes m
+             WHERE m.instance_name = :instance_name AND m.status = 'DYING') AS dying,
+       ARRAY(SELECT m.mandelbox_id FROM mandelboxes m
+             WHERE m.mandelbox_id = ANY(CAST(:reported AS uuid[])) AND m.instance_name = :instance_name
+               AND m.status <> 'EXITED') AS still_live
+FROM instances i JOIN beat ON beat.instance_name = i.instance_name
+"""
+)
+
+
+def _heartbeat_in_one_statement(
+    session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any], reported_live: list[uuid.UUID]
+) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]]:
+    row = session.execute(
+        _HEARTBEAT_SQL,
+        {
+            "instance_name": instance_name,
+            "now": now,
+            "metrics": json.dumps(metrics),
+            "reported": [str(mid) for mid in reported_live],
+        },
+    ).one()
+    return (
+        InstanceStatus(row.status),
+        {uuid.UUID(str(m)) for m in row.dying},
+        {uuid.UUID(str(m)) for m in row.still_live},
+    )
+
+
+def _heartbeat_portable(
+    session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any], reported_live: list[uuid.UUID]
+) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]]:
+    _upsert_heartbeat(session, instance_name=instance_name, now=now, metrics=metrics)
+    status = session.execute(select(Instance.status).where(Instance.instance_name == instance_name)).scalar_one()
+    dying = set(
+        session.scalars(
+            select(Mandelbox.mandelbox_id).where(
+                Mandelbox.instance_name == instance_name, Mandelbox.status == MandelboxStatus.DYING
+            )
+        )
+    )
+    still_live: set[uuid.UUID] = set()
+    if reported_live:
+        still_live = set(
+            session.scalars(
+                select(Mandelbox.mandelbox_id).where(
+                    Mandelbox.mandelbox_id.in_(reported_live),
+                    Mandelbox.instance_name == instance_name,
+                    Mandelbox.status != MandelboxStatus.EXITED,
+                )
+            )
+        )
+    return status, dying, still_live
 
 
 def _upsert_heartbeat(session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any] | None) -> None:
