@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
 from fractal.config import Settings
-from fractal.database import SessionFactory, advisory_key
+from fractal.database import SessionFactory, advisory_key, session_scope
 from fractal.events import EventKind, record_events
 from fractal.lifecycle import utcnow
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
@@ -122,14 +122,8 @@ def _session(source: SessionFactory | Session) -> Iterator[Session]:
     if isinstance(source, Session):
         yield source
         return
-    session = source()
-    try:
+    with session_scope(source) as session:
         yield session
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 @contextmanager
