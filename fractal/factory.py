@@ -13,7 +13,7 @@ from fractal.cache import init_cache
 from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.errors import register_error_handlers
+from fractal.errors import NotFoundError, register_error_handlers
 from fractal.health.views import health_blueprint
 from fractal.metrics import register_metrics
 from fractal.nudge import build_nudge
@@ -47,6 +47,7 @@ def create_app(
     state = register_extensions(app, settings, session_factory)
     register_blueprints(app, [health_blueprint, *blueprints])
     register_error_handlers(app)
+    register_path_guard(app)
     register_request_context(app)
     register_metrics(app)
     app.teardown_appcontext(close_db_session)
@@ -92,6 +93,15 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
 def register_blueprints(app: APIFlask, blueprints: Iterable[APIBlueprint]) -> None:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+
+
+def register_path_guard(app: APIFlask) -> None:
+    """A path part holding a NUL character names nothing (and PostgreSQL text cannot hold one): 404."""
+
+    @app.url_value_preprocessor
+    def _refuse_nul(_endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values and any(isinstance(value, str) and "\x00" in value for value in values.values()):
+            raise NotFoundError()
 
 
 def register_commands(app: APIFlask) -> None:

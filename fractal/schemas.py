@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from fractal.models import EndReason, MandelboxStatus
 
@@ -17,7 +17,28 @@ class ErrorOut(BaseModel):
     details: Any | None = None
 
 
-class StrictIn(BaseModel):
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+class RequestIn(BaseModel):
+    """Every request body and query string: no NUL characters anywhere (PostgreSQL text cannot hold them)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if _has_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+class StrictIn(RequestIn):
     """Request bodies: no type coercion ("1" is not 1), unknown fields ignored for forward compatibility."""
 
     model_config = ConfigDict(strict=True, extra="ignore")

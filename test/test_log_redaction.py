@@ -113,3 +113,138 @@ def test_redact_text_covers_the_shapes_secrets_take() -> None:
     assert "abc.def" not in redact_text("Authorization: Bearer abc.def")
     assert redact_text("eyJhbGciOi.eyJzdWIi.c2ln") == REDACTED
     assert redact_text("nothing to hide at http://db:5432/x") == "nothing to hide at http://db:5432/x"
+
+
+def test_a_full_scenario_logged_at_debug_never_shows_a_secret(
+    database_url: str,
+    committed_factory: SessionFactory,
+    make_app: Callable[..., APIFlask],
+    make_token: Callable[..., str],
+    keypair: Any,
+    starttls_smtp_server: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every log line of a whole scenario (our structlog events, the access log, SQLAlchemy's statements with
+    their parameters, every library at DEBUG) is free of tokens, host secrets and passwords."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import sessionmaker
+
+    from fractal.auth.dev_keys import mint_token
+    from fractal.config import normalise_database_url
+    from fractal.mail.backends import SmtpBackend
+    from test.test_newsletter import links, token_of
+
+    smtp_password = "s3cret-pw"  # the fixture server's; it is in the SMTP URL the apps are configured with
+    assert smtp_password in starttls_smtp_server.url
+    url_with_password = make_url(normalise_database_url(database_url)).set(password=DB_PASSWORD)
+    db_url = url_with_password.render_as_string(hide_password=False)
+    engine = create_engine(db_url)  # the server trusts loopback: the password is carried, never checked
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    overrides: dict[str, Any] = {
+        "database_url": db_url,
+        "smtp_url": starttls_smtp_server.url,
+        "log_level": "DEBUG",
+        "public_url": "https://fractal.example",
+    }
+    apps = {kind: make_app(kind, factory=factory, **overrides) for kind in ("public", "admin", "host")}
+    backend = SmtpBackend(starttls_smtp_server.url, ssl_context=starttls_smtp_server.tls.client_context)
+    for app in apps.values():
+        app.extensions["fractal"].services["mail_backend"] = backend  # trusts the fixture's self-signed cert
+    # After create_app (which quiets them): every library at DEBUG, SQL statements with their parameters too.
+    noisy = ["werkzeug", "botocore", "urllib3", "boto3", "sqlalchemy.engine", "sqlalchemy.pool", "mail.log"]
+    previous = {name: logging.getLogger(name).level for name in noisy}
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    public, admin, host = (apps[kind].test_client() for kind in ("public", "admin", "host"))
+    user_token = make_token("scenario-user")
+    admin_token = make_token("scenario-operator", admin=True)
+    expired = mint_token(keypair.private_pem, user_id="scenario-user", ttl_s=-60)
+    user = {"Authorization": f"Bearer {user_token}"}
+    operator = {"Authorization": f"Bearer {admin_token}"}
+    try:
+        image = {"ami_id": "ami-1", "active": True, "instance_type": "t3", "mandelbox_capacity": 2}
+        assert admin.put("/admin/images/us-east-1/abc123", json=image, headers=operator).status_code == 200
+        registered = admin.post(
+            "/admin/instances",
+            json={
+                "instance_name": "i-scenario",
+                "region": "us-east-1",
+                "client_commit_hash": "abc123",
+                "mandelbox_capacity": 2,
+            },
+            headers=operator,
+        )
+        assert registered.status_code == 201
+        secret = registered.get_json()["host_secret"]
+        hosted = {"Authorization": f"Bearer {secret}"}
+        handshake = {
+            "instance_name": "i-scenario",
+            "ip": "10.0.0.9",
+            "client_commit_hash": "abc123",
+            "mandelbox_capacity": 2,
+        }
+        assert host.post("/host/handshake", json=handshake, headers=hosted).status_code == 200
+        assert host.post("/host/heartbeat", json={"instance_name": "i-scenario"}, headers=hosted).status_code == 200
+
+        assigned = public.post(
+            "/mandelbox/assign",
+            json={"regions": ["us-east-1"], "client_commit_hash": "abc123", "session_id": "s-1"},
+            headers={**user, "Idempotency-Key": "scenario-key-1"},
+        )
+        assert assigned.status_code == 201
+        box = f"/mandelboxes/{assigned.get_json()['mandelbox_id']}"
+        assert host.get(f"/host{box}", headers=hosted).status_code == 200  # the host checks the claim
+        for status in ("CONNECTING", "RUNNING"):
+            assert host.put(f"/host{box}", json={"status": status}, headers=hosted).status_code == 200
+        assert public.delete(box.replace("/mandelboxes/", "/mandelbox/"), headers=user).status_code == 202
+        beat = host.post("/host/heartbeat", json={"instance_name": "i-scenario"}, headers=hosted)
+        assert beat.get_json()["stop_mandelboxes"]
+        assert host.put(f"/host{box}", json={"status": "EXITED"}, headers=hosted).status_code == 200
+
+        assert public.post("/newsletter/subscribe", json={"email": "reader@example.com"}).status_code == 202
+        mailed = links(starttls_smtp_server.inbox.messages[-1])
+        assert public.get(mailed["confirm"].removeprefix("https://fractal.example")).status_code == 200
+        unsubscribe_token = token_of(mailed["unsubscribe"])
+        assert public.post("/newsletter/unsubscribe", json={"token": unsubscribe_token}).status_code == 200
+        sent = admin.post(
+            "/admin/mail",
+            json={"template": "welcome", "to": "ada@example.com", "args": {"name": "Ada"}},
+            headers=operator,
+        )
+        assert sent.status_code == 202
+        assert starttls_smtp_server.inbox.logins == ["mailer", "mailer"]  # the password was used, twice
+
+        # Refused credentials are secrets too: a wrong host secret, an expired token, a token on the host API.
+        forged = secret[:-4] + ("AAAA" if not secret.endswith("AAAA") else "BBBB")
+        refused = [
+            host.post(
+                "/host/heartbeat", json={"instance_name": "i-scenario"}, headers={"Authorization": f"Bearer {forged}"}
+            ),
+            public.get("/regions", headers={"Authorization": f"Bearer {expired}"}),
+            host.post("/host/heartbeat", json={"instance_name": "i-scenario"}, headers=user),
+        ]
+        assert [response.status_code for response in refused] == [401, 401, 401]
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
+        engine.dispose()
+
+    captured = capsys.readouterr()
+    logged = captured.out + captured.err
+    # The capture saw the scenario: access lines, our events, SQL with parameters, the mail being sent.
+    assert logged.count('"event": "request"') >= 15
+    assert "host_secret_hash" in logged and "INSERT INTO mandelboxes" in logged and "mail_sent" in logged
+    secrets = {
+        "user token": user_token,
+        "admin token": admin_token,
+        "expired token": expired,
+        "host secret": secret,
+        "forged host secret": forged,
+        "SMTP password": smtp_password,
+        "database password": DB_PASSWORD,
+        "newsletter confirm token": token_of(mailed["confirm"]),
+        "newsletter unsubscribe token": unsubscribe_token,
+    }
+    leaked = [name for name, value in secrets.items() if value in logged]
+    assert not leaked, leaked

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from fractal.errors import ValidationError
 from fractal.models import InstanceStatus, MandelboxStatus
-from fractal.schemas import StrictIn
+from fractal.schemas import RequestIn, StrictIn
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -92,16 +92,16 @@ class EventListOut(BaseModel):
     events: list[EventOut]
 
 
-class EventFilterIn(BaseModel):
+class EventFilterIn(RequestIn):
     limit: int = Field(default=100, ge=1, le=1000)
 
 
-class InstanceFilterIn(BaseModel):
+class InstanceFilterIn(RequestIn):
     region: Annotated[str, StringConstraints(max_length=64)] | None = None
     status: InstanceStatus | None = None
 
 
-class MandelboxFilterIn(BaseModel):
+class MandelboxFilterIn(RequestIn):
     user_id: Annotated[str, StringConstraints(max_length=255)] | None = None
     status: MandelboxStatus | None = None
     instance_name: Annotated[str, StringConstraints(max_length=128)] | None = None

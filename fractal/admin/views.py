@@ -57,12 +57,12 @@ def get_images() -> Any:
 
 
 @admin_blueprint.put("/images/<region>/<client_commit_hash>")
+@admin_required
 @admin_blueprint.input(ImageIn, arg_name="body")
 @admin_blueprint.output(ImageOut)
 @admin_blueprint.doc(
     summary="Create or update an image", security="UserToken", responses={**_AUTH, 400: "Validation error"}
 )
-@admin_required
 def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
     validate_image_key(region, client_commit_hash)
     image, _created = upsert_image(
@@ -77,20 +77,20 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
 
 
 @admin_blueprint.get("/instances")
+@admin_required
 @admin_blueprint.input(InstanceFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(InstanceListOut)
 @admin_blueprint.doc(summary="List instances with usage and last heartbeat", security="UserToken", responses=_AUTH)
-@admin_required
 def get_instances(filters: InstanceFilterIn) -> Any:
     views = service.list_instance_views(db_session(), region=filters.region, status=filters.status)
     return {"instances": [asdict(view) for view in views]}
 
 
 @admin_blueprint.get("/mandelboxes")
+@admin_required
 @admin_blueprint.input(MandelboxFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(MandelboxListOut)
 @admin_blueprint.doc(summary="List mandelboxes, newest first", security="UserToken", responses=_AUTH)
-@admin_required
 def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
     views = list_mandelbox_views(
         db_session(),
@@ -103,6 +103,7 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
 
 
 @admin_blueprint.post("/instances")
+@admin_required
 @admin_blueprint.input(InstanceIn, arg_name="body")
 @admin_blueprint.output(InstanceCreatedOut, status_code=201)
 @admin_blueprint.doc(
@@ -110,7 +111,6 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
     security="UserToken",
     responses={**_AUTH, 400: "Validation error", 409: "CONFLICT: the name is taken"},
 )
-@admin_required
 def post_instance(body: InstanceIn) -> Any:
     registered = service.register_instance(db_session(), **body.model_dump(), actor=f"admin:{current_user().user_id}")
     return asdict(registered)
@@ -144,9 +144,9 @@ def event_body(event: Event) -> dict[str, Any]:
 
 
 @admin_blueprint.get("/events")
+@admin_required
 @admin_blueprint.input(EventFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(EventListOut)
 @admin_blueprint.doc(summary="Audit events, newest first", security="UserToken", responses=_AUTH)
-@admin_required
 def get_events(filters: EventFilterIn) -> Any:
     return {"events": [event_body(event) for event in list_events(db_session(), limit=filters.limit)]}

@@ -59,6 +59,7 @@ def list_regions() -> dict[str, Any]:
 
 
 @public_blueprint.post("/mandelbox/assign")
+@user_required
 @public_blueprint.input(AssignIn, arg_name="body")
 @public_blueprint.output(AssignOut, status_code=201)
 @public_blueprint.doc(
@@ -74,7 +75,6 @@ def list_regions() -> dict[str, Any]:
         503: "No instance available",
     },
 )
-@user_required
 @assign_rate_limit  # under user_required: counted per verified user, after authentication
 @count_assignments
 def assign(body: AssignIn) -> Any:

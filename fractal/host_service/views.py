@@ -35,6 +35,8 @@ def _cap_heartbeat_body() -> None:
 
 
 @host_blueprint.post("/handshake")
+@handshake_failure_limit
+@host_required
 @host_blueprint.input(HandshakeIn, arg_name="body")
 @host_blueprint.output(HandshakeOut)
 @host_blueprint.doc(
@@ -42,8 +44,6 @@ def _cap_heartbeat_body() -> None:
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 409: "HOST_MISMATCH or INVALID_TRANSITION", 429: "Rate limited"},
 )
-@handshake_failure_limit
-@host_required
 def handshake(body: HandshakeIn) -> Any:
     result = service.handshake_host(
         db_session(),
@@ -58,6 +58,7 @@ def handshake(body: HandshakeIn) -> Any:
 
 
 @host_blueprint.post("/heartbeat")
+@host_required
 @host_blueprint.input(HeartbeatIn, arg_name="body")
 @host_blueprint.output(HeartbeatOut)
 @host_blueprint.doc(
@@ -65,7 +66,6 @@ def handshake(body: HandshakeIn) -> Any:
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 413: "Body too large"},
 )
-@host_required
 def heartbeat(body: HeartbeatIn) -> Any:
     answer = service.record_heartbeat(
         db_session(),
@@ -94,6 +94,7 @@ def get_mandelbox(mandelbox_id: str) -> Any:
 
 
 @host_blueprint.put("/mandelboxes/<mandelbox_id>")
+@host_required
 @host_blueprint.input(MandelboxStatusIn, arg_name="body")
 @host_blueprint.output(HostMandelboxOut)
 @host_blueprint.doc(
@@ -101,7 +102,6 @@ def get_mandelbox(mandelbox_id: str) -> Any:
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 404: "Not found", 409: "INVALID_TRANSITION"},
 )
-@host_required
 def put_mandelbox(mandelbox_id: str, body: MandelboxStatusIn) -> Any:
     view = service.report_mandelbox_status(
         db_session(),

@@ -45,6 +45,7 @@ def get_templates() -> Any:
 
 
 @mail_admin_blueprint.post("/mail")
+@admin_required
 @mail_admin_blueprint.input(MailIn, arg_name="body")
 @mail_admin_blueprint.output(MailSentOut, status_code=202)
 @mail_admin_blueprint.doc(
@@ -57,7 +58,6 @@ def get_templates() -> Any:
         503: "Mail backend unavailable",
     },
 )
-@admin_required
 def send_mail(body: MailIn) -> Any:
     message_id = service.send_templated_mail(
         db_session(),

@@ -1,0 +1,50 @@
+"""A short version of bench/stress.py: contended assigns with heartbeats, drains, deletions and host exits on a
+fresh database, then the invariants checked with SQL (the checker itself is shown to catch a broken counter)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from bench.stress import StressConfig, check_invariants, drop_database, fresh_database, run_stress
+from fractal.config import normalise_database_url
+from test.conftest import PG_SERVER_URL
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def stress_database() -> Iterator[str]:
+    name, url = fresh_database(PG_SERVER_URL)
+    yield url
+    drop_database(name, PG_SERVER_URL)
+
+
+def test_contended_run_keeps_every_invariant(stress_database: str) -> None:
+    config = StressConfig(assigns=2000, threads=6, instances=12, capacity=6, users=80, max_per_user=2)
+    report = run_stress(config, stress_database)
+
+    assert not report.violations, report.violations
+    assert report.assigns_attempted == config.assigns
+    assert report.answers["assign 201"] > config.assigns // 10  # real work, not only refusals
+    assert set(report.refusals()) <= {"409 USER_ALREADY_ACTIVE", "503 NO_INSTANCE_AVAILABLE"}, report.refusals()
+    assert report.answers["delete 202"] > 0 and report.answers["heartbeat 200"] > 0
+    assert report.drains > 0 and report.host_exits > 0 and report.samples > 0
+
+    # The checker is not blind: one corrupted counter breaks two invariants.
+    engine = create_engine(normalise_database_url(stress_database))
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE instances SET live_mandelboxes = live_mandelboxes + 1 WHERE instance_name = ("
+                " SELECT instance_name FROM instances WHERE live_mandelboxes < mandelbox_capacity LIMIT 1)"
+            )
+        )
+    broken = check_invariants(engine, max_per_user=config.max_per_user)
+    engine.dispose()
+    assert [line.split(":")[0] for line in broken] == [
+        "live count column equals live rows",
+        "sum of live counts equals live mandelboxes",
+    ]
