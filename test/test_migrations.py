@@ -7,11 +7,11 @@ import uuid
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from alembic import command
 from fractal.config import normalise_database_url
-from fractal.models import Base
+from fractal.models import INSTANCES_FILLFACTOR, Base
 from test.conftest import PG_SERVER_URL, alembic_config, create_database, drop_database, run_alembic
 
 
@@ -35,6 +35,11 @@ def test_upgrade_empty_database_then_no_drift_then_down_and_up() -> None:
             assert set(Base.metadata.tables) <= tables
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
+            # alembic does not compare storage parameters: check the one the model declares by hand.
+            options = connection.execute(
+                text("SELECT reloptions FROM pg_class WHERE relname = 'instances'")
+            ).scalar_one()
+            assert f"fillfactor={INSTANCES_FILLFACTOR}" in options
         run_alembic(url, command.check)  # alembic's own drift check raises on any difference
         run_alembic(url, command.downgrade, "base")
         with engine.connect() as connection:

@@ -20,10 +20,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "events",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("actor", sa.String(length=255), nullable=False),
         sa.Column("instance_name", sa.String(length=128), nullable=True),
@@ -49,7 +49,9 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("mandelbox_id", sa.Uuid(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("user_id", "key", name=op.f("pk_idempotency_keys")),
     )
@@ -64,12 +66,14 @@ def upgrade() -> None:
         sa.Column("instance_type", sa.String(length=64), nullable=False),
         sa.Column("mandelbox_capacity", sa.Integer(), nullable=False),
         sa.Column("target_free", sa.Integer(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
-        sa.CheckConstraint("mandelbox_capacity > 0", name=op.f("ck_images_capacity_positive")),
-        sa.CheckConstraint(
-            "target_free IS NULL OR target_free >= 0", name=op.f("ck_images_target_free_non_negative")
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
+        sa.CheckConstraint("mandelbox_capacity > 0", name=op.f("ck_images_capacity_positive")),
+        sa.CheckConstraint("target_free IS NULL OR target_free >= 0", name=op.f("ck_images_target_free_non_negative")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
         sa.UniqueConstraint("region", "client_commit_hash", name="uq_images_region_client_commit_hash"),
     )
@@ -101,7 +105,9 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("host_secret_hash", sa.String(length=128), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
         sa.Column(
             "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
@@ -140,7 +146,9 @@ def upgrade() -> None:
             ),
             nullable=False,
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
         sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("unsubscribed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("email", name=op.f("pk_newsletter_subscriptions")),
@@ -185,7 +193,9 @@ def upgrade() -> None:
             ),
             nullable=False,
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
         sa.Column(
             "status_changed_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
         ),
@@ -234,20 +244,18 @@ def upgrade() -> None:
     op.create_index("ix_mandelboxes_user_created", "mandelboxes", ["user_id", "created_at"], unique=False)
     op.create_table(
         "log_uploads",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("mandelbox_id", sa.Uuid(), nullable=False),
         sa.Column(
             "sender",
-            sa.Enum(
-                "host", "client", name="log_sender", native_enum=False, create_constraint=True, length=32
-            ),
+            sa.Enum("host", "client", name="log_sender", native_enum=False, create_constraint=True, length=32),
             nullable=False,
         ),
         sa.Column("key", sa.String(length=512), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
-        sa.Column("uploaded_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column(
+            "uploaded_at", sa.DateTime(timezone=True), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False
+        ),
         sa.ForeignKeyConstraint(
             ["mandelbox_id"],
             ["mandelboxes.mandelbox_id"],
