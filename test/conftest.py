@@ -27,12 +27,11 @@ from fractal.database import SessionFactory
 from fractal.factory import create_app
 from test.factories import Factories
 from test.processes import three_shells  # noqa: F401 (a session fixture: one stack shared by its tests)
+from test.servers import aws_env, moto_endpoint, smtp_server, starttls_smtp_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER_URL = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-# Loopback SMTP (aiosmtpd) and moto server fixtures for the mail, newsletter and log-upload tests.
-pytest_plugins = ("test.servers",)
 TABLES = "log_uploads, newsletter_subscriptions, idempotency_keys, events, heartbeats, mandelboxes, instances, images"
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

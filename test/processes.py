@@ -24,14 +24,9 @@ from typing import IO
 import pytest
 from sqlalchemy.engine import make_url
 
+from test.servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+
+from test.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER_URL = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -34,13 +35,6 @@ def delete_prefixed(url: str, prefix: str) -> int:
         return client.delete(*keys) if keys else 0
     finally:
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
