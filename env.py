@@ -79,16 +79,11 @@ def wait_for_database(url: str, *, timeout_s: float, max_backoff_s: float = 5.0)
     log.info("database %s reachable after %d attempt(s)", safe_url, attempts)
 
 
-def migrate() -> None:
+def migrate(database_url: str) -> None:
     """`alembic upgrade head` in-process (alembic/env.py takes the migration advisory lock)."""
-    from alembic.config import Config
+    from fractal.migrations import upgrade_to_head
 
-    from alembic import command
-
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.attributes["skip_logging_config"] = True  # keep our JSON logging
-    command.upgrade(config, "head")
+    upgrade_to_head(database_url)
 
 
 def command_for(role: str) -> list[str]:
@@ -149,7 +144,7 @@ def main() -> NoReturn:
 
     if _truthy(os.environ.get("FRACTAL_MIGRATE"), default=True):
         log.info("applying migrations (alembic upgrade head)")
-        migrate()
+        migrate(settings.database_url)
         log.info("migrations at head")
 
     log.info("starting %s: %s", role, " ".join(argv[1:]))

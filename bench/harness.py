@@ -33,14 +33,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from alembic.config import Config
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 
-from alembic import command
 from fractal.auth.dev_keys import DevKeyPair, generate_keypair, mint_token
 from fractal.auth.hosts import hash_host_secret
 from fractal.config import normalise_database_url
+from fractal.migrations import upgrade_to_head
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -76,28 +75,6 @@ def exit_cleanly_on_sigterm() -> None:
 # --- database ------------------------------------------------------------------------------------------
 
 
-def _alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.cmd_opts = None
-    config.attributes["skip_logging_config"] = True
-    config.attributes["url"] = url
-    return config
-
-
-def migrate(url: str) -> None:
-    """alembic upgrade head on ``url`` (the same way the test suite migrates its database)."""
-    engine = create_engine(normalise_database_url(url))
-    try:
-        with engine.connect() as connection:
-            config = _alembic_config(url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-            connection.commit()
-    finally:
-        engine.dispose()
-
-
 def _admin_execute(sql: str) -> None:
     admin = create_engine(normalise_database_url(PG_SERVER_URL), isolation_level="AUTOCOMMIT")
     try:
@@ -114,7 +91,7 @@ def bench_database(bench: str) -> Iterator[str]:
     _admin_execute(f'CREATE DATABASE "{name}"')
     try:
         url = make_url(normalise_database_url(PG_SERVER_URL)).set(database=name).render_as_string(hide_password=False)
-        migrate(url)
+        upgrade_to_head(url)
         yield url
     finally:
         _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

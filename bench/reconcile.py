@@ -18,16 +18,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from alembic.config import Config
 from sqlalchemy import create_engine, event, insert, text
 from sqlalchemy.engine import make_url
 
-from alembic import command
 from fractal.auth.hosts import hash_host_secret
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings, normalise_database_url
 from fractal.database import create_session_factory
 from fractal.lifecycle import utcnow
+from fractal.migrations import upgrade_to_head
 from fractal.models import Heartbeat, Image, Instance, InstanceStatus
 from fractal.scaling.reconcile import reconcile_fleet
 
@@ -44,15 +43,7 @@ def fresh_database() -> tuple[str, str]:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = make_url(normalise_database_url(SERVER)).set(database=name).render_as_string(hide_password=False)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.attributes["skip_logging_config"] = True
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-        connection.commit()
-    engine.dispose()
+    upgrade_to_head(url)
     return name, url
 
 

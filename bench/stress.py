@@ -37,14 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `fractal` importable from a checkout
     sys.path.insert(0, str(ROOT))
 
-from alembic.config import Config  # noqa: E402
 
-from alembic import command  # noqa: E402
 from fractal.auth.dev_keys import generate_keypair, mint_token  # noqa: E402
 from fractal.blueprints import BLUEPRINTS_BY_API  # noqa: E402
 from fractal.config import Settings, normalise_database_url  # noqa: E402
 from fractal.database import create_session_factory  # noqa: E402
 from fractal.factory import create_app  # noqa: E402
+from fractal.migrations import upgrade_to_head  # noqa: E402
 
 SERVER = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REGIONS = ["us-east-1", "us-west-2", "eu-west-1"]
@@ -99,15 +98,7 @@ def fresh_database(server: str = SERVER) -> tuple[str, str]:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = make_url(normalise_database_url(server)).set(database=name).render_as_string(hide_password=False)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.attributes["skip_logging_config"] = True
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-        connection.commit()
-    engine.dispose()
+    upgrade_to_head(url)
     return name, url
 
 

@@ -21,8 +21,7 @@ def create_db_engine(settings: Settings, **overrides: object) -> Engine:
     """Build the engine for ``settings.database_url`` (psycopg2 for Postgres, WAL-mode file for SQLite)."""
     url = settings.database_url
     if url.startswith("sqlite"):
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_directory(url)
         kwargs: dict[str, object] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         if url == "sqlite:///:memory:":
             kwargs["poolclass"] = StaticPool
@@ -43,6 +42,12 @@ def create_db_engine(settings: Settings, **overrides: object) -> Engine:
     }
     kwargs.update(overrides)
     return create_engine(url, **kwargs)
+
+
+def ensure_sqlite_directory(url: str) -> None:
+    """SQLite creates the file but not its folder (the embedded default lives in instance/)."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

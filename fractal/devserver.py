@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from alembic.config import Config
 from apiflask import APIFlask
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from alembic import command
 from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
 from fractal.blueprints import ADMIN_BLUEPRINTS, HOST_BLUEPRINTS, PUBLIC_BLUEPRINTS
 from fractal.cloud import build_cloud_provider
@@ -31,6 +29,7 @@ from fractal.config import Environment, Settings, load_settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.factory import create_app
 from fractal.images import ImageSpec, upsert_image
+from fractal.migrations import upgrade_to_head
 from fractal.models import Image
 from fractal.scaling.runner import build_wakeup, start_scaler_thread
 
@@ -40,21 +39,6 @@ DEMO_COMMIT = "demo-0001"
 DEMO_CAPACITY = 4
 # One simulated host per region stays free; assigning more makes the scaler launch another.
 DEMO_TARGET_FREE = 4
-
-
-def migrate(settings: Settings) -> None:
-    """alembic upgrade head against settings.database_url."""
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    engine = create_db_engine(settings)
-    try:
-        with engine.connect() as connection:
-            config.attributes["connection"] = connection
-            config.attributes["skip_logging_config"] = True
-            command.upgrade(config, "head")
-            connection.commit()
-    finally:
-        engine.dispose()
 
 
 def seed_demo_images(session: Session) -> bool:
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.env is Environment.PRODUCTION:
         print("devserver is for development; run the apps under gunicorn in production (see README).", file=sys.stderr)
         return 2
-    migrate(settings)
+    upgrade_to_head(settings.database_url)
     engine = create_db_engine(settings)
     session_factory = create_session_factory(engine)
     if not args.no_seed:

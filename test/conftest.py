@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic.config import Config
 from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -25,6 +24,7 @@ from fractal.blueprints import BLUEPRINTS_BY_API
 from fractal.config import Settings, normalise_database_url
 from fractal.database import SessionFactory
 from fractal.factory import create_app
+from fractal.migrations import alembic_config, run_alembic  # noqa: F401 (re-exported for tests)
 from test.factories import Factories
 from test.processes import three_shells  # noqa: F401 (a session fixture: one stack shared by its tests)
 from test.servers import aws_env, moto_endpoint, smtp_server, starttls_smtp_server  # noqa: F401 (fixtures)
@@ -38,27 +38,6 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
-
-
-def alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.cmd_opts = None  # type: ignore[assignment]
-    config.attributes["skip_logging_config"] = True
-    config.attributes["url"] = url
-    return config
-
-
-def run_alembic(url: str, fn: Callable[..., Any], *args: Any) -> None:
-    engine = create_engine(normalise_database_url(url))
-    try:
-        with engine.connect() as connection:
-            config = alembic_config(url)
-            config.attributes["connection"] = connection
-            fn(config, *args)
-            connection.commit()
-    finally:
-        engine.dispose()
 
 
 def create_database(server_url: str, name: str) -> str:

@@ -21,7 +21,7 @@ def _fresh(tag: str) -> tuple[str, str]:
 
 
 def test_single_head() -> None:
-    script = ScriptDirectory.from_config(alembic_config("unused"))
+    script = ScriptDirectory.from_config(alembic_config())
     assert len(script.get_heads()) == 1
 
 

@@ -123,7 +123,7 @@ def test_three_shells_starting_at_once_migrate_once_and_serve(three_shells: Stac
     # Exactly one shell migrated, and it applied each revision once; the others found the schema at head.
     migrating = [log for log in logs if "Running upgrade" in log]
     assert len(migrating) == 1, "\n---\n".join(logs)
-    revisions = list(ScriptDirectory.from_config(alembic_config("unused")).walk_revisions())
+    revisions = list(ScriptDirectory.from_config(alembic_config()).walk_revisions())
     assert migrating[0].count("Running upgrade") == len(revisions)
     assert len(alembic_versions(three_shells.database_url)) == 1
     assert all(three_shells.password not in log for log in logs)
