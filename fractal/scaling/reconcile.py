@@ -220,22 +220,19 @@ class _Pass:
             self.report.actions.append(ScalerAction("released", detail={"mandelbox_id": str(mandelbox_id)}))
 
     def _to_terminating(self, condition: Any, reason: str) -> None:
+        self._move(condition, InstanceStatus.TERMINATING, "terminate", EventKind.INSTANCE_TERMINATING, reason)
+
+    def _move(self, condition: Any, status: InstanceStatus, action: str, kind: EventKind, reason: str) -> None:
+        """One set-based status change; each row that actually moved becomes an action and an event."""
         rows = self.session.execute(
             update(Instance)
             .where(condition)
-            .values(status=InstanceStatus.TERMINATING, status_changed_at=self.now)
+            .values(status=status, status_changed_at=self.now)
             .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
             .execution_options(synchronize_session=False)
         ).all()
         for name, region, commit in rows:
-            self.note(
-                "terminate",
-                EventKind.INSTANCE_TERMINATING,
-                instance_name=name,
-                region=region,
-                client_commit_hash=commit,
-                reason=reason,
-            )
+            self.note(action, kind, instance_name=name, region=region, client_commit_hash=commit, reason=reason)
 
     def retire_hosts(self) -> None:
         """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
@@ -328,22 +325,7 @@ class _Pass:
                 # live_mandelboxes = 0 on the newest row version, so a host that just got a user is never drained,
                 # and once drained (status <> ACTIVE) assign's own WHERE skips it.
                 condition = and_(condition, Instance.live_mandelboxes == 0)
-            rows = self.session.execute(
-                update(Instance)
-                .where(condition)
-                .values(status=InstanceStatus.DRAINING, status_changed_at=self.now)
-                .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
-                .execution_options(synchronize_session=False)
-            ).all()
-            for name, region, commit in rows:
-                self.note(
-                    "drain",
-                    EventKind.INSTANCE_DRAINED,
-                    instance_name=name,
-                    region=region,
-                    client_commit_hash=commit,
-                    reason=str(reason),
-                )
+            self._move(condition, InstanceStatus.DRAINING, "drain", EventKind.INSTANCE_DRAINED, str(reason))
 
     def terminate_drained(self) -> None:
         # No assignment ever targets a DRAINING host, so once empty it stays empty.
