@@ -166,7 +166,8 @@ def assign_mandelbox(
     max_per_user: int = 1,
     allow_local_dev: bool = False,
     on_no_capacity: Callable[[Sequence[str], str], None] | None = None,
-    idempotency: IdempotencyRequest | None = None,
+    idempotency_key: str | None = None,
+    idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S,
     cache: DataCache | None = None,
 ) -> AssignResult:
     """Give ``user_id`` a mandelbox on the fullest suitable instance of the first region with room.
@@ -176,8 +177,9 @@ def assign_mandelbox(
         client_commit_hash: the client's version; only instances running exactly it qualify
             (``local_dev`` means each region's newest active image when ``allow_local_dev``).
         on_no_capacity: called with (regions, commit) when nothing had room, e.g. to wake the scaler.
-        idempotency: the request's Idempotency-Key; a success is stored under it in the same transaction
-            as the mandelbox, and a later request with that key (from any replica) gets the same answer.
+        idempotency_key: the request's Idempotency-Key; a success is stored under it (with a fingerprint of
+            the request, for ``idempotency_ttl_s``) in the same transaction as the mandelbox, and a later
+            request with that key (from any replica) gets the same answer.
         cache: where the enabled regions / newest images are read from (the database when None).
 
     Returns:
@@ -187,6 +189,10 @@ def assign_mandelbox(
         UserAlreadyActiveError, RegionNotEnabledError, CommitHashMismatchError, NoInstanceAvailableError,
         IdempotencyKeyReusedError (the key was used with a different body and has not expired).
     """
+    idempotency = None
+    if idempotency_key is not None:
+        fingerprint = request_fingerprint(regions=regions, client_commit_hash=client_commit_hash, session_id=session_id)
+        idempotency = IdempotencyRequest(key=idempotency_key, request_hash=fingerprint, ttl_s=idempotency_ttl_s)
     try:
         result = _assign_in_transaction(
             session,

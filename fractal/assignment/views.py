@@ -80,7 +80,6 @@ def list_regions() -> dict[str, Any]:
 def assign(body: AssignIn) -> Any:
     config = settings()
     services = state().services
-    key = idempotency_key_header()
     nudge = services.get("nudge")
     result = service.assign_mandelbox(
         db_session(),
@@ -91,17 +90,8 @@ def assign(body: AssignIn) -> Any:
         max_per_user=config.max_mandelboxes_per_user,
         allow_local_dev=config.env is Environment.DEVELOPMENT,
         on_no_capacity=nudge.nudge if nudge is not None else None,
-        idempotency=(
-            service.IdempotencyRequest(
-                key=key,
-                request_hash=service.request_fingerprint(
-                    regions=body.regions, client_commit_hash=body.client_commit_hash, session_id=body.session_id
-                ),
-                ttl_s=config.idempotency_ttl_s,
-            )
-            if key is not None
-            else None
-        ),
+        idempotency_key=idempotency_key_header(),
+        idempotency_ttl_s=config.idempotency_ttl_s,
         cache=services.get("cache"),
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
