@@ -42,14 +42,11 @@ class SweepResult:
 
 
 def _last_seen() -> Any:
-    """When the host was last heard from: its newest heartbeat, else when it entered its current status."""
-    heartbeat = (
-        select(Heartbeat.last_heartbeat_at)
-        .where(Heartbeat.instance_name == Instance.instance_name)
-        .correlate(Instance)
-        .scalar_subquery()
-    )
-    return func.coalesce(heartbeat, Instance.status_changed_at)
+    """When the host was last heard from: its newest heartbeat, else when it entered its current status.
+
+    Needs ``heartbeats`` outer-joined to ``instances`` (one hash join over the fleet, not a lookup per host).
+    """
+    return func.coalesce(Heartbeat.last_heartbeat_at, Instance.status_changed_at)
 
 
 def mark_silent_hosts_lost(session: Session, *, now: datetime, host_timeout_s: float) -> list[str]:
@@ -63,6 +60,7 @@ def mark_silent_hosts_lost(session: Session, *, now: datetime, host_timeout_s: f
     # holding right now: that host is judged again next pass. Locking re-checks status on the newest version.
     silent = session.execute(
         select(Instance.instance_name, Instance.status, last_seen.label("last_seen"))
+        .outerjoin(Heartbeat, Heartbeat.instance_name == Instance.instance_name)
         .where(Instance.status.in_(WATCHED_STATUSES), last_seen < cutoff)
         .order_by(Instance.instance_name)
         .with_for_update(key_share=True, skip_locked=True, of=Instance)
