@@ -29,8 +29,8 @@ from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, La
 from fractal.config import Settings
 from fractal.database import SessionFactory, advisory_key, session_scope
 from fractal.events import EventKind, record_events
-from fractal.lifecycle import utcnow
-from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.models import EndReason, Image, Instance, InstanceStatus
 from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
 
 log = structlog.get_logger(__name__)
@@ -222,12 +222,14 @@ class _Pass:
     def _to_terminating(self, condition: Any, reason: str) -> None:
         self._move(condition, InstanceStatus.TERMINATING, "terminate", EventKind.INSTANCE_TERMINATING, reason)
 
-    def _move(self, condition: Any, status: InstanceStatus, action: str, kind: EventKind, reason: str) -> None:
+    def _move(
+        self, condition: Any, status: InstanceStatus, action: str, kind: EventKind, reason: str, **values: Any
+    ) -> None:
         """One set-based status change; each row that actually moved becomes an action and an event."""
         rows = self.session.execute(
             update(Instance)
             .where(condition)
-            .values(status=status, status_changed_at=self.now)
+            .values(status=status, status_changed_at=self.now, **values)
             .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
             .execution_options(synchronize_session=False)
         ).all()
@@ -404,22 +406,14 @@ class _Pass:
             self.session.execute(update(Instance), launched)  # bulk UPDATE by primary key
         if definitely_failed:
             # The cloud refused the request: no host exists, so the row is finished at once (kept as history).
-            rows_done = self.session.execute(
-                update(Instance)
-                .where(Instance.instance_name.in_(definitely_failed))
-                .values(status=InstanceStatus.TERMINATED, status_changed_at=self.now, cloud_provider_id=None)
-                .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
-                .execution_options(synchronize_session=False)
-            ).all()
-            for name, region, commit in rows_done:
-                self.note(
-                    "launch_failed",
-                    EventKind.INSTANCE_TERMINATED,
-                    instance_name=name,
-                    region=region,
-                    client_commit_hash=commit,
-                    reason="launch_refused",
-                )
+            self._move(
+                Instance.instance_name.in_(definitely_failed),
+                InstanceStatus.TERMINATED,
+                "launch_failed",
+                EventKind.INSTANCE_TERMINATED,
+                "launch_refused",
+                cloud_provider_id=None,
+            )
         if unknown:
             # The request may have reached the cloud: keep the marker and let termination find it by name.
             self._to_terminating(Instance.instance_name.in_(unknown), "launch_unconfirmed")
@@ -445,18 +439,9 @@ class _Pass:
         if not gone:
             return
         names = sorted(gone)
-        ended = self.session.execute(
-            update(Mandelbox)
-            .where(Mandelbox.instance_name.in_(names), Mandelbox.status != MandelboxStatus.EXITED)
-            .values(
-                status=MandelboxStatus.EXITED,
-                ended_at=self.now,
-                status_changed_at=self.now,
-                end_reason=func.coalesce(Mandelbox.end_reason, EndReason.INSTANCE_TERMINATED.value),
-            )
-            .returning(Mandelbox.mandelbox_id, Mandelbox.instance_name)
-            .execution_options(synchronize_session=False)
-        ).all()
+        # The shared exit path: live mandelboxes end (an earlier reason, e.g. a user's delete, is kept) and their
+        # slots are returned, so the counter is consistent before the row is finished.
+        ended = exit_mandelboxes(self.session, instance_names=names, reason=EndReason.INSTANCE_TERMINATED, now=self.now)
         done = self.session.execute(
             update(Instance)
             .where(Instance.instance_name.in_(names), Instance.status == InstanceStatus.TERMINATING)
