@@ -10,7 +10,6 @@ gunicorn worker afterwards.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,13 +22,9 @@ INSTANCES = 100
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (seconds, not minutes)")
-    parser.add_argument("--connections", type=int, default=16)
+    parser = h.load_parser(__doc__, quick_help="short smoke run (seconds, not minutes)")
     parser.add_argument("--users", type=int, default=None, help="distinct users (tokens) to rotate")
-    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's)")
     args = parser.parse_args(argv)
-    h.exit_cleanly_on_sigterm()
 
     quick = args.quick
     warm_s, base_s, short_s, long_s = (1, 2, 2, 4) if quick else (3, 20, 20, 60)
@@ -101,8 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        h.log("interrupted; servers stopped and database dropped")
-        sys.exit(130)
+    h.run_main(main)

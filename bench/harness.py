@@ -10,6 +10,7 @@ prefix). `./commands bench` finds or starts both, like `./commands test`.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -25,13 +26,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
@@ -61,6 +62,27 @@ STOP_TIMEOUT_S = 20
 
 
 # --- signals -------------------------------------------------------------------------------------------
+
+
+def load_parser(
+    doc: str | None, *, quick_help: str = "short smoke run (seconds, not minutes)"
+) -> argparse.ArgumentParser:
+    """The options every load benchmark takes: --quick, --connections, --workers."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's)")
+    return parser
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Run a benchmark's main: servers are stopped and the database dropped on Ctrl-C and SIGTERM too."""
+    exit_cleanly_on_sigterm()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped and database dropped")
+        sys.exit(130)
 
 
 def exit_cleanly_on_sigterm() -> None:

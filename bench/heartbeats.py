@@ -10,7 +10,6 @@ RUNNING, a few metrics), as a real host agent sends them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -40,13 +39,9 @@ def heartbeat_body(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--connections", type=int, default=16)
+    parser = h.load_parser(__doc__, quick_help="short smoke run")
     parser.add_argument("--hosts", type=int, default=HOSTS)
-    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's)")
     args = parser.parse_args(argv)
-    h.exit_cleanly_on_sigterm()
 
     quick = args.quick
     warm_s, run_s = (1, 3) if quick else (3, 20)
@@ -95,8 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        h.log("interrupted; servers stopped and database dropped")
-        sys.exit(130)
+    h.run_main(main)

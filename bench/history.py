@@ -11,7 +11,6 @@ the tables are VACUUM ANALYZEd, as autovacuum would after a bulk change.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -40,13 +39,9 @@ def end_live_mandelboxes(url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run: 1,000 instances, 50,000 rows")
-    parser.add_argument("--connections", type=int, default=16)
+    parser = h.load_parser(__doc__, quick_help="short smoke run: 1,000 instances, 50,000 rows")
     parser.add_argument("--seconds", type=float, default=None, help="load per phase (default 15, quick 3)")
-    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's)")
     args = parser.parse_args(argv)
-    h.exit_cleanly_on_sigterm()
 
     quick = args.quick
     small, large, rows = (100, 1_000, 50_000) if quick else (100, 10_000, 1_000_000)
@@ -113,8 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        h.log("interrupted; servers stopped and database dropped")
-        sys.exit(130)
+    h.run_main(main)

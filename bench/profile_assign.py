@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
-    h.exit_cleanly_on_sigterm()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
@@ -237,8 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        h.log("interrupted; servers stopped and database dropped")
-        sys.exit(130)
+    h.run_main(main)
