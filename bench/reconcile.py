@@ -22,10 +22,10 @@ from sqlalchemy import create_engine, event, insert, text
 from sqlalchemy.engine import make_url
 
 from fractal.auth.hosts import hash_host_secret
+from fractal.clock import utcnow
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings, normalise_database_url
 from fractal.database import create_session_factory
-from fractal.lifecycle import utcnow
 from fractal.migrations import upgrade_to_head
 from fractal.models import Heartbeat, Image, Instance, InstanceStatus
 from fractal.scaling.reconcile import reconcile_fleet

@@ -10,8 +10,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fractal.cache import DataCache
+from fractal.clock import utcnow
 from fractal.events import EventKind, record_event
-from fractal.lifecycle import utcnow
 from fractal.models import Image
 
 

@@ -10,9 +10,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
+from fractal.clock import utcnow
 from fractal.errors import ConflictError, InvalidTransitionError, NotFoundError
 from fractal.events import EventKind, record_event
-from fractal.lifecycle import utcnow
 from fractal.models import Instance, InstanceStatus
 
 DRAINABLE_STATUSES = (InstanceStatus.ACTIVE, InstanceStatus.PRE_CONNECTION)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.models import EndReason, Instance, Mandelbox, MandelboxStatus
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def exit_mandelboxes(

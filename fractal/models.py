@@ -12,7 +12,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    DateTime,
     Enum,
     ForeignKey,
     Index,
@@ -25,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fractal.clock import UtcDateTime
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -122,8 +123,8 @@ class Image(Base):
     instance_type: Mapped[str] = mapped_column(String(64))
     mandelbox_capacity: Mapped[int] = mapped_column(Integer)
     target_free: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
 
     def __repr__(self) -> str:
         return f"<Image {self.region}/{self.client_commit_hash} active={self.active}>"
@@ -168,10 +169,10 @@ class Instance(Base):
     live_mandelboxes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus, "instance_status"))
     host_secret_hash: Mapped[str] = mapped_column(String(128), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    status_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    status_changed_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
     # Set when the last live mandelbox leaves, cleared on assignment: the scaler's scale-down cool-down.
-    empty_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    empty_since: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
     def __repr__(self) -> str:
         return (
@@ -188,7 +189,7 @@ class Heartbeat(Base):
     instance_name: Mapped[str] = mapped_column(
         String(128), ForeignKey("instances.instance_name", ondelete="CASCADE"), primary_key=True
     )
-    last_heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
 
     def __repr__(self) -> str:
@@ -224,9 +225,9 @@ class Mandelbox(Base):
     user_id: Mapped[str] = mapped_column(String(255))
     session_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     status: Mapped[MandelboxStatus] = mapped_column(_enum(MandelboxStatus, "mandelbox_status"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    status_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    status_changed_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     end_reason: Mapped[EndReason | None] = mapped_column(_enum(EndReason, "end_reason"), nullable=True)
 
     def __repr__(self) -> str:
@@ -240,7 +241,7 @@ class Event(Base):
     __table_args__ = (Index("ix_events_created_at", "created_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
     kind: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(255))
     instance_name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
@@ -263,8 +264,8 @@ class IdempotencyKey(Base):
     response_status: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
     mandelbox_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     def __repr__(self) -> str:
         return f"<IdempotencyKey {self.user_id}/{self.key} → {self.response_status}>"
@@ -277,9 +278,9 @@ class NewsletterSubscription(Base):
 
     email: Mapped[str] = mapped_column(String(320), primary_key=True)
     status: Mapped[SubscriptionStatus] = mapped_column(_enum(SubscriptionStatus, "subscription_status"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    confirmed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
     def __repr__(self) -> str:
         return f"<NewsletterSubscription {self.status}>"
@@ -295,7 +296,7 @@ class LogUpload(Base):
     sender: Mapped[LogSender] = mapped_column(_enum(LogSender, "log_sender"))
     key: Mapped[str] = mapped_column(String(512), unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    uploaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    uploaded_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
 
     def __repr__(self) -> str:
         return f"<LogUpload {self.key} ({self.size} bytes)>"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, PlainSerializer, field_validator
 
+from fractal.clock import format_timestamp
 from fractal.models import EndReason, MandelboxStatus
+
+# Every time in every answer: RFC 3339, UTC, microseconds, "Z" (the contract's section 12).
+Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str, when_used="json")]
 
 
 class ErrorOut(BaseModel):
@@ -51,8 +55,8 @@ class MandelboxOut(BaseModel):
     ip: str | None
     session_id: str | None
     status: MandelboxStatus
-    created_at: datetime
-    ended_at: datetime | None
+    created_at: Timestamp
+    ended_at: Timestamp | None
     end_reason: EndReason | None
 
 

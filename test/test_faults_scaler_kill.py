@@ -24,10 +24,10 @@ import pytest
 from sqlalchemy import select, text
 
 from alembic import command
+from fractal.clock import utcnow
 from fractal.cloud.ec2 import Ec2Cloud
 from fractal.config import Settings
 from fractal.database import create_db_engine, create_session_factory
-from fractal.lifecycle import utcnow
 from fractal.models import Instance, InstanceStatus
 from fractal.scaling.reconcile import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, reconcile_fleet
 from test.conftest import PG_SERVER_URL, ROOT, create_database, drop_database, run_alembic

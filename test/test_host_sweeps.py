@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.config import Settings
 from fractal.events import EventKind
 from fractal.host_service.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes, run_sweeps
-from fractal.lifecycle import utcnow
 from fractal.models import EndReason, Event, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from test.factories import Factories
 

@@ -13,8 +13,8 @@ from apiflask import APIFlask
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.database import SessionFactory
-from fractal.lifecycle import utcnow
 from fractal.models import IdempotencyKey, Image, Instance, InstanceStatus, Mandelbox
 from test.factories import Factories
 

@@ -13,11 +13,12 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from fractal.assignment.service import assign_mandelbox
+from fractal.clock import utcnow
 from fractal.cloud.base import CloudError, LaunchedHost, LaunchRequest
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.lifecycle import exit_mandelboxes
 from fractal.models import (
     EndReason,
     Event,

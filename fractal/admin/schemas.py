@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
 from fractal.errors import ValidationError
 from fractal.models import InstanceStatus, MandelboxStatus
-from fractal.schemas import RequestIn, StrictIn
+from fractal.schemas import RequestIn, StrictIn, Timestamp
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -32,8 +31,8 @@ class ImageOut(BaseModel):
     instance_type: str
     mandelbox_capacity: int
     target_free: int | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 class ImageListOut(BaseModel):
@@ -51,9 +50,9 @@ class InstanceOut(BaseModel):
     status: InstanceStatus
     mandelbox_capacity: int
     live_mandelboxes: int
-    last_heartbeat_at: datetime | None
-    created_at: datetime
-    status_changed_at: datetime
+    last_heartbeat_at: Timestamp | None
+    created_at: Timestamp
+    status_changed_at: Timestamp
 
 
 class InstanceListOut(BaseModel):
@@ -80,7 +79,7 @@ class InstanceCreatedOut(BaseModel):
 
 class EventOut(BaseModel):
     id: int
-    created_at: datetime
+    created_at: Timestamp
     kind: str
     actor: str
     instance_name: str | None

@@ -19,6 +19,7 @@ from sqlalchemy import Row, Select, delete, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from fractal.cache import DataCache
+from fractal.clock import utcnow
 from fractal.database import advisory_xact_lock, is_postgres
 from fractal.errors import (
     CommitHashMismatchError,
@@ -31,7 +32,7 @@ from fractal.errors import (
 )
 from fractal.events import EventKind, record_event
 from fractal.images import active_image_summary
-from fractal.lifecycle import live_count_for_user, utcnow
+from fractal.lifecycle import live_count_for_user
 from fractal.models import EndReason, IdempotencyKey, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 LOCAL_DEV_COMMIT_HASH = "local_dev"

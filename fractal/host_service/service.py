@@ -18,10 +18,11 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.database import is_postgres
 from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
 from fractal.events import EventKind, record_event
-from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.lifecycle import exit_mandelboxes
 from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 log = structlog.get_logger(__name__)

@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from fractal.clock import format_timestamp, utcnow
 from fractal.config import Settings
 from fractal.database import try_advisory_xact_lock
 from fractal.events import EventKind, record_events
-from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.lifecycle import exit_mandelboxes
 from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 SWEEP_ACTOR = "system:sweeps"
@@ -83,7 +84,7 @@ def mark_silent_hosts_lost(session: Session, *, now: datetime, host_timeout_s: f
             "instance_name": row.instance_name,
             "detail": {
                 "from": str(row.status),
-                "last_seen_at": row.last_seen.isoformat() if row.last_seen is not None else None,
+                "last_seen_at": format_timestamp(row.last_seen) if row.last_seen is not None else None,
                 "host_timeout_s": host_timeout_s,
             },
         }

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import BaseModel
 
 from fractal.models import LogSender
+from fractal.schemas import Timestamp
 
 
 class LogStoredOut(BaseModel):
@@ -18,7 +17,7 @@ class LogOut(BaseModel):
     key: str
     sender: LogSender
     size: int
-    uploaded_at: datetime
+    uploaded_at: Timestamp
     url: str
 
 

@@ -24,8 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.errors import NotFoundError, PayloadTooLargeError, ServiceUnavailableError, ValidationError
-from fractal.lifecycle import utcnow
 from fractal.models import LogSender, LogUpload, Mandelbox
 
 log = structlog.get_logger(__name__)

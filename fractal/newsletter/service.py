@@ -8,9 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from fractal.clock import utcnow
 from fractal.database import is_postgres
 from fractal.errors import InvalidTokenError
-from fractal.lifecycle import utcnow
 from fractal.mail.backends import MailBackend
 from fractal.mail.service import deliver_mail
 from fractal.models import NewsletterSubscription, SubscriptionStatus
