@@ -36,15 +36,19 @@ def register_cli(app: Flask) -> None:
         """Run the scaler loop until SIGTERM (many replicas may run: one pass at a time wins the lock)."""
         import json
 
-        from fractal.scaling.runner import build_wakeup, run_scaler
+        from fractal.scaling.runner import ScalerPassFailed, build_wakeup, run_scaler
 
         state = app.extensions["fractal"]
-        report = run_scaler(
-            state.settings,
-            state.session_factory,
-            state.services["cloud"],
-            wakeup=build_wakeup(state.settings),
-            once=once,
-        )
-        if once:
-            click.echo(json.dumps(report.as_dict() if report else {"ran": False, "error": "pass failed"}))
+        try:
+            report = run_scaler(
+                state.settings,
+                state.session_factory,
+                state.services["cloud"],
+                wakeup=build_wakeup(state.settings),
+                once=once,
+            )
+        except ScalerPassFailed as failure:
+            click.echo(json.dumps({"ran": False, "error": str(failure)}))
+            raise click.ClickException(f"scaler pass failed: {failure}") from None
+        if once and report is not None:
+            click.echo(json.dumps(report.as_dict()))

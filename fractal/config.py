@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The development signing key lives here (generated on first use by `./commands token`).
 INSTANCE_DIR = Path("instance")
@@ -66,6 +67,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
 
     cloud: CloudKind = CloudKind.LOCAL
+    # An operator's allow-list of region names (comma-separated); unset, any well-formed name is allowed (the AWS
+    # region form under FRACTAL_CLOUD=aws).
+    regions: Annotated[list[str], NoDecode] = Field(default_factory=list)
     aws_subnet_id: str | None = None
     aws_security_group_ids: list[str] = Field(default_factory=list)
     aws_instance_profile: str | None = None
@@ -87,6 +91,8 @@ class Settings(BaseSettings):
     host_api_url: str = "http://127.0.0.1:8002"
     scaler_interval_s: float = Field(default=15, gt=0)
     scaler_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # The scaler loop notes each completed pass here; `python env.py healthcheck` reads it (FRACTAL_APP=scaler).
+    scaler_health_file: Path = Path("/tmp/fractal-scaler.health")  # noqa: S108 (a tmpfs in the image)
     local_boot_delay_s: float = Field(default=2, ge=0)
 
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
@@ -109,7 +115,7 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
 
-    @field_validator("aws_security_group_ids", mode="before")
+    @field_validator("aws_security_group_ids", "regions", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

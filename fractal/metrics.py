@@ -12,6 +12,10 @@ Metric names (the contract for dashboards and alerts):
 - ``fractal_hosts{region,status}``: instances by status (TERMINATED excluded: it only grows).
 - ``fractal_reconcile_duration_seconds`` (histogram) and ``fractal_reconcile_actions_total{action}``: one
   observation per scaler pass and one count per action it took (``launch``, ``drain``, ``terminate``, ...).
+- ``fractal_reconcile_failures_total``: passes that failed as a whole (the database, a bug);
+  ``fractal_reconcile_last_success_timestamp_seconds``: when a pass last completed (alert on its age);
+  ``fractal_reconcile_region_errors_total{region,operation}``: cloud calls that failed in one region, which that
+  pass then skipped while it reconciled the others.
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` switches the counters and histograms to multiprocess files so any
 worker's ``/metrics`` answers for all of them (gunicorn.conf.py sets this up). The fleet gauges are computed by
@@ -25,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
@@ -35,6 +38,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -75,7 +79,31 @@ RECONCILE_ACTIONS = Counter(
     ["action"],
     registry=None,
 )
-PROCESS_METRICS: tuple[Collector, ...] = (ASSIGNMENTS, RECONCILE_DURATION, RECONCILE_ACTIONS)
+RECONCILE_FAILURES = Counter(
+    "fractal_reconcile_failures_total",
+    "Scaler passes that failed as a whole (database trouble, an unmigrated schema, a bug).",
+    registry=None,
+)
+RECONCILE_LAST_SUCCESS = Gauge(
+    "fractal_reconcile_last_success_timestamp_seconds",
+    "Unix time at which a scaler pass last completed (alert when it grows old).",
+    registry=None,
+    multiprocess_mode="max",
+)
+RECONCILE_REGION_ERRORS = Counter(
+    "fractal_reconcile_region_errors_total",
+    "Cloud calls that failed in one region during a pass; that region was skipped, the others reconciled.",
+    ["region", "operation"],
+    registry=None,
+)
+PROCESS_METRICS: tuple[Collector, ...] = (
+    ASSIGNMENTS,
+    RECONCILE_DURATION,
+    RECONCILE_ACTIONS,
+    RECONCILE_FAILURES,
+    RECONCILE_LAST_SUCCESS,
+    RECONCILE_REGION_ERRORS,
+)
 
 
 def record_assignment(result: str) -> None:
@@ -100,12 +128,21 @@ def count_assignments(view: F) -> F:
 
 
 def observe_reconcile(report: Any) -> None:
-    """Record one scaler pass (a ReconcileReport) that actually ran."""
+    """Record one scaler pass (a ReconcileReport) that completed; a skipped pass (lock held elsewhere) counts as
+    a success of this process: another replica is doing the work."""
+    RECONCILE_LAST_SUCCESS.set(time.time())
     if getattr(report, "ran", False):
         counts: dict[str, int] = {}
         for action in report.actions:
             counts[action.action] = counts.get(action.action, 0) + 1
         record_reconcile(report.duration_s, counts)
+        for error in getattr(report, "region_errors", ()):
+            RECONCILE_REGION_ERRORS.labels(region=error.region, operation=error.operation).inc()
+
+
+def record_reconcile_failure() -> None:
+    """Count one scaler pass that failed as a whole."""
+    RECONCILE_FAILURES.inc()
 
 
 def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
@@ -114,16 +151,6 @@ def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
     for action, count in actions.items():
         if count:
             RECONCILE_ACTIONS.labels(action=action).inc(count)
-
-
-@contextmanager
-def time_reconcile() -> Iterator[None]:
-    """``with time_reconcile(): reconcile(...)`` observes the pass's duration, even when it fails."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        RECONCILE_DURATION.observe(time.perf_counter() - started)
 
 
 class FleetCollector(Collector):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
+from fractal.config import Settings
 from fractal.errors import ValidationError
 from fractal.models import InstanceStatus, MandelboxStatus
+from fractal.regions import region_problem
 from fractal.schemas import RequestIn, StrictIn, Timestamp
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -107,14 +108,11 @@ class MandelboxFilterIn(RequestIn):
     limit: int = Field(default=500, ge=1, le=5000)
 
 
-_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
-
-
-def validate_image_key(region: str, client_commit_hash: str) -> None:
-    """Path parts of an image: a region name and a commit hash of at most 64 characters."""
+def validate_image_key(region: str, client_commit_hash: str, settings: Settings) -> None:
+    """Path parts of an image: a region name the settings allow and a commit hash of at most 64 characters."""
     problems: dict[str, list[str]] = {}
-    if not _REGION.fullmatch(region):
-        problems["region"] = ["must be 1-64 lowercase letters, digits or dashes"]
+    if (problem := region_problem(region, settings)) is not None:
+        problems["region"] = [problem]
     if not 1 <= len(client_commit_hash) <= 64 or client_commit_hash.strip() != client_commit_hash:
         problems["client_commit_hash"] = ["must be 1-64 characters without surrounding spaces"]
     if problems:

@@ -28,7 +28,7 @@ from fractal.events import list_events
 from fractal.images import ImageSpec, list_images, upsert_image
 from fractal.models import Event, Image
 from fractal.schemas import MandelboxListOut
-from fractal.web import current_user, db_session, state
+from fractal.web import current_user, db_session, settings, state
 
 admin_blueprint = APIBlueprint("admin", __name__, tag="Admin", url_prefix="/admin")
 _AUTH = {401: "Unauthorized", 403: "Forbidden"}
@@ -64,7 +64,7 @@ def get_images() -> Any:
     summary="Create or update an image", security="UserToken", responses={**_AUTH, 400: "Validation error"}
 )
 def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
-    validate_image_key(region, client_commit_hash)
+    validate_image_key(region, client_commit_hash, settings())
     image, _created = upsert_image(
         db_session(),
         region=region,

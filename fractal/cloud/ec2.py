@@ -205,7 +205,14 @@ class Ec2Cloud:
         with self._lock:
             client = self._clients.get(region)
             if client is None:
-                client = self._client_factory(region)
+                try:
+                    client = self._client_factory(region)
+                except (BotoCoreError, ValueError) as error:  # InvalidRegionError, no endpoint for the region...
+                    # Nothing was asked of the cloud: the request certainly did not take effect.
+                    raise CloudError(
+                        f"EC2 client for region {region!r} cannot be created: {type(error).__name__}",
+                        code=type(error).__name__,
+                    ) from error
                 self._clients[region] = client
             return client
 

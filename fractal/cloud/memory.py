@@ -12,7 +12,8 @@ from fractal.cloud.base import CloudError, CloudHost, CloudState, HostRef, Launc
 
 @dataclass
 class MemoryCloud:
-    """CloudProvider keeping hosts in a dict. ``fail_launches``/``fail_terminates`` inject provider errors."""
+    """CloudProvider keeping hosts in a dict. ``fail_launches``/``fail_terminates`` inject provider errors;
+    ``failing_regions`` (region → error code) makes every call in those regions fail, like an outage there."""
 
     name: str = "memory"
     hosts: dict[str, CloudHost] = field(default_factory=dict)
@@ -22,10 +23,12 @@ class MemoryCloud:
     fail_launches: int = 0
     fail_terminates: int = 0
     fail_describes: int = 0
+    failing_regions: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
         with self._lock:
+            self._region_outage(request.region)
             if self.fail_launches > 0:
                 self.fail_launches -= 1
                 raise CloudError("injected launch failure", code="InsufficientInstanceCapacity", retryable=True)
@@ -36,6 +39,7 @@ class MemoryCloud:
 
     def terminate(self, region: str, cloud_provider_ids: Sequence[str]) -> None:
         with self._lock:
+            self._region_outage(region)
             if self.fail_terminates > 0:
                 self.fail_terminates -= 1
                 raise CloudError("injected terminate failure", code="InternalError", retryable=True)
@@ -48,12 +52,18 @@ class MemoryCloud:
     def describe(self, region: str, hosts: Sequence[HostRef]) -> list[CloudHost]:
         with self._lock:
             self.describes += 1
+            self._region_outage(region)
             if self.fail_describes > 0:
                 self.fail_describes -= 1
                 raise CloudError("injected describe failure", code="InternalError", retryable=True)
             ids = {h.cloud_provider_id for h in hosts if h.cloud_provider_id}
             names = {h.instance_name for h in hosts}
             return [h for h in self.hosts.values() if h.cloud_provider_id in ids or h.instance_name in names]
+
+    def _region_outage(self, region: str) -> None:
+        code = self.failing_regions.get(region)
+        if code is not None:
+            raise CloudError(f"injected outage in {region}: {code}", code=code, retryable=True)
 
     def running(self) -> set[str]:
         """Instance names the cloud is running (not terminated)."""

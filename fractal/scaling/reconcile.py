@@ -25,11 +25,12 @@ from sqlalchemy import Connection, Engine, and_, func, insert, select, text, upd
 from sqlalchemy.orm import Session
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
+from fractal.clock import format_timestamp, utcnow
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
 from fractal.config import Settings
 from fractal.database import SessionFactory, advisory_key, session_scope
 from fractal.events import EventKind, record_events
-from fractal.lifecycle import exit_mandelboxes, utcnow
+from fractal.lifecycle import exit_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus
 from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
 
@@ -55,6 +56,16 @@ class ScalerAction:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RegionError:
+    """A region whose cloud calls failed in a pass: it was skipped for that step; the other regions were not."""
+
+    region: str
+    operation: str  # "launch" or "terminate"
+    code: str | None
+    message: str
+
+
 @dataclass
 class ReconcileReport:
     """What one pass did; ``ran`` is False when another replica held the scaler lock."""
@@ -65,6 +76,7 @@ class ReconcileReport:
     skipped_reason: str | None = None
     actions: list[ScalerAction] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    region_errors: list[RegionError] = field(default_factory=list)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions if a.action == action)
@@ -73,10 +85,11 @@ class ReconcileReport:
         return {
             "ran": self.ran,
             "skipped_reason": self.skipped_reason,
-            "started_at": self.started_at.isoformat(),
+            "started_at": format_timestamp(self.started_at),
             "duration_s": round(self.duration_s, 4),
             "actions": [asdict(a) for a in self.actions],
             "errors": list(self.errors),
+            "region_errors": [asdict(e) for e in self.region_errors],
         }
 
 
@@ -185,10 +198,18 @@ class _Pass:
             }
         )
 
-    def error(self, message: str, **detail: Any) -> None:
+    def error(self, message: str, *, operation: str, region: str, code: str | None, **detail: Any) -> None:
+        """A failed cloud call: reported per region (that region's step is skipped), an event, a warning."""
         self.report.errors.append(message)
-        self.events.append({"kind": EventKind.SCALER_ERROR, "actor": ACTOR, "detail": {"message": message, **detail}})
-        log.warning("scaler.error", message=message, **detail)
+        self.report.region_errors.append(RegionError(region=region, operation=operation, code=code, message=message))
+        self.events.append(
+            {
+                "kind": EventKind.SCALER_ERROR,
+                "actor": ACTOR,
+                "detail": {"message": message, "operation": operation, "region": region, "code": code, **detail},
+            }
+        )
+        log.warning("scaler.error", message=message, operation=operation, region=region, code=code, **detail)
 
     def commit(self) -> None:
         record_events(self.session, self.events)
@@ -379,17 +400,26 @@ class _Pass:
         launched: list[dict[str, Any]] = []
         definitely_failed: list[str] = []
         unknown: list[str] = []
+        # A region whose cloud refuses one launch (invalid region, throttling, an outage) gets no more requests
+        # this pass; the other regions go on. Its remaining rows were never sent, so they are finished at once.
+        failed_regions: set[str] = set()
+        not_sent: list[str] = []
         for request in requests:
+            if request.region in failed_regions:
+                not_sent.append(request.instance_name)
+                continue
             try:
                 host = self.cloud.launch(request)
             except Exception as failure:  # any provider failure; unknown ones count as "may have started"
                 maybe_done = failure.maybe_done if isinstance(failure, CloudError) else True
                 (unknown if maybe_done else definitely_failed).append(request.instance_name)
+                failed_regions.add(request.region)
                 self.error(
                     f"launch failed: {failure}",
-                    instance_name=request.instance_name,
+                    operation="launch",
                     region=request.region,
-                    code=getattr(failure, "code", None),
+                    code=getattr(failure, "code", None) or type(failure).__name__,
+                    instance_name=request.instance_name,
                 )
                 continue
             launched.append({"instance_name": request.instance_name, "cloud_provider_id": host.cloud_provider_id})
@@ -414,6 +444,15 @@ class _Pass:
                 "launch_refused",
                 cloud_provider_id=None,
             )
+        if not_sent:
+            self._move(
+                Instance.instance_name.in_(not_sent),
+                InstanceStatus.TERMINATED,
+                "launch_skipped",
+                EventKind.INSTANCE_TERMINATED,
+                "region_failed",
+                cloud_provider_id=None,
+            )
         if unknown:
             # The request may have reached the cloud: keep the marker and let termination find it by name.
             self._to_terminating(Instance.instance_name.in_(unknown), "launch_unconfirmed")
@@ -433,9 +472,14 @@ class _Pass:
         for region, region_rows in sorted(by_region.items()):
             try:
                 gone.update(self._terminate_region(region, region_rows))
-            except CloudError as failure:
+            except Exception as failure:  # any provider failure stays in its region
                 # Leave the rows TERMINATING: the next pass asks again. Never assume a host is gone.
-                self.error(f"terminate failed in {region}: {failure}", region=region, code=failure.code)
+                self.error(
+                    f"terminate failed in {region}: {failure}",
+                    operation="terminate",
+                    region=region,
+                    code=getattr(failure, "code", None) or type(failure).__name__,
+                )
         if not gone:
             return
         names = sorted(gone)

@@ -6,20 +6,25 @@ runs at a time and the others skip. The wake-up source is injected: in-process b
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
 import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.metrics import observe_reconcile, start_metrics_server
+from fractal.metrics import observe_reconcile, record_reconcile_failure, start_metrics_server
 from fractal.nudge import LocalNudge, build_nudge
+from fractal.observability import redact_text
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 
 log = structlog.get_logger(__name__)
@@ -38,13 +43,55 @@ class Wakeup(Protocol):
         """Block up to ``timeout_s``; True when nudged."""
 
 
+def describe_pass_failure(error: BaseException) -> str:
+    """The cause of a failed pass in one line, for an operator (no traceback, no credentials)."""
+    original = getattr(error, "orig", None)
+    text = str(original if original is not None else error).strip().splitlines()
+    first = redact_text(text[0] if text else type(error).__name__)[:300]
+    pgcode = getattr(original, "pgcode", None)
+    if pgcode == "42P01" or "no such table" in first:  # undefined_table (Postgres) / SQLite's wording
+        return f"the database is not migrated ({first}); run `./commands migrate` (alembic upgrade head)"
+    if isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated):
+        return f"the database is unreachable: {first}"
+    return f"{type(error).__name__}: {first}"
+
+
+def health_max_age_s(settings: Settings) -> float:
+    """How old the last successful pass may be before the scaler counts as unhealthy: a few intervals."""
+    return max(4 * settings.scaler_interval_s, 60.0)
+
+
+def record_healthy_pass(path: Path) -> None:
+    """Note a completed pass for the container HEALTHCHECK (the file's content is the Unix time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".scaler-health-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{time.time():.3f}\n")
+    os.replace(temporary, path)  # atomic: the check never reads half a file
+
+
+def check_scaler_health(path: Path, *, max_age_s: float) -> str | None:
+    """None when a pass completed within ``max_age_s``, else why the scaler is unhealthy."""
+    try:
+        last = float(path.read_text().strip())
+    except FileNotFoundError:
+        return f"no scaler pass has completed yet ({path} is missing)"
+    except (OSError, ValueError) as error:
+        return f"cannot read {path}: {type(error).__name__}"
+    age = time.time() - last
+    if age > max_age_s:
+        return f"the last successful scaler pass was {age:.0f}s ago (more than {max_age_s:.0f}s)"
+    return None
+
+
 def build_wakeup(settings: Settings) -> Wakeup:
     """The scaler's wake-up source: the same nudge assign fires (Redis across processes, else in-process)."""
     return build_nudge(settings)
 
 
 class ScalerLoop:
-    """Run passes until stopped. A failing pass is logged and retried next interval (the next pass repairs)."""
+    """Run passes until stopped. A failing pass is counted, logged once per change of cause (with its stack trace
+    then, a short line after that) and retried next interval: the next pass repairs what the failed one left."""
 
     def __init__(
         self,
@@ -54,27 +101,51 @@ class ScalerLoop:
         cloud: CloudProvider,
         wakeup: Wakeup | None = None,
         interval_s: float | None = None,
+        health_file: Path | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.cloud = cloud
         self.wakeup = wakeup or LocalNudge()
         self.interval_s = settings.scaler_interval_s if interval_s is None else interval_s
+        self.health_file = health_file
         self.passes = 0
+        self.failures = 0
         self.last_report: ReconcileReport | None = None
+        # The cause of the failure streak under way (None while passes succeed) and how long it has lasted.
+        self.failure_cause: str | None = None
+        self._streak = 0
         self._stop = threading.Event()
 
     def run_once(self) -> ReconcileReport | None:
+        """One pass; None when it failed (``failure_cause`` says why)."""
         try:
             report = reconcile_fleet(self.session_factory, settings=self.settings, cloud=self.cloud)
-        except Exception:
-            log.exception("scaler.pass_failed")
+        except Exception as error:
+            self._failed(error)
             return None
         finally:
             self.passes += 1
+        if self.failure_cause is not None:
+            log.info("scaler.recovered", failed_passes=self._streak, cause=self.failure_cause)
+            self.failure_cause, self._streak = None, 0
         observe_reconcile(report)
+        if self.health_file is not None:
+            record_healthy_pass(self.health_file)
         self.last_report = report
         return report
+
+    def _failed(self, error: Exception) -> None:
+        cause = describe_pass_failure(error)
+        self.failures += 1
+        record_reconcile_failure()
+        if cause != self.failure_cause:
+            # A new cause: the whole story once. The same cause again is one short line, not a trace per pass.
+            log.error("scaler.pass_failed", cause=cause, exc_info=error)
+            self.failure_cause, self._streak = cause, 1
+        else:
+            self._streak += 1
+            log.warning("scaler.pass_failed_again", cause=cause, failed_passes=self._streak)
 
     def run_forever(self) -> None:
         log.info("scaler.started", interval_s=self.interval_s, cloud=self.cloud.name)
@@ -123,6 +194,10 @@ def start_scaler_thread(
     return stop
 
 
+class ScalerPassFailed(RuntimeError):
+    """``scaler --once``: the pass failed; the message is its cause in one line."""
+
+
 def run_scaler(
     settings: Settings,
     session_factory: SessionFactory,
@@ -131,10 +206,22 @@ def run_scaler(
     wakeup: Wakeup | None = None,
     once: bool = False,
 ) -> ReconcileReport | None:
-    """The ``scaler`` command: loop in this (main) thread until SIGTERM or SIGINT, finishing the pass under way."""
-    loop = ScalerLoop(settings=settings, session_factory=session_factory, cloud=cloud, wakeup=wakeup)
+    """The ``scaler`` command: loop in this (main) thread until SIGTERM or SIGINT, finishing the pass under way.
+
+    With ``once``, one pass: its report, or ScalerPassFailed carrying the cause.
+    """
+    loop = ScalerLoop(
+        settings=settings,
+        session_factory=session_factory,
+        cloud=cloud,
+        wakeup=wakeup,
+        health_file=None if once else settings.scaler_health_file,
+    )
     if once:
-        return loop.run_once()
+        report = loop.run_once()
+        if report is None:
+            raise ScalerPassFailed(loop.failure_cause or "the pass failed")
+        return report
     if settings.scaler_metrics_port is not None:
         # The loop has no web app; Prometheus scrapes this port instead.
         start_metrics_server(settings.scaler_metrics_port)

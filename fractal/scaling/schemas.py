@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+
+from fractal.schemas import Timestamp
 
 
 class CapacityOut(BaseModel):
@@ -32,10 +33,18 @@ class ScalerActionOut(BaseModel):
     detail: dict[str, Any]
 
 
+class RegionErrorOut(BaseModel):
+    region: str
+    operation: str
+    code: str | None
+    message: str
+
+
 class ReconcileOut(BaseModel):
     ran: bool
     skipped_reason: str | None
-    started_at: datetime
+    started_at: Timestamp
     duration_s: float
     actions: list[ScalerActionOut]
     errors: list[str]
+    region_errors: list[RegionErrorOut]
