@@ -1,12 +1,23 @@
-"""Time in Fractal: one aware-UTC "now" for the process and one column type that stores UTC on every backend."""
+"""Time in Fractal: one column type that stores UTC on every backend, and the clocks.
+
+Decisions that compare a stored time with "now" (a host silent for too long, an unclaimed mandelbox, a boot
+timeout, the scale-down delay, an expired idempotency key) use the database's clock, ``db_now()`` in SQL or
+``database_now(session)`` once per pass, never the calling process's: the rows were written by other
+processes on other machines, whose clocks may differ from ours by minutes. ``utcnow()`` is the process clock,
+for what only this process sees (durations, log lines, tokens).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime
+from sqlalchemy import DateTime, select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 
@@ -51,3 +62,38 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return as_utc(value)
+
+
+class db_now(FunctionElement[datetime]):
+    """The database's clock in a statement, optionally ``offset_s`` seconds away: ``now()`` on Postgres (the
+    transaction's start, so one transaction sees one instant), millisecond UTC text on SQLite (its
+    CURRENT_TIMESTAMP has whole seconds only)."""
+
+    type = UtcDateTime()
+    inherit_cache = False
+    name = "db_now"
+
+    def __init__(self, offset_s: float = 0.0) -> None:
+        super().__init__()
+        self.offset_s = float(offset_s)  # a number we render ourselves: never text from outside
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    if not element.offset_s:
+        return "CURRENT_TIMESTAMP"
+    return f"(CURRENT_TIMESTAMP + make_interval(secs => {element.offset_s!r}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    if not element.offset_s:
+        return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{element.offset_s:+.6f} seconds')"
+
+
+def database_now(session: Session) -> datetime:
+    """The database's "now" (one round trip), for a pass that compares many stored times with one instant."""
+    value = session.execute(select(db_now())).scalar_one()
+    assert isinstance(value, datetime)
+    return value

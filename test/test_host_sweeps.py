@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from fractal.clock import utcnow
 from fractal.config import Settings
 from fractal.events import EventKind
-from fractal.host_service.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes, run_sweeps
+from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes, run_sweeps
 from fractal.models import EndReason, Event, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from test.factories import Factories
 

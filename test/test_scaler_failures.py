@@ -116,8 +116,9 @@ def test_an_invalid_region_row_does_not_stop_the_other_regions_on_ec2(
     # Nothing was asked of the cloud in region "0": its rows are finished, not left for every pass to retry.
     assert {r.status for r in rows if r.region == "0"} == {InstanceStatus.TERMINATED}
     assert len(events) == 2 and {e.detail["region"] for e in events} == {"0"}
+    # moto keeps one EC2 per test process (other tests' hosts are there too): look ours up by id.
     ec2 = Ec2Cloud(app.extensions["fractal"].settings)._client("us-east-1")
-    reservations = ec2.describe_instances()["Reservations"]
+    reservations = ec2.describe_instances(InstanceIds=[r.cloud_provider_id for r in live_east])["Reservations"]
     assert sum(len(r["Instances"]) for r in reservations) == 2
 
 

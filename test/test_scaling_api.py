@@ -18,7 +18,7 @@ from fractal.assignment.service import assign_mandelbox
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.lifecycle import exit_mandelboxes
+from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.nudge import LocalNudge
 from fractal.scaling.runner import start_scaler_thread
@@ -109,7 +109,13 @@ def test_version_roll_out_builds_the_new_buffer_and_drains_the_old_fleet_without
 
     # Users leave one by one; each host goes once its last user left, never before.
     for box in boxes:
-        exit_mandelboxes(db, mandelbox_ids=[box.mandelbox_id], reason=EndReason.HOST_EXITED)
+        move_mandelboxes(
+            db,
+            where=Mandelbox.mandelbox_id == box.mandelbox_id,
+            to=MandelboxStatus.EXITED,
+            reason=EndReason.HOST_EXITED,
+            actor="test",
+        )
         db.commit()
         admin.post("/admin/scaling/reconcile", headers=admin_headers)
         db.expire_all()

@@ -18,7 +18,7 @@ from fractal.cloud.base import CloudError, LaunchedHost, LaunchRequest
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.lifecycle import exit_mandelboxes
+from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.models import (
     EndReason,
     Event,
@@ -129,7 +129,13 @@ def test_draining_instance_is_terminated_only_once_empty(
     db.commit()
     run(session_factory, settings, cloud)
     assert statuses(db)[instance.instance_name] is S.DRAINING
-    exit_mandelboxes(db, mandelbox_ids=[box.mandelbox_id], reason=EndReason.HOST_EXITED)
+    move_mandelboxes(
+        db,
+        where=Mandelbox.mandelbox_id == box.mandelbox_id,
+        to=MandelboxStatus.EXITED,
+        reason=EndReason.HOST_EXITED,
+        actor="test",
+    )
     db.commit()
     run(session_factory, settings, cloud)
     assert statuses(db)[instance.instance_name] is S.TERMINATED  # no cloud host: describe finds nothing → gone

@@ -9,8 +9,10 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from fractal.clock import database_now
 from fractal.errors import NotFoundError
-from fractal.instances import create_instance_record, drain_instance
+from fractal.events import EventKind
+from fractal.fleet.instances import NewInstance, create_instance, drain_instance
 from fractal.models import Heartbeat, Image, Instance, InstanceStatus
 
 MANUAL_PLACEHOLDER = "manual"
@@ -107,16 +109,20 @@ def register_instance(
             Image.region == region, Image.client_commit_hash == client_commit_hash
         )
     ).first()
-    instance, secret = create_instance_record(
+    instance, secret = create_instance(
         session,
-        instance_name=instance_name,
-        region=region,
-        client_commit_hash=client_commit_hash,
-        ami_id=ami_id or (image.ami_id if image else MANUAL_PLACEHOLDER),
-        instance_type=instance_type or (image.instance_type if image else MANUAL_PLACEHOLDER),
-        mandelbox_capacity=mandelbox_capacity,
-        cloud_provider_id=cloud_provider_id,
+        new=NewInstance(
+            instance_name=instance_name,
+            region=region,
+            client_commit_hash=client_commit_hash,
+            ami_id=ami_id or (image.ami_id if image else MANUAL_PLACEHOLDER),
+            instance_type=instance_type or (image.instance_type if image else MANUAL_PLACEHOLDER),
+            mandelbox_capacity=mandelbox_capacity,
+            cloud_provider_id=cloud_provider_id,
+        ),
         actor=actor,
+        now=database_now(session),  # the boot timeout is measured from here, on the database's clock
+        event_kind=EventKind.INSTANCE_REGISTERED,
     )
     status = instance.status
     session.commit()
@@ -124,7 +130,7 @@ def register_instance(
 
 
 def drain_instance_view(session: Session, *, instance_name: str, actor: str) -> InstanceView:
-    """Drain an instance (see ``fractal.instances.drain_instance``) and answer the admin view of it.
+    """Drain an instance (see ``fractal.fleet.instances.drain_instance``) and answer the admin view of it.
 
     Raises:
         NotFoundError, InvalidTransitionError.

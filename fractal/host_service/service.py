@@ -22,22 +22,11 @@ from fractal.clock import utcnow
 from fractal.database import is_postgres
 from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
 from fractal.events import EventKind, record_event
-from fractal.lifecycle import exit_mandelboxes
+from fractal.fleet.instances import RETIRED_STATUSES, move_instances
+from fractal.fleet.mandelboxes import HOST_REPORTABLE, move_mandelboxes
 from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 log = structlog.get_logger(__name__)
-
-REFUSED_HANDSHAKE_STATUSES = frozenset({InstanceStatus.TERMINATING, InstanceStatus.TERMINATED, InstanceStatus.LOST})
-FINAL_STATUSES = REFUSED_HANDSHAKE_STATUSES
-
-# What a host may report, from each state (ARCHITECTURE §10). Repeating the current state is a no-op.
-ALLOWED_TRANSITIONS: dict[MandelboxStatus, frozenset[MandelboxStatus]] = {
-    MandelboxStatus.ALLOCATED: frozenset({MandelboxStatus.CONNECTING, MandelboxStatus.EXITED}),
-    MandelboxStatus.CONNECTING: frozenset({MandelboxStatus.RUNNING, MandelboxStatus.EXITED}),
-    MandelboxStatus.RUNNING: frozenset({MandelboxStatus.DYING, MandelboxStatus.EXITED}),
-    MandelboxStatus.DYING: frozenset({MandelboxStatus.EXITED}),
-    MandelboxStatus.EXITED: frozenset(),
-}
 
 
 @dataclass(frozen=True)
@@ -117,7 +106,7 @@ def handshake_host(
         .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     ).scalar_one()
-    if instance.status in REFUSED_HANDSHAKE_STATUSES:
+    if instance.status in RETIRED_STATUSES:
         status = instance.status
         _refuse(
             session,
@@ -154,22 +143,34 @@ def handshake_host(
         )
 
     previous_status, previous_capacity, previous_ip = instance.status, instance.mandelbox_capacity, instance.ip
+    seen = {"from": str(previous_status), "ip": ip, "previous_ip": previous_ip}
     if previous_status is InstanceStatus.PRE_CONNECTION:
-        instance.status = InstanceStatus.ACTIVE
-        instance.status_changed_at = now
-        if instance.live_mandelboxes == 0 and instance.empty_since is None:
-            instance.empty_since = now
-    instance.ip = ip
-    instance.mandelbox_capacity = mandelbox_capacity
-    record_event(
-        session,
-        kind=EventKind.INSTANCE_ACTIVATED
-        if previous_status is InstanceStatus.PRE_CONNECTION
-        else EventKind.INSTANCE_RECONNECTED,
-        actor=_actor(instance_name),
-        instance_name=instance_name,
-        detail={"from": str(previous_status), "status": str(instance.status), "ip": ip, "previous_ip": previous_ip},
-    )
+        move_instances(
+            session,
+            where=Instance.instance_name == instance_name,
+            to=InstanceStatus.ACTIVE,
+            actor=_actor(instance_name),
+            reason="handshake",
+            values={"ip": ip, "mandelbox_capacity": mandelbox_capacity},
+            detail=seen,
+        )
+        status = InstanceStatus.ACTIVE
+    else:
+        # A restarted host: same status, its new address and capacity.
+        session.execute(
+            update(Instance)
+            .where(Instance.instance_name == instance_name)
+            .values(ip=ip, mandelbox_capacity=mandelbox_capacity)
+            .execution_options(synchronize_session=False)
+        )
+        status = previous_status
+        record_event(
+            session,
+            kind=EventKind.INSTANCE_RECONNECTED,
+            actor=_actor(instance_name),
+            instance_name=instance_name,
+            detail={**seen, "status": str(status)},
+        )
     if previous_capacity != mandelbox_capacity:
         record_event(
             session,
@@ -181,7 +182,7 @@ def handshake_host(
     _upsert_heartbeat(session, instance_name=instance_name, now=now, metrics=None)
     session.commit()
     log.info("host_handshake", instance_name=instance_name, previous_status=str(previous_status), ip=ip)
-    return HandshakeResult(status=instance.status, heartbeat_interval_s=heartbeat_interval_s)
+    return HandshakeResult(status=status, heartbeat_interval_s=heartbeat_interval_s)
 
 
 def record_heartbeat(
@@ -214,7 +215,7 @@ def record_heartbeat(
         status, dying, still_live = _heartbeat_portable(
             session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
         )
-    stop = set(reported_live) if status in FINAL_STATUSES else dying | (set(reported_live) - still_live)
+    stop = set(reported_live) if status in RETIRED_STATUSES else dying | (set(reported_live) - still_live)
     session.commit()
     log.debug("host_heartbeat", instance_name=instance_name, status=str(status), stop=len(stop))
     return HeartbeatAnswer(status=status, heartbeat_interval_s=heartbeat_interval_s, stop_mandelboxes=sorted(stop))
@@ -332,62 +333,47 @@ def report_mandelbox_status(
         NotFoundError: no such mandelbox on this instance.
         InvalidTransitionError: not a move ARCHITECTURE §10 allows (replayed or out-of-order reports).
     """
-    now = now or utcnow()
-    # Lock the mandelbox so concurrent reports, a user's delete and the sweeps apply one after another.
-    box = session.execute(
-        select(Mandelbox)
-        .where(Mandelbox.mandelbox_id == mandelbox_id, Mandelbox.instance_name == instance_name)
-        .with_for_update()
-        .execution_options(populate_existing=True)
+    current = session.execute(
+        select(Mandelbox.status).where(Mandelbox.mandelbox_id == mandelbox_id, Mandelbox.instance_name == instance_name)
     ).scalar_one_or_none()
-    if box is None:
+    if current is None:
         session.rollback()
         raise NotFoundError("No such mandelbox on this instance.")
-    current = box.status
+    if status is not current and status in HOST_REPORTABLE[current]:
+        # For EXITED the mover locks this host's instance row first (its slot comes back), then the mandelbox.
+        moved = move_mandelboxes(
+            session,
+            where=(Mandelbox.mandelbox_id == mandelbox_id) & (Mandelbox.instance_name == instance_name),
+            to=status,
+            from_statuses=[source for source, following in HOST_REPORTABLE.items() if status in following],
+            # Keeps USER_DELETED when the user asked for this exit; the slot returns in this transaction.
+            reason=EndReason.HOST_EXITED if status is MandelboxStatus.EXITED else None,
+            actor=_actor(instance_name),
+            now=now,
+        )
+        if moved:
+            session.commit()
+            log.info(
+                "mandelbox_status", mandelbox_id=str(mandelbox_id), previous_status=str(current), status=str(status)
+            )
+            return get_mandelbox_for_host(session, instance_name=instance_name, mandelbox_id=mandelbox_id)
+        # Someone else (a user's delete, a sweep, a concurrent report) moved it first: judge against that.
+        current = session.execute(select(Mandelbox.status).where(Mandelbox.mandelbox_id == mandelbox_id)).scalar_one()
     if status is current:
         session.commit()
-        return _host_view(box)
-    if status not in ALLOWED_TRANSITIONS[current]:
-        _refuse(
-            session,
-            instance_name=instance_name,
-            action="mandelbox_status",
-            error=InvalidTransitionError(
-                f"A {current} mandelbox cannot become {status}.", details={"from": str(current), "to": str(status)}
-            ),
-            detail={"mandelbox_id": str(mandelbox_id), "from": str(current), "to": str(status)},
-        )
-    if status is MandelboxStatus.EXITED:
-        # Keeps USER_DELETED when the user asked for this exit; the slot returns in this transaction.
-        exit_mandelboxes(session, mandelbox_ids=[mandelbox_id], reason=EndReason.HOST_EXITED, now=now)
-    else:
-        session.execute(
-            update(Mandelbox)
-            .where(Mandelbox.mandelbox_id == mandelbox_id)
-            .values(status=status, status_changed_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    record_event(
+        return get_mandelbox_for_host(session, instance_name=instance_name, mandelbox_id=mandelbox_id)
+    _refuse(
         session,
-        kind=EventKind.MANDELBOX_STATUS,
-        actor=_actor(instance_name),
         instance_name=instance_name,
-        mandelbox_id=mandelbox_id,
-        detail={"from": str(current), "to": str(status)},
-    )
-    session.commit()
-    log.info("mandelbox_status", mandelbox_id=str(mandelbox_id), previous_status=str(current), status=str(status))
-    return get_mandelbox_for_host(session, instance_name=instance_name, mandelbox_id=mandelbox_id)
-
-
-def _host_view(box: Mandelbox) -> HostMandelboxView:
-    return HostMandelboxView(
-        mandelbox_id=box.mandelbox_id, user_id=box.user_id, session_id=box.session_id, status=box.status
+        action="mandelbox_status",
+        error=InvalidTransitionError(
+            f"A {current} mandelbox cannot become {status}.", details={"from": str(current), "to": str(status)}
+        ),
+        detail={"mandelbox_id": str(mandelbox_id), "from": str(current), "to": str(status)},
     )
 
 
 __all__ = [
-    "ALLOWED_TRANSITIONS",
     "HandshakeResult",
     "HeartbeatAnswer",
     "HostMandelboxView",

@@ -21,17 +21,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, and_, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
-from fractal.auth.hosts import generate_host_secret, hash_host_secret
-from fractal.clock import format_timestamp, utcnow
+from fractal.clock import database_now, format_timestamp
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
 from fractal.config import Settings
 from fractal.database import SessionFactory, advisory_key, session_scope
 from fractal.events import EventKind, record_events
-from fractal.lifecycle import exit_mandelboxes
-from fractal.models import EndReason, Image, Instance, InstanceStatus
+from fractal.fleet.instances import NewInstance, insert_instances, move_instances
+from fractal.fleet.mandelboxes import move_mandelboxes
+from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
+from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
 
 log = structlog.get_logger(__name__)
@@ -105,15 +106,16 @@ def reconcile_fleet(
     Args:
         source: a session factory (each pass opens one session) or a session to work in.
         cloud: where hosts are launched, terminated and described.
-        now: the pass's clock (tests move it forward); defaults to the current time.
+        now: the pass's clock (tests move it forward); defaults to the database's clock, read once per pass, so
+            every replica judges stored times by the same clock whatever its own says.
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
     """
-    now = now or utcnow()
     started = time.perf_counter()
-    report = ReconcileReport(ran=False, started_at=now)
     with _session(source) as session, _leader_lock(session) as leader:
+        now = now or database_now(session)
+        report = ReconcileReport(ran=False, started_at=now)
         if not leader:
             report.skipped_reason = "another scaler holds the lock"
             log.info("scaler.skipped", reason=report.skipped_reason)
@@ -231,8 +233,6 @@ class _Pass:
 
     def sweep(self) -> None:
         """The host-protocol sweeps: silent hosts become LOST, unclaimed mandelboxes are released."""
-        from fractal.host_service.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
-
         for name in mark_silent_hosts_lost(self.session, now=self.now, host_timeout_s=self.settings.host_timeout_s):
             self.report.actions.append(ScalerAction("lost", name))
         for mandelbox_id in release_unclaimed_mandelboxes(
@@ -241,21 +241,33 @@ class _Pass:
             self.report.actions.append(ScalerAction("released", detail={"mandelbox_id": str(mandelbox_id)}))
 
     def _to_terminating(self, condition: Any, reason: str) -> None:
-        self._move(condition, InstanceStatus.TERMINATING, "terminate", EventKind.INSTANCE_TERMINATING, reason)
+        self._move(condition, InstanceStatus.TERMINATING, "terminate", reason)
 
     def _move(
-        self, condition: Any, status: InstanceStatus, action: str, kind: EventKind, reason: str, **values: Any
+        self,
+        condition: Any,
+        status: InstanceStatus,
+        action: str,
+        reason: str,
+        row_detail: dict[str, dict[str, Any]] | None = None,
+        **values: Any,
     ) -> None:
-        """One set-based status change; each row that actually moved becomes an action and an event."""
-        rows = self.session.execute(
-            update(Instance)
-            .where(condition)
-            .values(status=status, status_changed_at=self.now, **values)
-            .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
-            .execution_options(synchronize_session=False)
-        ).all()
-        for name, region, commit in rows:
-            self.note(action, kind, instance_name=name, region=region, client_commit_hash=commit, reason=reason)
+        """One set-based status change through the fleet's mover (which records the events); each row that
+        actually moved becomes an action of the report."""
+        for moved in move_instances(
+            self.session,
+            where=condition,
+            to=status,
+            actor=ACTOR,
+            reason=reason,
+            values=values,
+            detail={"action": action},
+            row_detail=row_detail,
+            now=self.now,
+        ):
+            self.report.actions.append(
+                ScalerAction(action, moved.instance_name, moved.region, moved.client_commit_hash, {"reason": reason})
+            )
 
     def retire_hosts(self) -> None:
         """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
@@ -348,7 +360,7 @@ class _Pass:
                 # live_mandelboxes = 0 on the newest row version, so a host that just got a user is never drained,
                 # and once drained (status <> ACTIVE) assign's own WHERE skips it.
                 condition = and_(condition, Instance.live_mandelboxes == 0)
-            self._move(condition, InstanceStatus.DRAINING, "drain", EventKind.INSTANCE_DRAINED, str(reason))
+            self._move(condition, InstanceStatus.DRAINING, "drain", str(reason))
 
     def terminate_drained(self) -> None:
         # No assignment ever targets a DRAINING host, so once empty it stays empty.
@@ -358,44 +370,38 @@ class _Pass:
 
     def launch(self, launches: Sequence[LaunchPlan]) -> None:
         """Create the rows (committed first), ask the cloud, record the provider ids."""
-        requests: list[LaunchRequest] = []
-        rows: list[dict[str, Any]] = []
+        new: list[NewInstance] = []
         for plan in launches:
             for _ in range(plan.count):
                 name = f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
-                secret = generate_host_secret()
-                requests.append(
-                    LaunchRequest(
+                new.append(
+                    NewInstance(
                         instance_name=name,
                         region=plan.region,
                         client_commit_hash=plan.client_commit_hash,
                         ami_id=plan.ami_id,
                         instance_type=plan.instance_type,
                         mandelbox_capacity=plan.mandelbox_capacity,
-                        host_secret=secret,
-                        host_api_url=self.settings.host_api_url,
+                        cloud_provider_id=PENDING_PREFIX + name,
                     )
                 )
-                rows.append(
-                    {
-                        "instance_name": name,
-                        "cloud_provider_id": PENDING_PREFIX + name,
-                        "region": plan.region,
-                        "client_commit_hash": plan.client_commit_hash,
-                        "ami_id": plan.ami_id,
-                        "instance_type": plan.instance_type,
-                        "mandelbox_capacity": plan.mandelbox_capacity,
-                        "live_mandelboxes": 0,
-                        "status": InstanceStatus.PRE_CONNECTION,
-                        "host_secret_hash": hash_host_secret(secret),
-                        "created_at": self.now,
-                        "status_changed_at": self.now,
-                    }
-                )
-        if not requests:
+        if not new:
             return
-        self.session.execute(insert(Instance), rows)
+        host_secrets = insert_instances(self.session, new, now=self.now)
         self.commit()
+        requests = [
+            LaunchRequest(
+                instance_name=n.instance_name,
+                region=n.region,
+                client_commit_hash=n.client_commit_hash,
+                ami_id=n.ami_id,
+                instance_type=n.instance_type,
+                mandelbox_capacity=n.mandelbox_capacity,
+                host_secret=host_secrets[n.instance_name],
+                host_api_url=self.settings.host_api_url,
+            )
+            for n in new
+        ]
 
         launched: list[dict[str, Any]] = []
         definitely_failed: list[str] = []
@@ -440,7 +446,6 @@ class _Pass:
                 Instance.instance_name.in_(definitely_failed),
                 InstanceStatus.TERMINATED,
                 "launch_failed",
-                EventKind.INSTANCE_TERMINATED,
                 "launch_refused",
                 cloud_provider_id=None,
             )
@@ -449,7 +454,6 @@ class _Pass:
                 Instance.instance_name.in_(not_sent),
                 InstanceStatus.TERMINATED,
                 "launch_skipped",
-                EventKind.INSTANCE_TERMINATED,
                 "region_failed",
                 cloud_provider_id=None,
             )
@@ -485,40 +489,26 @@ class _Pass:
         names = sorted(gone)
         # The shared exit path: live mandelboxes end (an earlier reason, e.g. a user's delete, is kept) and their
         # slots are returned, so the counter is consistent before the row is finished.
-        ended = exit_mandelboxes(self.session, instance_names=names, reason=EndReason.INSTANCE_TERMINATED, now=self.now)
-        done = self.session.execute(
-            update(Instance)
-            .where(Instance.instance_name.in_(names), Instance.status == InstanceStatus.TERMINATING)
-            .values(
-                status=InstanceStatus.TERMINATED,
-                status_changed_at=self.now,
-                live_mandelboxes=0,
-                empty_since=func.coalesce(Instance.empty_since, self.now),
-            )
-            .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash)
-            .execution_options(synchronize_session=False)
-        ).all()
-        for name, region, commit in done:
-            self.note(
-                "terminated",
-                EventKind.INSTANCE_TERMINATED,
-                instance_name=name,
-                region=region,
-                client_commit_hash=commit,
-                cloud_provider_id=gone.get(name),
-            )
-        for mandelbox_id, name in ended:
+        ended = move_mandelboxes(
+            self.session,
+            where=Mandelbox.instance_name.in_(names),
+            to=MandelboxStatus.EXITED,
+            reason=EndReason.INSTANCE_TERMINATED,
+            actor=ACTOR,
+            now=self.now,
+        )
+        self._move(
+            Instance.instance_name.in_(names),
+            InstanceStatus.TERMINATED,
+            "terminated",
+            "confirmed_gone",
+            row_detail={name: {"cloud_provider_id": cloud_id} for name, cloud_id in gone.items()},
+            live_mandelboxes=0,
+            empty_since=func.coalesce(Instance.empty_since, self.now),
+        )
+        for box in ended:
             self.report.actions.append(
-                ScalerAction("mandelbox_ended", name, detail={"mandelbox_id": str(mandelbox_id)})
-            )
-            self.events.append(
-                {
-                    "kind": EventKind.MANDELBOX_STATUS,
-                    "actor": ACTOR,
-                    "instance_name": name,
-                    "mandelbox_id": mandelbox_id,
-                    "detail": {"status": "EXITED", "end_reason": EndReason.INSTANCE_TERMINATED.value},
-                }
+                ScalerAction("mandelbox_ended", box.instance_name, detail={"mandelbox_id": str(box.mandelbox_id)})
             )
 
     def _terminate_region(self, region: str, rows: Sequence[Any]) -> dict[str, str | None]:

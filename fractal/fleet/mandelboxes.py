@@ -1,0 +1,335 @@
+"""The mandelbox lifecycle: which status may follow which, the one mover, and the live-slot accounting.
+
+    ALLOCATED → CONNECTING → RUNNING → DYING → EXITED, and any live status → EXITED (or → DYING on a user's delete)
+
+Every mandelbox status write goes through ``move_mandelboxes``. Moving to EXITED gives the slot back to the
+instance in the same transaction (the live count that the capacity CHECK guards), after locking the instance
+rows first (the fleet's lock order, see ``fractal.fleet``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from fractal.clock import db_now
+from fractal.errors import UserAlreadyActiveError
+from fractal.events import EventKind, record_event, record_events
+from fractal.fleet.instances import lock_instance_rows
+from fractal.models import LIVE_MANDELBOX_STATUSES, EndReason, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+
+__all__ = [
+    "HOST_REPORTABLE",
+    "LIVE_MANDELBOX_STATUSES",
+    "TRANSITIONS",
+    "MovedMandelbox",
+    "Slot",
+    "SlotRequest",
+    "allocate_in_one_statement",
+    "allocate_waiting",
+    "live_count_for_user",
+    "move_mandelboxes",
+]
+
+# The one table of allowed moves. DYING is where a user's delete (or the host's own report) sends a live box;
+# EXITED ends it from anywhere live (the host, a sweep, the instance's termination).
+TRANSITIONS: Mapping[MandelboxStatus, frozenset[MandelboxStatus]] = {
+    MandelboxStatus.ALLOCATED: frozenset({MandelboxStatus.CONNECTING, MandelboxStatus.DYING, MandelboxStatus.EXITED}),
+    MandelboxStatus.CONNECTING: frozenset({MandelboxStatus.RUNNING, MandelboxStatus.DYING, MandelboxStatus.EXITED}),
+    MandelboxStatus.RUNNING: frozenset({MandelboxStatus.DYING, MandelboxStatus.EXITED}),
+    MandelboxStatus.DYING: frozenset({MandelboxStatus.EXITED}),
+    MandelboxStatus.EXITED: frozenset(),
+}
+# The moves a host may report (ARCHITECTURE §10): the table above less the user's ALLOCATED/CONNECTING → DYING.
+HOST_REPORTABLE: Mapping[MandelboxStatus, frozenset[MandelboxStatus]] = {
+    MandelboxStatus.ALLOCATED: frozenset({MandelboxStatus.CONNECTING, MandelboxStatus.EXITED}),
+    MandelboxStatus.CONNECTING: frozenset({MandelboxStatus.RUNNING, MandelboxStatus.EXITED}),
+    MandelboxStatus.RUNNING: frozenset({MandelboxStatus.DYING, MandelboxStatus.EXITED}),
+    MandelboxStatus.DYING: frozenset({MandelboxStatus.EXITED}),
+    MandelboxStatus.EXITED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class MovedMandelbox:
+    """One row the mover changed."""
+
+    mandelbox_id: uuid.UUID
+    instance_name: str
+    from_status: MandelboxStatus
+    to_status: MandelboxStatus
+
+
+def may_follow(current: MandelboxStatus, to: MandelboxStatus) -> bool:
+    """True when the table allows ``current`` → ``to``."""
+    return to in TRANSITIONS[current]
+
+
+def move_mandelboxes(
+    session: Session,
+    *,
+    where: ColumnElement[bool],
+    to: MandelboxStatus,
+    actor: str,
+    reason: EndReason | None = None,
+    from_statuses: Collection[MandelboxStatus] | None = None,
+    event_kind: EventKind = EventKind.MANDELBOX_STATUS,
+    detail: dict[str, Any] | None = None,
+    skip_locked: bool = False,
+    now: datetime | None = None,
+) -> list[MovedMandelbox]:
+    """Move every mandelbox matching ``where`` (and whose status may move to ``to``) to ``to``. Flushes only.
+
+    Set-based: a fixed number of statements whatever the number of rows. Each moved row gets one event.
+
+    Args:
+        where: which mandelboxes (by id, by instance, ...); rows whose status may not move are left alone.
+        reason: the end reason; required for EXITED, where an earlier one (a user's delete) is kept.
+        from_statuses: only rows in these statuses (a subset of those the table allows).
+        skip_locked: leave rows another transaction holds (sweeps: judged again next pass) instead of waiting.
+        now: the time written (tests); the database's clock when None.
+
+    Returns:
+        The rows that moved, in mandelbox_id order; repeats are no-ops that return nothing.
+    """
+    if to is MandelboxStatus.EXITED and reason is None:
+        raise ValueError("moving mandelboxes to EXITED needs an end reason")
+    allowed = {status for status, following in TRANSITIONS.items() if to in following}
+    if from_statuses is not None:
+        allowed &= set(from_statuses)
+    if not allowed:
+        return []
+    selection = and_(where, Mandelbox.status.in_(sorted(allowed)))
+    ends = to is MandelboxStatus.EXITED
+    if ends:
+        # Lock order: the instances whose slots come back, before their mandelboxes.
+        names = session.scalars(select(Mandelbox.instance_name).where(selection).distinct()).all()
+        if not names:
+            return []
+        lock_instance_rows(session, names, skip_locked=skip_locked)
+    # Locking re-evaluates ``selection`` on the newest row versions: a row another transaction just moved is
+    # either still allowed (and ours now) or no longer matches.
+    rows = session.execute(
+        select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
+        .where(selection)
+        .order_by(Mandelbox.mandelbox_id)
+        .with_for_update(skip_locked=skip_locked)
+    ).all()
+    if not rows:
+        return []
+    stamp: Any = now if now is not None else db_now()
+    values: dict[str, Any] = {"status": to, "status_changed_at": stamp}
+    if ends:
+        values["ended_at"] = stamp
+    if reason is not None:
+        values["end_reason"] = func.coalesce(Mandelbox.end_reason, reason.value)
+    ids = [row.mandelbox_id for row in rows]
+    session.execute(
+        update(Mandelbox)
+        .where(Mandelbox.mandelbox_id.in_(ids))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if ends:
+        _release_slots(session, Counter(row.instance_name for row in rows), stamp=stamp)
+    moved = [MovedMandelbox(row.mandelbox_id, row.instance_name, MandelboxStatus(row.status), to) for row in rows]
+    extra = {**(detail or {}), **({"reason": str(reason)} if reason is not None else {})}
+    record_events(
+        session,
+        [
+            {
+                "kind": event_kind,
+                "actor": actor,
+                "instance_name": m.instance_name,
+                "mandelbox_id": m.mandelbox_id,
+                "detail": {"from": str(m.from_status), "to": str(to), **extra},
+            }
+            for m in moved
+        ],
+    )
+    session.flush()
+    return moved
+
+
+def _release_slots(session: Session, freed: Counter[str], *, stamp: Any) -> None:
+    """Give ``freed[name]`` slots back to each instance in one statement (the rows are locked already)."""
+    names = sorted(name for name, count in freed.items() if count)
+    if not names:
+        return
+    delta = case({name: freed[name] for name in names}, value=Instance.instance_name, else_=0)
+    session.execute(
+        update(Instance)
+        .where(Instance.instance_name.in_(names))
+        .values(
+            live_mandelboxes=Instance.live_mandelboxes - delta,
+            empty_since=case((Instance.live_mandelboxes - delta == 0, stamp), else_=Instance.empty_since),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def live_count_for_user(session: Session, user_id: str) -> int:
+    """How many live mandelboxes ``user_id`` holds."""
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Mandelbox)
+            .where(Mandelbox.user_id == user_id, Mandelbox.status.in_(LIVE_MANDELBOX_STATUSES))
+        ).scalar_one()
+    )
+
+
+# --- allocation: the one place a mandelbox is created and a slot taken -----------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    """A user's mandelbox to place in one region on instances running one client version."""
+
+    mandelbox_id: uuid.UUID
+    user_id: str
+    session_id: str | None
+    region: str
+    client_commit_hash: str
+    max_per_user: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where the new ALLOCATED mandelbox lives."""
+
+    instance_name: str
+    ip: str | None
+    region: str
+
+
+# Postgres fast path, one round trip: count the user's live mandelboxes, pick the fullest ACTIVE instance with
+# room, lock it, take a slot, create the mandelbox and its audit event, all in one statement.
+# - The caller holds the user's advisory lock, so the count cannot change under this statement (the limit holds).
+# - FOR NO KEY UPDATE (not FOR UPDATE): heartbeat rows reference the instance by foreign key and take KEY SHARE,
+#   which NO KEY UPDATE does not conflict with, so heartbeats never block or get skipped by assignment.
+# - SKIP LOCKED spreads concurrent assigns over candidates instead of queueing them on the fullest one; the room
+#   check in WHERE is re-evaluated on the locked, newest row version, so a slot can never be taken twice.
+# The answer is always one row: the live count, and the instance when a slot was taken (else NULLs).
+_ALLOCATE_SKIP_LOCKED = text(
+    """
+WITH live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = :user_id AND status <> 'EXITED'
+), candidate AS (
+    SELECT instance_name FROM instances
+    WHERE region = :region AND client_commit_hash = :commit AND status = 'ACTIVE'
+      AND live_mandelboxes < mandelbox_capacity
+      AND (SELECT n FROM live) < :max_per_user
+    ORDER BY live_mandelboxes DESC, instance_name
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE instances SET live_mandelboxes = instances.live_mandelboxes + 1, empty_since = NULL
+    FROM candidate WHERE instances.instance_name = candidate.instance_name
+    RETURNING instances.instance_name, instances.ip, instances.region
+), created AS (
+    INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
+                             created_at, status_changed_at)
+    SELECT :mandelbox_id, taken.instance_name, :user_id, :session_id, 'ALLOCATED', now(), now() FROM taken
+    RETURNING mandelbox_id
+), audited AS (
+    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
+    SELECT now(), :event_kind, :actor, taken.instance_name, :mandelbox_id,
+           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST(:commit AS text))
+    FROM taken
+    RETURNING id
+)
+SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region
+FROM (SELECT 1) AS one LEFT JOIN taken ON true
+"""
+)
+
+
+def allocate_in_one_statement(session: Session, wanted: SlotRequest) -> Slot | None:
+    """Postgres: take a slot and create the ALLOCATED mandelbox in one statement; None when no instance has room.
+
+    The caller holds the user's advisory lock (so the live count cannot change under this statement).
+
+    Raises:
+        UserAlreadyActiveError: the user already holds ``max_per_user`` live mandelboxes.
+    """
+    row = session.execute(
+        _ALLOCATE_SKIP_LOCKED,
+        {
+            "region": wanted.region,
+            "commit": wanted.client_commit_hash,
+            "mandelbox_id": wanted.mandelbox_id,
+            "user_id": wanted.user_id,
+            "session_id": wanted.session_id,
+            "max_per_user": wanted.max_per_user,
+            "actor": wanted.actor,
+            "event_kind": str(EventKind.MANDELBOX_ASSIGNED),
+        },
+    ).one()
+    if row.live_count >= wanted.max_per_user:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": wanted.max_per_user})
+    if row.instance_name is None:
+        return None
+    return Slot(row.instance_name, row.ip, row.region)
+
+
+def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
+    """Wait for candidates one row at a time; the only path on SQLite (the development default).
+
+    Every candidate may be locked by concurrent assigns whose commits can still leave room. A guarded UPDATE
+    waits for the row lock and re-checks status and room on the newest version; holding at most one instance
+    lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could).
+    """
+    candidates = session.scalars(
+        select(Instance.instance_name)
+        .where(
+            Instance.region == wanted.region,
+            Instance.client_commit_hash == wanted.client_commit_hash,
+            Instance.status == InstanceStatus.ACTIVE,
+            Instance.live_mandelboxes < Instance.mandelbox_capacity,
+        )
+        .order_by(Instance.live_mandelboxes.desc(), Instance.instance_name)
+    ).all()
+    for name in candidates:
+        taken = session.execute(
+            update(Instance)
+            .where(
+                Instance.instance_name == name,
+                Instance.status == InstanceStatus.ACTIVE,
+                Instance.live_mandelboxes < Instance.mandelbox_capacity,
+            )
+            .values(live_mandelboxes=Instance.live_mandelboxes + 1, empty_since=None)
+            .returning(Instance.instance_name, Instance.ip, Instance.region)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if taken is None:
+            continue
+        session.execute(
+            insert(Mandelbox).values(
+                mandelbox_id=wanted.mandelbox_id,
+                instance_name=name,
+                user_id=wanted.user_id,
+                session_id=wanted.session_id,
+                status=MandelboxStatus.ALLOCATED,
+                created_at=db_now(),
+                status_changed_at=db_now(),
+            )
+        )
+        record_event(
+            session,
+            kind=EventKind.MANDELBOX_ASSIGNED,
+            actor=wanted.actor,
+            instance_name=name,
+            mandelbox_id=wanted.mandelbox_id,
+            detail={"region": taken.region, "client_commit_hash": wanted.client_commit_hash},
+        )
+        return Slot(taken.instance_name, taken.ip, taken.region)
+    return None
