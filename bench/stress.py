@@ -1,5 +1,6 @@
-"""A long contended run: many threads assigning across a fleet while hosts heartbeat, operators drain, users delete
-and hosts exit; then the invariants are checked with SQL.
+"""A long contended run: many threads assigning across a fleet while hosts heartbeat, operators drain, users delete,
+hosts exit or fall silent and the sweeps mark them LOST and release unclaimed boxes; then the invariants are
+checked with SQL, and Postgres is asked whether it had to break a deadlock (the fleet's one lock order says never).
 
 Usage: .venv/bin/python bench/stress.py [--assigns 100000] [--threads 16] [--instances 40] [--capacity 8]
                                         [--users 400] [--max-per-user 2] [--seed 1]
@@ -12,7 +13,8 @@ Invariants (checked during the run by a sampler and at the end):
 - the live-count column equals the live rows of each instance;
 - every mandelbox is on exactly one existing instance, no live mandelbox on an ended instance;
 - no user holds more than --max-per-user live mandelboxes;
-- counts agree between tables (sum of live counts = live mandelboxes; ended rows carry ended_at and end_reason).
+- counts agree between tables (sum of live counts = live mandelboxes; ended rows carry ended_at and end_reason);
+- Postgres detected no deadlock in the run's database (pg_stat_database.deadlocks).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fractal.blueprints import BLUEPRINTS_BY_API  # noqa: E402
 from fractal.config import Settings, normalise_database_url  # noqa: E402
 from fractal.database import create_session_factory  # noqa: E402
 from fractal.factory import create_app  # noqa: E402
+from fractal.fleet.sweeps import run_sweeps  # noqa: E402
 from fractal.migrations import upgrade_to_head  # noqa: E402
 
 SERVER = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -61,6 +64,10 @@ class StressConfig:
     seed: int = 1
     chaos_interval_s: float = 0.2
     heartbeat_interval_s: float = 0.05
+    # The sweeps run concurrently with everything else; hosts the chaos worker silences become LOST quickly.
+    sweep_interval_s: float = 0.1
+    host_timeout_s: float = 1.0
+    connect_timeout_s: float = 2.0
 
 
 @dataclass
@@ -70,6 +77,10 @@ class StressReport:
     answers: Counter[str] = field(default_factory=Counter)  # "assign 201", "assign 409 USER_ALREADY_ACTIVE", ...
     drains: int = 0
     host_exits: int = 0
+    silenced: int = 0
+    lost: int = 0
+    released: int = 0
+    deadlocks: int = 0
     registrations: int = 0
     samples: int = 0
     violations: list[str] = field(default_factory=list)
@@ -175,6 +186,12 @@ class Fleet:
         with self.lock:
             self.up.append(name)
 
+    def silence(self, name: str) -> None:
+        """The host stops heartbeating (a crash, a network partition): the lost-host sweep will find it."""
+        with self.lock:
+            if name in self.up:
+                self.up.remove(name)
+
     def snapshot(self) -> list[tuple[str, str]]:
         with self.lock:
             return [(name, self.secrets[name]) for name in self.up]
@@ -194,6 +211,8 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
         assign_rate_limit="100000000 per minute",
         max_mandelboxes_per_user=config.max_per_user,
         heartbeat_interval_s=config.heartbeat_interval_s,
+        host_timeout_s=config.host_timeout_s,
+        connect_timeout_s=config.connect_timeout_s,
         log_level="WARNING",
     )
     engine = create_engine(
@@ -210,6 +229,7 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
         for n in range(config.users)
     }
     report = StressReport()
+    deadlocks_before = _deadlocks(engine)
     fleet = Fleet()
     lock = threading.Lock()
     stop = threading.Event()
@@ -302,7 +322,16 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
         added = 0
         while not stop.wait(config.chaos_interval_s):
             name, secret = rng.choice(fleet.snapshot())
-            if rng.random() < 0.5:
+            roll = rng.random()
+            if roll < 0.1:
+                # A host falls silent with its mandelboxes on it; a replacement comes up.
+                fleet.silence(name)
+                added += 1
+                register(client, f"stress-extra-{added:04d}")
+                with lock:
+                    report.silenced += 1
+                    report.registrations += 1
+            elif roll < 0.5:
                 # An operator drains a host (it takes no more work) and registers a replacement.
                 drained = client.post(f"/admin/instances/{name}/drain", headers=admin_headers)
                 record(f"drain {drained.status_code}", drained.status_code)
@@ -323,6 +352,15 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
                         record(f"exit {done.status_code}", done.status_code)
                 with lock:
                     report.host_exits += 1
+
+    def sweeper() -> None:
+        # The scaler's sweeps, racing host reports, deletes, drains and assigns on the same rows.
+        while not stop.wait(config.sweep_interval_s):
+            with factory() as session:
+                result = run_sweeps(session, settings=settings)
+            with lock:
+                report.lost += len(result.lost_instances)
+                report.released += len(result.released_mandelboxes)
 
     def sampler() -> None:
         # "Never over capacity" is checked while the run is under way, not only at the end.
@@ -353,6 +391,7 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
     ]
     background += [
         threading.Thread(target=guarded(chaos_worker), daemon=True),
+        threading.Thread(target=guarded(sweeper), daemon=True),
         threading.Thread(target=guarded(sampler), daemon=True),
     ]
     users = [threading.Thread(target=guarded(user_worker, config.seed * 1000 + i)) for i in range(config.threads)]
@@ -369,8 +408,36 @@ def run_stress(config: StressConfig, database_url: str) -> StressReport:
     report.violations.extend(check_invariants(engine, max_per_user=config.max_per_user))
     if report.server_errors:
         report.violations.append(f"{report.server_errors} unexpected 5xx answers")
-    engine.dispose()
+    engine.dispose()  # closing the backends flushes their statistics, deadlock counts included
+    report.deadlocks = _deadlocks_after(database_url, before=deadlocks_before)
+    if report.deadlocks:
+        report.violations.append(f"Postgres detected {report.deadlocks} deadlock(s)")
     return report
+
+
+def _deadlocks(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            ).scalar_one()
+        )
+
+
+def _deadlocks_after(database_url: str, *, before: int, settle_s: float = 2.0) -> int:
+    """Deadlocks since ``before``; statistics reach pg_stat_database shortly after backends close."""
+    engine = create_engine(normalise_database_url(database_url))
+    try:
+        deadline = time.monotonic() + settle_s
+        while True:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+            seen = _deadlocks(engine) - before
+            if seen or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.25)
+    finally:
+        engine.dispose()
 
 
 def print_report(config: StressConfig, report: StressReport) -> None:
@@ -384,6 +451,9 @@ def print_report(config: StressConfig, report: StressReport) -> None:
         ("heartbeats (200)", f"{report.answers.get('heartbeat 200', 0):,}"),
         ("drains / replacements", f"{report.drains} / {report.registrations}"),
         ("host exit events", f"{report.host_exits}"),
+        ("hosts silenced / marked LOST", f"{report.silenced} / {report.lost}"),
+        ("mandelboxes released by sweeps", f"{report.released}"),
+        ("deadlocks detected by Postgres", f"{report.deadlocks}"),
         ("invariant samples during the run", f"{report.samples}"),
         ("invariants", "all hold" if not report.violations else f"{len(report.violations)} BROKEN"),
     ]
@@ -399,6 +469,7 @@ def print_report(config: StressConfig, report: StressReport) -> None:
         {"figure": "duration_s", "value": round(report.duration_s, 2)},
         {"figure": "assign_refusals", "value": report.refusals()},
         {"figure": "invariant_violations", "value": len(report.violations)},
+        {"figure": "deadlocks", "value": report.deadlocks},
     ]
     for figure in figures:
         print(json.dumps({"bench": "stress", **figure}))
