@@ -18,7 +18,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,18 +34,16 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection, create_engine, text
-from sqlalchemy.engine import make_url
 
 from fractal.auth.dev_keys import DevKeyPair, generate_keypair, mint_token
 from fractal.auth.hosts import hash_host_secret
 from fractal.config import normalise_database_url
-from fractal.migrations import upgrade_to_head
+from test.throwaway import free_port, throwaway_database
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
 LUA_SCRIPT = BENCH_DIR / "rotate.lua"
-PG_SERVER_URL = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 COMMIT = "bench-commit-0001"
@@ -97,26 +94,11 @@ def exit_cleanly_on_sigterm() -> None:
 # --- database ------------------------------------------------------------------------------------------
 
 
-def _admin_execute(sql: str) -> None:
-    admin = create_engine(normalise_database_url(PG_SERVER_URL), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(sql))
-    finally:
-        admin.dispose()
-
-
 @contextmanager
 def bench_database(bench: str) -> Iterator[str]:
     """A fresh database on the FRACTAL_TEST_PG_URL server, migrated; dropped afterwards. Yields its URL."""
-    name = f"fractal_bench_{bench}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    _admin_execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = make_url(normalise_database_url(PG_SERVER_URL)).set(database=name).render_as_string(hide_password=False)
-        upgrade_to_head(url)
+    with throwaway_database(f"fractal_bench_{bench}") as url:
         yield url
-    finally:
-        _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -299,13 +281,6 @@ def write_request_file(directory: Path, name: str, rows: Iterable[tuple[str, str
 
 
 # --- gunicorn ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -114,7 +114,7 @@ def count_round_trips(url: str, keypair: DevKeyPair, tokens: list[str], body: st
         log_level="WARNING",
     )
     app = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings)
-    engine = app.extensions[EXTENSION_KEY].services["engine"]
+    engine = app.extensions[EXTENSION_KEY].engine
     seen: Counter[str] = Counter()
     statements: Counter[str] = Counter()
 

@@ -9,49 +9,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, insert, text
-from sqlalchemy.engine import make_url
-
-from fractal.auth.hosts import hash_host_secret
-from fractal.clock import utcnow
-from fractal.cloud.memory import MemoryCloud
-from fractal.config import Settings, normalise_database_url
-from fractal.database import create_session_factory
-from fractal.migrations import upgrade_to_head
-from fractal.models import Heartbeat, Image, Instance, InstanceStatus
-from fractal.scaling.reconcile import reconcile_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+if str(ROOT) not in sys.path:  # run as a script: the shared test helpers live beside bench/
+    sys.path.insert(0, str(ROOT))
+
+from fractal.auth.hosts import hash_host_secret  # noqa: E402
+from fractal.clock import utcnow  # noqa: E402
+from fractal.cloud.memory import MemoryCloud  # noqa: E402
+from fractal.config import Settings, normalise_database_url  # noqa: E402
+from fractal.database import create_session_factory  # noqa: E402
+from fractal.models import Heartbeat, Image, Instance, InstanceStatus  # noqa: E402
+from fractal.scaling.reconcile import reconcile_fleet  # noqa: E402
+from test.throwaway import throwaway_database  # noqa: E402
+
 REGIONS = [f"bench-region-{n:02d}" for n in range(20)]
 CAPACITY = 4
-
-
-def fresh_database() -> tuple[str, str]:
-    name = f"fractal_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(normalise_database_url(SERVER), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(normalise_database_url(SERVER)).set(database=name).render_as_string(hide_password=False)
-    upgrade_to_head(url)
-    return name, url
-
-
-def drop_database(name: str) -> None:
-    admin = create_engine(normalise_database_url(SERVER), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def seed(engine: Any, size: int) -> None:
@@ -148,11 +129,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.passes = "100,1000", 1
-    name, url = fresh_database()
-    try:
+    with throwaway_database("fractal_bench_reconcile") as url:
         results = [measure(url, int(size), args.passes) for size in args.sizes.split(",")]
-    finally:
-        drop_database(name)
     print(f"{'instances':>10} {'regions':>8} {'first pass s':>13} {'median s':>9} {'statements':>16} {'actions':>12}")
     for r in results:
         print(

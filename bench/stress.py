@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `fractal` importable from a checkout
@@ -47,8 +44,8 @@ from fractal.database import create_session_factory  # noqa: E402
 from fractal.factory import create_app  # noqa: E402
 from fractal.fleet.sweeps import run_sweeps  # noqa: E402
 from fractal.migrations import upgrade_to_head  # noqa: E402
+from test.throwaway import PG_SERVER_URL, create_database, database_name, drop_database  # noqa: E402
 
-SERVER = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REGIONS = ["us-east-1", "us-west-2", "eu-west-1"]
 COMMIT = "stress1"
 
@@ -99,25 +96,6 @@ class StressReport:
 
 
 # --- database -------------------------------------------------------------------------------------------------
-
-
-def fresh_database(server: str = SERVER) -> tuple[str, str]:
-    """CREATE DATABASE on ``server`` and migrate it; returns (name, url)."""
-    name = f"fractal_stress_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(normalise_database_url(server), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(normalise_database_url(server)).set(database=name).render_as_string(hide_password=False)
-    upgrade_to_head(url)
-    return name, url
-
-
-def drop_database(name: str, server: str = SERVER) -> None:
-    admin = create_engine(normalise_database_url(server), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 INVARIANTS: dict[str, str] = {
@@ -484,12 +462,14 @@ def main() -> int:
     args = parser.parse_args()
     config = StressConfig(**{k: v for k, v in vars(args).items() if k != "keep"})
     random.seed(config.seed)
-    name, url = fresh_database()
+    name = database_name("fractal_stress")
+    url = create_database(PG_SERVER_URL, name)
     try:
+        upgrade_to_head(url)
         report = run_stress(config, url)
     finally:
         if not args.keep:
-            drop_database(name)
+            drop_database(PG_SERVER_URL, name)
     print_report(config, report)
     return 1 if report.violations else 0
 

@@ -97,9 +97,6 @@ class DataCache:
         self._skip_until = time.monotonic() + OUTAGE_BACKOFF_S
 
 
-NO_CACHE = DataCache(None, ttl_s=0)
-
-
 def init_cache(app: Flask, settings: Settings, redis_client: redis.Redis[bytes] | None) -> DataCache:
     """Flask-Caching for ``app``: RedisCache on the app's Redis client when configured, else SimpleCache."""
     from flask_caching import Cache

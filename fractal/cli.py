@@ -43,7 +43,7 @@ def register_cli(app: Flask) -> None:
             report = run_scaler(
                 state.settings,
                 state.session_factory,
-                state.services["cloud"],
+                state.cloud,
                 wakeup=build_wakeup(state.settings),
                 once=once,
             )

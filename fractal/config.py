@@ -146,10 +146,6 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
-    @property
-    def is_development(self) -> bool:
-        return self.env is Environment.DEVELOPMENT
-
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; keyword overrides win (tests use them)."""

@@ -76,16 +76,17 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
     if session_factory is None:
         engine = create_db_engine(settings)
         session_factory = create_session_factory(engine)
-    state = FractalState(settings=settings, session_factory=session_factory, verifier=build_verifier(settings))
-    # The scaler's cloud (admin API's reconcile, `flask scaler`); building it connects to nothing.
-    state.services["cloud"] = build_cloud_provider(settings)
-    if engine is not None:
-        state.services["engine"] = engine
     redis_client = build_redis_client(settings)
-    if redis_client is not None:
-        state.services["redis"] = redis_client  # /readyz pings it
-    state.services["cache"] = init_cache(app, settings, redis_client)
-    state.services["nudge"] = build_nudge(settings)
+    state = FractalState(
+        settings=settings,
+        session_factory=session_factory,
+        verifier=build_verifier(settings),
+        cloud=build_cloud_provider(settings),
+        cache=init_cache(app, settings, redis_client),
+        nudge=build_nudge(settings),
+        engine=engine,
+        redis=redis_client,
+    )
     init_rate_limits(app, settings)
     return state
 

@@ -6,15 +6,24 @@ Only views and decorators import this module; services take what they need as ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app, g
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from fractal.auth.hosts import HostSecretDirectory
 from fractal.auth.tokens import TokenVerifier, UserClaims
+from fractal.cache import DataCache
+from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory
+from fractal.nudge import Nudge
+
+if TYPE_CHECKING:
+    import redis
+
+    from fractal.mail.backends import MailBackend
 
 EXTENSION_KEY = "fractal"
 
@@ -26,8 +35,15 @@ class FractalState:
     settings: Settings
     session_factory: SessionFactory
     verifier: TokenVerifier | None
+    cloud: CloudProvider  # the scaler's cloud (admin reconcile, `flask scaler`); building it connects to nothing
+    cache: DataCache
+    nudge: Nudge  # wakes the scaler when assign runs out of room
+    engine: Engine | None = None  # None when the caller injected its own session factory (tests)
+    redis: redis.Redis[bytes] | None = None  # /readyz pings it
     host_secrets: HostSecretDirectory = field(default_factory=HostSecretDirectory)
-    services: dict[str, Any] = field(default_factory=dict)
+    # Built on first use by the routes that need them (so an app that never mails builds no mail client).
+    mail_backend: MailBackend | None = None
+    s3: Any = None
 
 
 def state() -> FractalState:

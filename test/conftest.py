@@ -7,7 +7,6 @@ without them the machine's defaults on 127.0.0.1 are used.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import pytest
 from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from alembic import command
@@ -28,9 +26,9 @@ from fractal.migrations import alembic_config, run_alembic  # noqa: F401 (re-exp
 from test.factories import Factories
 from test.processes import three_shells  # noqa: F401 (a session fixture: one stack shared by its tests)
 from test.servers import aws_env, moto_endpoint, smtp_server, starttls_smtp_server  # noqa: F401 (fixtures)
+from test.throwaway import PG_SERVER_URL, create_database, database_name, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_SERVER_URL = os.environ.get("FRACTAL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = "log_uploads, newsletter_subscriptions, idempotency_keys, events, heartbeats, mandelboxes, instances, images"
 
@@ -40,27 +38,10 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
 
-def create_database(server_url: str, name: str) -> str:
-    """CREATE DATABASE ``name`` on the server; returns its URL."""
-    admin = create_engine(normalise_database_url(server_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(normalise_database_url(server_url)).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    admin = create_engine(normalise_database_url(server_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh database for this run (parallel runs never collide), migrated once with alembic."""
-    name = f"fractal_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = database_name("fractal_test")
     url = create_database(PG_SERVER_URL, name)
     run_alembic(url, command.upgrade, "head")
     yield url

@@ -23,14 +23,14 @@ import boto3
 import pytest
 from sqlalchemy import select, text
 
-from alembic import command
 from fractal.clock import utcnow
 from fractal.cloud.ec2 import Ec2Cloud
 from fractal.config import Settings
 from fractal.database import create_db_engine, create_session_factory
 from fractal.models import Instance, InstanceStatus
 from fractal.scaling.reconcile import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, reconcile_fleet
-from test.conftest import PG_SERVER_URL, ROOT, create_database, drop_database, run_alembic
+from test.conftest import ROOT
+from test.throwaway import throwaway_database
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,8 @@ LIVE = (InstanceStatus.PRE_CONNECTION, InstanceStatus.ACTIVE, InstanceStatus.DRA
 
 @pytest.fixture
 def fresh_database() -> Iterator[str]:
-    name = f"fractal_kill_{uuid.uuid4().hex[:8]}"
-    url = create_database(PG_SERVER_URL, name)
-    run_alembic(url, command.upgrade, "head")
-    yield url
-    drop_database(PG_SERVER_URL, name)
+    with throwaway_database("fractal_kill") as url:
+        yield url
 
 
 def running_in_ec2(ec2: Any, commit: str) -> dict[str, str]:

@@ -200,7 +200,7 @@ def fuzz_app(make_app: Callable[..., APIFlask], aws_env: str) -> Callable[[str],
     def build(kind: str) -> APIFlask:
         app = make_app(kind)
         # The scaler's reconcile endpoint launches nothing real: an in-memory cloud records what it was asked.
-        app.extensions["fractal"].services["cloud"] = MemoryCloud()
+        app.extensions["fractal"].cloud = MemoryCloud()
         return app
 
     return build

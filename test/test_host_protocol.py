@@ -13,10 +13,10 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fractal.auth.hosts import hash_host_secret
+from fractal.cloud.host_agent import HostAgent, HostAgentError, WsgiTransport
 from fractal.config import normalise_database_url
 from fractal.database import SessionFactory
 from fractal.events import EventKind
-from fractal.host_service.agent import HostAgent, HostAgentError, WsgiTransport
 from fractal.models import EndReason, Event, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from test.factories import Factories
 

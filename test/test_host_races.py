@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
+from fractal.cloud.host_agent import HostAgent, WsgiTransport
 from fractal.database import SessionFactory
-from fractal.host_service.agent import HostAgent, WsgiTransport
 from fractal.models import Instance, Mandelbox
 from test.test_assignment_concurrency import assert_counts_consistent, run_concurrently, seed_fleet
 

@@ -150,7 +150,7 @@ def test_a_full_scenario_logged_at_debug_never_shows_a_secret(
     apps = {kind: make_app(kind, factory=factory, **overrides) for kind in ("public", "admin", "host")}
     backend = SmtpBackend(starttls_smtp_server.url, ssl_context=starttls_smtp_server.tls.client_context)
     for app in apps.values():
-        app.extensions["fractal"].services["mail_backend"] = backend  # trusts the fixture's self-signed cert
+        app.extensions["fractal"].mail_backend = backend  # trusts the fixture's self-signed cert
     # After create_app (which quiets them): every library at DEBUG, SQL statements with their parameters too.
     noisy = ["werkzeug", "botocore", "urllib3", "boto3", "sqlalchemy.engine", "sqlalchemy.pool", "mail.log"]
     previous = {name: logging.getLogger(name).level for name in noisy}

@@ -135,7 +135,7 @@ def test_a_reconcile_pass_through_the_admin_api_is_counted(
     from fractal.cloud.memory import MemoryCloud
 
     app = make_app("admin", target_free_mandelboxes=8)
-    app.extensions["fractal"].services["cloud"] = MemoryCloud()
+    app.extensions["fractal"].cloud = MemoryCloud()
     client = app.test_client()
     factories.image(mandelbox_capacity=4)  # no instances yet: the pass launches two
     before = scrape(client)

@@ -41,7 +41,7 @@ def cloud() -> MemoryCloud:
 @pytest.fixture
 def admin(make_app: Callable[..., Any], cloud: MemoryCloud) -> Any:
     app = make_app("admin")
-    app.extensions["fractal"].services["cloud"] = cloud
+    app.extensions["fractal"].cloud = cloud
     return app.test_client()
 
 

@@ -9,18 +9,17 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from bench.stress import StressConfig, check_invariants, drop_database, fresh_database, run_stress
+from bench.stress import StressConfig, check_invariants, run_stress
 from fractal.config import normalise_database_url
-from test.conftest import PG_SERVER_URL
+from test.throwaway import throwaway_database
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def stress_database() -> Iterator[str]:
-    name, url = fresh_database(PG_SERVER_URL)
-    yield url
-    drop_database(name, PG_SERVER_URL)
+    with throwaway_database("fractal_stress") as url:
+        yield url
 
 
 def test_contended_run_keeps_every_invariant(stress_database: str) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from alembic import command
 from fractal.clock import UtcDateTime, format_timestamp
+from fractal.cloud.memory import MemoryCloud
 from fractal.config import normalise_database_url
 from fractal.migrations import run_alembic
 from fractal.models import (
@@ -205,7 +206,9 @@ def test_every_answer_writes_times_as_rfc3339_z(
     factories.image()
     factories.instance()
     public = make_app("public").test_client()
-    admin = make_app("admin").test_client()
+    admin_app = make_app("admin")
+    admin_app.extensions["fractal"].cloud = MemoryCloud()  # the pass below launches nothing that outlives the test
+    admin = admin_app.test_client()
     assigned = public.post(
         "/mandelbox/assign", json={"regions": ["us-east-1"], "client_commit_hash": "abc123"}, headers=user_headers()
     )

@@ -71,7 +71,7 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
         client_commit_hash=client_commit_hash,
         spec=ImageSpec(**body.model_dump()),
         actor=f"admin:{current_user().user_id}",
-        cache=state().services.get("cache"),
+        cache=state().cache,
     )
     return image_body(image)
 

@@ -55,7 +55,7 @@ def parse_mandelbox_id(raw: str) -> uuid.UUID:
 @public_blueprint.doc(summary="Enabled regions", security="UserToken", responses={401: "Unauthorized"})
 @user_required
 def list_regions() -> dict[str, Any]:
-    return {"regions": enabled_regions(db_session(), cache=state().services.get("cache"))}
+    return {"regions": enabled_regions(db_session(), cache=state().cache)}
 
 
 @public_blueprint.post("/mandelbox/assign")
@@ -78,9 +78,7 @@ def list_regions() -> dict[str, Any]:
 @assign_rate_limit  # under user_required: counted per verified user, after authentication
 @count_assignments
 def assign(body: AssignIn) -> Any:
-    config = settings()
-    services = state().services
-    nudge = services.get("nudge")
+    config, app_state = settings(), state()
     result = service.assign_mandelbox(
         db_session(),
         user_id=current_user().user_id,
@@ -89,10 +87,10 @@ def assign(body: AssignIn) -> Any:
         session_id=body.session_id,
         max_per_user=config.max_mandelboxes_per_user,
         allow_local_dev=config.env is Environment.DEVELOPMENT,
-        on_no_capacity=nudge.nudge if nudge is not None else None,
+        on_no_capacity=app_state.nudge.nudge,
         idempotency_key=idempotency_key_header(),
         idempotency_ttl_s=config.idempotency_ttl_s,
-        cache=services.get("cache"),
+        cache=app_state.cache,
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     return result.assignment.to_body(), 201, headers

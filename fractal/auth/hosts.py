@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 from sqlalchemy import select
@@ -23,11 +22,6 @@ def hash_host_secret(secret: str) -> str:
     """The stored form. A fast hash is right here: the secret is random, not a guessable password,
     and the digest is also the lookup key from secret to instance."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def host_secret_matches(secret: str, stored_hash: str) -> bool:
-    """Constant-time comparison of a presented secret with a stored digest."""
-    return hmac.compare_digest(hash_host_secret(secret), stored_hash)
 
 
 class HostSecretDirectory:

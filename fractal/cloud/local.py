@@ -15,7 +15,7 @@ from fractal.cloud.base import CloudHost, CloudState, HostRef, LaunchedHost, Lau
 from fractal.config import Settings
 
 if TYPE_CHECKING:
-    from fractal.host_service.agent import HostAgent
+    from fractal.cloud.host_agent import HostAgent
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ class SimulatedHost:
         self.thread.start()
 
     def _run(self) -> None:
-        from fractal.host_service.agent import HostAgent
+        from fractal.cloud.host_agent import HostAgent
 
         if self.stopped.wait(self.boot_delay_s):
             return

@@ -22,5 +22,5 @@ def healthz() -> dict[str, Any]:
 @health_blueprint.doc(summary="Database and Redis reachable", responses={200: "ready", 503: "a dependency is down"})
 def readyz() -> tuple[dict[str, Any], int]:
     app_state = state()
-    report = check_readiness(app_state.session_factory, redis_client=app_state.services.get("redis"))
+    report = check_readiness(app_state.session_factory, redis_client=app_state.redis)
     return report.to_body(), 200 if report.ready else 503

@@ -29,15 +29,14 @@ _UPLOAD_RESPONSES = {
 
 def s3_client() -> Any:
     """This app's S3 client, built on first use (honours AWS_ENDPOINT_URL_S3)."""
-    services = state().services
-    client = services.get("s3")
-    if client is None:
+    app_state = state()
+    if app_state.s3 is None:
         import boto3
         from botocore.config import Config
 
         # SigV4 presigned URLs: SigV2 ones are refused by S3 in every region opened since 2014.
-        client = services["s3"] = boto3.client("s3", config=Config(signature_version="s3v4"))
-    return client
+        app_state.s3 = boto3.client("s3", config=Config(signature_version="s3v4"))
+    return app_state.s3
 
 
 def request_log_body() -> service.LogBody:

@@ -19,11 +19,10 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
 
 def mail_backend() -> MailBackend:
     """This app's mail backend, built from settings on first use."""
-    services = state().services
-    backend: MailBackend | None = services.get("mail_backend")
-    if backend is None:
-        backend = services["mail_backend"] = build_mail_backend(settings())
-    return backend
+    app_state = state()
+    if app_state.mail_backend is None:
+        app_state.mail_backend = build_mail_backend(settings())
+    return app_state.mail_backend
 
 
 @mail_admin_blueprint.get("/mail/templates")

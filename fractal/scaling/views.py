@@ -28,7 +28,7 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
 )
 @admin_required
 def post_reconcile() -> Any:
-    report = reconcile_fleet(state().session_factory, settings=settings(), cloud=state().services["cloud"])
+    report = reconcile_fleet(state().session_factory, settings=settings(), cloud=state().cloud)
     observe_reconcile(report)
     return report.as_dict()
 

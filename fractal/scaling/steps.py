@@ -1,0 +1,458 @@
+"""The steps of one scaler pass, each a function with explicit inputs and outputs.
+
+    sweep → retire_hosts → observe → plan → drain → terminate_drained → launch → terminate_in_cloud
+
+Every status change goes through the fleet's movers (which write the events); what a step returns is the list of
+``ScalerAction`` it took (and, for the steps that call the cloud, the regions whose calls failed). The pass in
+``reconcile.py`` chains them and decides where to commit.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy.orm import Session
+
+from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
+from fractal.config import Settings
+from fractal.events import EventKind, record_events
+from fractal.fleet.instances import NewInstance, insert_instances, move_instances
+from fractal.fleet.mandelboxes import move_mandelboxes
+from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
+from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "scaler"
+# Provider id of a row whose launch has been requested but whose answer is not recorded yet.
+PENDING_PREFIX = "pending:"
+# A host whose launch outcome is unknown may be invisible to describe for a while (EC2 is eventually consistent):
+# "not found" only proves it gone after this long.
+LAUNCH_VISIBILITY_GRACE_S = 300.0
+
+
+@dataclass(frozen=True)
+class ScalerAction:
+    """One decision of a pass."""
+
+    action: str
+    instance_name: str | None = None
+    region: str | None = None
+    client_commit_hash: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegionError:
+    """A region whose cloud calls failed in a pass: it was skipped for that step; the other regions were not."""
+
+    region: str
+    operation: str  # "launch" or "terminate"
+    code: str | None
+    message: str
+
+
+@dataclass
+class CloudStepResult:
+    """What a step that calls the cloud did, and where the cloud failed it."""
+
+    actions: list[ScalerAction] = field(default_factory=list)
+    region_errors: list[RegionError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """The images and the not-yet-terminated instances, as the policy sees them."""
+
+    images: list[ImageTarget]
+    instances: list[InstanceSnapshot]
+
+
+# --- shared pieces -------------------------------------------------------------------------------------------
+
+
+def move(
+    session: Session,
+    *,
+    where: ColumnElement[bool],
+    to: InstanceStatus,
+    action: str,
+    reason: str,
+    now: datetime,
+    row_detail: dict[str, dict[str, Any]] | None = None,
+    **values: Any,
+) -> list[ScalerAction]:
+    """One set-based instance move through the fleet's mover (which records the events), as report actions."""
+    moved = move_instances(
+        session,
+        where=where,
+        to=to,
+        actor=ACTOR,
+        reason=reason,
+        values=values,
+        detail={"action": action},
+        row_detail=row_detail,
+        now=now,
+    )
+    return [ScalerAction(action, m.instance_name, m.region, m.client_commit_hash, {"reason": reason}) for m in moved]
+
+
+def record_decisions(session: Session, kind: EventKind, actions: Sequence[ScalerAction]) -> None:
+    """Decisions that are not status moves (a planned launch, a launch's provider id) become events too."""
+    record_events(
+        session,
+        [
+            {
+                "kind": kind,
+                "actor": ACTOR,
+                "instance_name": a.instance_name,
+                "detail": {
+                    "action": a.action,
+                    "region": a.region,
+                    "client_commit_hash": a.client_commit_hash,
+                    **a.detail,
+                },
+            }
+            for a in actions
+        ],
+    )
+
+
+def region_failed(session: Session, *, operation: str, region: str, failure: Exception, **detail: Any) -> RegionError:
+    """A cloud call failed in ``region``: an event and one warning; the caller skips that region's step."""
+    code = getattr(failure, "code", None) or type(failure).__name__
+    message = f"{operation} failed in {region}: {failure}"
+    record_events(
+        session,
+        [
+            {
+                "kind": EventKind.SCALER_ERROR,
+                "actor": ACTOR,
+                "detail": {"message": message, "operation": operation, "region": region, "code": code, **detail},
+            }
+        ],
+    )
+    log.warning("scaler.error", message=message, operation=operation, region=region, code=code, **detail)
+    return RegionError(region=region, operation=operation, code=code, message=message)
+
+
+# --- the steps -----------------------------------------------------------------------------------------------
+
+
+def sweep(session: Session, *, settings: Settings, now: datetime) -> list[ScalerAction]:
+    """The fleet's sweeps: silent hosts become LOST, unclaimed mandelboxes are released."""
+    lost = mark_silent_hosts_lost(session, now=now, host_timeout_s=settings.host_timeout_s)
+    released = release_unclaimed_mandelboxes(session, now=now, connect_timeout_s=settings.connect_timeout_s)
+    return [ScalerAction("lost", name) for name in lost] + [
+        ScalerAction("released", detail={"mandelbox_id": str(mandelbox_id)}) for mandelbox_id in released
+    ]
+
+
+def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list[ScalerAction]:
+    """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
+    boot_cutoff = now - timedelta(seconds=settings.boot_timeout_s)
+    booting = Instance.status == InstanceStatus.PRE_CONNECTION
+    retire = {
+        "lost": Instance.status == InstanceStatus.LOST,
+        "boot_timeout": and_(booting, Instance.created_at < boot_cutoff),
+        # Every launch of a pass is recorded before its lock is released; a marker left now means a pass crashed
+        # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
+        "launch_unconfirmed": and_(booting, Instance.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
+    }
+    actions: list[ScalerAction] = []
+    for reason, where in retire.items():
+        actions += move(session, where=where, to=InstanceStatus.TERMINATING, action="terminate", reason=reason, now=now)
+    return actions
+
+
+def observe(session: Session) -> FleetSnapshot:
+    """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED."""
+    images = [
+        ImageTarget(
+            region=row.region,
+            client_commit_hash=row.client_commit_hash,
+            ami_id=row.ami_id,
+            instance_type=row.instance_type,
+            mandelbox_capacity=row.mandelbox_capacity,
+            active=row.active,
+            target_free=row.target_free,
+        )
+        for row in session.execute(
+            select(
+                Image.region,
+                Image.client_commit_hash,
+                Image.ami_id,
+                Image.instance_type,
+                Image.mandelbox_capacity,
+                Image.active,
+                Image.target_free,
+            ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
+        )
+    ]
+    instances = [
+        InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
+        for name, region, commit, status, capacity, live, idle_since in session.execute(
+            select(
+                Instance.instance_name,
+                Instance.region,
+                Instance.client_commit_hash,
+                Instance.status,
+                Instance.mandelbox_capacity,
+                Instance.live_mandelboxes,
+                func.coalesce(Instance.empty_since, Instance.status_changed_at),
+            ).where(Instance.status != InstanceStatus.TERMINATED)
+        )
+    ]
+    return FleetSnapshot(images=images, instances=instances)
+
+
+def plan(
+    session: Session, snapshot: FleetSnapshot, *, settings: Settings, now: datetime
+) -> tuple[FleetPlan, list[ScalerAction]]:
+    """The policy's plan for this snapshot, and its launch decisions as actions (recorded as events)."""
+    fleet_plan = plan_fleet(
+        snapshot.images,
+        snapshot.instances,
+        now=now,
+        default_target_free=settings.target_free_mandelboxes,
+        max_instances_per_region=settings.max_instances_per_region,
+        scale_down_delay_s=settings.scale_down_delay_s,
+    )
+    decided = [
+        ScalerAction(
+            "plan_launch",
+            region=launch.region,
+            client_commit_hash=launch.client_commit_hash,
+            detail={
+                "free": launch.free,
+                "target_free": launch.target_free,
+                "wanted": launch.wanted,
+                "count": launch.count,
+                "capped": launch.count < launch.wanted,
+            },
+        )
+        for launch in fleet_plan.launches
+    ]
+    record_decisions(session, EventKind.SCALER_DECISION, decided)
+    return fleet_plan, decided
+
+
+def drain(session: Session, fleet_plan: FleetPlan, *, now: datetime) -> list[ScalerAction]:
+    """The plan's drains: ACTIVE/PRE_CONNECTION → DRAINING, re-checking the plan's conditions in the UPDATE."""
+    by_reason: dict[DrainReason, list[str]] = defaultdict(list)
+    for drained in fleet_plan.drains:
+        by_reason[drained.reason].append(drained.instance_name)
+    actions: list[ScalerAction] = []
+    for reason, names in sorted(by_reason.items()):
+        where: ColumnElement[bool] = Instance.instance_name.in_(names)
+        if reason is DrainReason.SPARE:
+            # Races assignment: assign locks the row and raises live_mandelboxes; this UPDATE re-evaluates
+            # live_mandelboxes = 0 on the newest row version, so a host that just got a user is never drained,
+            # and once drained (status <> ACTIVE) assign's own WHERE skips it.
+            where = and_(where, Instance.live_mandelboxes == 0)
+        actions += move(session, where=where, to=InstanceStatus.DRAINING, action="drain", reason=str(reason), now=now)
+    return actions
+
+
+def terminate_drained(session: Session, *, now: datetime) -> list[ScalerAction]:
+    """DRAINING hosts with no live mandelbox → TERMINATING (no assignment targets a DRAINING host, so an empty
+    one stays empty)."""
+    return move(
+        session,
+        where=and_(Instance.status == InstanceStatus.DRAINING, Instance.live_mandelboxes == 0),
+        to=InstanceStatus.TERMINATING,
+        action="terminate",
+        reason="drained_empty",
+        now=now,
+    )
+
+
+def launch(
+    session: Session, cloud: CloudProvider, launches: Sequence[LaunchPlan], *, settings: Settings, now: datetime
+) -> CloudStepResult:
+    """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
+    cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass."""
+    result = CloudStepResult()
+    new = [
+        NewInstance(
+            instance_name=(name := f"{p.region}-{p.client_commit_hash[:8]}-{secrets.token_hex(4)}"),
+            region=p.region,
+            client_commit_hash=p.client_commit_hash,
+            ami_id=p.ami_id,
+            instance_type=p.instance_type,
+            mandelbox_capacity=p.mandelbox_capacity,
+            cloud_provider_id=PENDING_PREFIX + name,
+        )
+        for p in launches
+        for _ in range(p.count)
+    ]
+    if not new:
+        return result
+    host_secrets = insert_instances(session, new, now=now)
+    session.commit()
+
+    launched: list[ScalerAction] = []
+    refused: list[str] = []  # the cloud said no: no host exists
+    unknown: list[str] = []  # the request may have reached the cloud
+    not_sent: list[str] = []  # their region had failed already
+    failed_regions: set[str] = set()
+    for row in new:
+        if row.region in failed_regions:
+            not_sent.append(row.instance_name)
+            continue
+        request = LaunchRequest(
+            instance_name=row.instance_name,
+            region=row.region,
+            client_commit_hash=row.client_commit_hash,
+            ami_id=row.ami_id,
+            instance_type=row.instance_type,
+            mandelbox_capacity=row.mandelbox_capacity,
+            host_secret=host_secrets[row.instance_name],
+            host_api_url=settings.host_api_url,
+        )
+        try:
+            host = cloud.launch(request)
+        except Exception as failure:  # any provider failure; unknown ones count as "may have started"
+            maybe_done = failure.maybe_done if isinstance(failure, CloudError) else True
+            (unknown if maybe_done else refused).append(row.instance_name)
+            failed_regions.add(row.region)
+            result.region_errors.append(
+                region_failed(
+                    session, operation="launch", region=row.region, failure=failure, instance_name=row.instance_name
+                )
+            )
+            continue
+        launched.append(
+            ScalerAction(
+                "launch",
+                row.instance_name,
+                row.region,
+                row.client_commit_hash,
+                {"cloud_provider_id": host.cloud_provider_id, "cloud": cloud.name},
+            )
+        )
+    if launched:
+        session.execute(  # bulk UPDATE by primary key: the provider ids replace the pending markers
+            update(Instance),
+            [{"instance_name": a.instance_name, "cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
+        )
+        record_decisions(session, EventKind.INSTANCE_LAUNCHED, launched)
+    result.actions += launched
+    for names, reason in ((refused, "launch_refused"), (not_sent, "region_failed")):
+        if names:  # no host exists: the row is finished at once (kept as history)
+            result.actions += move(
+                session,
+                where=Instance.instance_name.in_(names),
+                to=InstanceStatus.TERMINATED,
+                action="launch_failed" if reason == "launch_refused" else "launch_skipped",
+                reason=reason,
+                now=now,
+                cloud_provider_id=None,
+            )
+    if unknown:  # keep the marker and let termination find the host by name
+        result.actions += move(
+            session,
+            where=Instance.instance_name.in_(unknown),
+            to=InstanceStatus.TERMINATING,
+            action="terminate",
+            reason="launch_unconfirmed",
+            now=now,
+        )
+    session.commit()
+    return result
+
+
+def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime) -> CloudStepResult:
+    """Terminate every TERMINATING host and mark TERMINATED those the cloud confirms gone, region by region."""
+    result = CloudStepResult()
+    rows = session.execute(
+        select(Instance.instance_name, Instance.region, Instance.cloud_provider_id, Instance.status_changed_at)
+        .where(Instance.status == InstanceStatus.TERMINATING)
+        .order_by(Instance.region, Instance.instance_name)
+    ).all()
+    by_region: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_region[row.region].append(row)
+    gone: dict[str, str | None] = {}
+    for region, region_rows in sorted(by_region.items()):
+        try:
+            gone.update(_terminate_region(cloud, region, region_rows, now=now))
+        except Exception as failure:  # any provider failure stays in its region
+            # Leave the rows TERMINATING: the next pass asks again. Never assume a host is gone.
+            result.region_errors.append(region_failed(session, operation="terminate", region=region, failure=failure))
+    if not gone:
+        return result
+    names = sorted(gone)
+    # Live mandelboxes end (an earlier reason, e.g. a user's delete, is kept) and their slots are returned, so the
+    # counter is consistent before the row is finished.
+    ended = move_mandelboxes(
+        session,
+        where=Mandelbox.instance_name.in_(names),
+        to=MandelboxStatus.EXITED,
+        reason=EndReason.INSTANCE_TERMINATED,
+        actor=ACTOR,
+        now=now,
+    )
+    result.actions += move(
+        session,
+        where=Instance.instance_name.in_(names),
+        to=InstanceStatus.TERMINATED,
+        action="terminated",
+        reason="confirmed_gone",
+        now=now,
+        row_detail={name: {"cloud_provider_id": cloud_id} for name, cloud_id in gone.items()},
+        live_mandelboxes=0,
+        empty_since=func.coalesce(Instance.empty_since, now),
+    )
+    result.actions += [
+        ScalerAction("mandelbox_ended", box.instance_name, detail={"mandelbox_id": str(box.mandelbox_id)})
+        for box in ended
+    ]
+    return result
+
+
+def _terminate_region(
+    cloud: CloudProvider, region: str, rows: Sequence[Any], *, now: datetime
+) -> dict[str, str | None]:
+    """Describe, terminate what still runs, describe again; returns name → provider id of confirmed-gone rows."""
+    refs = [HostRef(row.instance_name, row.cloud_provider_id) for row in rows]
+    hosts = _group(cloud.describe(region, refs), rows)
+    running = sorted(h.cloud_provider_id for found in hosts.values() for h in found if not h.gone)
+    if running:
+        cloud.terminate(region, running)
+        hosts = _group(cloud.describe(region, refs), rows)
+    grace_cutoff = now - timedelta(seconds=LAUNCH_VISIBILITY_GRACE_S)
+    confirmed: dict[str, str | None] = {}
+    for row in rows:
+        found = hosts.get(row.instance_name, [])
+        if found:
+            if all(h.gone for h in found):
+                confirmed[row.instance_name] = found[0].cloud_provider_id
+            continue
+        launch_unknown = (row.cloud_provider_id or "").startswith(PENDING_PREFIX)
+        if launch_unknown and row.status_changed_at > grace_cutoff:
+            continue  # it may exist but not be visible yet
+        confirmed[row.instance_name] = row.cloud_provider_id if not launch_unknown else None
+    return confirmed
+
+
+def _group(hosts: Sequence[CloudHost], rows: Sequence[Any]) -> dict[str, list[CloudHost]]:
+    """Cloud hosts per row: by provider id when the row has one, else by the instance-name tag."""
+    name_by_id = {row.cloud_provider_id: row.instance_name for row in rows if row.cloud_provider_id}
+    names = {row.instance_name for row in rows}
+    grouped: dict[str, list[CloudHost]] = defaultdict(list)
+    for host in hosts:
+        name = name_by_id.get(host.cloud_provider_id)
+        if name is None and host.instance_name in names:
+            name = host.instance_name
+        if name is not None:
+            grouped[name].append(host)
+    return grouped
