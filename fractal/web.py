@@ -5,6 +5,7 @@ Only views and decorators import this module; services take what they need as ar
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from fractal.cache import DataCache
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory
+from fractal.errors import NotFoundError
 from fractal.nudge import Nudge
 
 if TYPE_CHECKING:
@@ -73,3 +75,11 @@ def close_db_session(_exc: BaseException | None = None) -> None:
 def current_user() -> UserClaims:
     user: UserClaims = g.user
     return user
+
+
+def parse_mandelbox_id(raw: str) -> uuid.UUID:
+    """A mandelbox id from a URL path; one that is not a UUID cannot name a mandelbox: 404, like any unknown id."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError as exc:
+        raise NotFoundError("No such mandelbox.") from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -14,12 +13,12 @@ from fractal.assignment import service
 from fractal.assignment.schemas import AssignIn, AssignOut, RegionsOut
 from fractal.auth.decorators import user_required
 from fractal.config import Environment
-from fractal.errors import NotFoundError, ValidationError
+from fractal.errors import ValidationError
 from fractal.images import enabled_regions
 from fractal.metrics import count_assignments
 from fractal.ratelimit import assign_rate_limit
 from fractal.schemas import MandelboxOut
-from fractal.web import current_user, db_session, settings, state
+from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
 public_blueprint = APIBlueprint("public", __name__, tag="Mandelboxes")
 
@@ -40,14 +39,6 @@ def idempotency_key_header() -> str | None:
             details={"headers": {IDEMPOTENCY_HEADER: ["1 to 255 printable ASCII characters"]}},
         )
     return raw
-
-
-def parse_mandelbox_id(raw: str) -> uuid.UUID:
-    """Path ids that are not UUIDs cannot name a mandelbox: 404, like any unknown id."""
-    try:
-        return uuid.UUID(raw)
-    except ValueError as exc:
-        raise NotFoundError("No such mandelbox.") from exc
 
 
 @public_blueprint.get("/regions")

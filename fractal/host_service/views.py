@@ -8,7 +8,6 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
-from fractal.assignment.views import parse_mandelbox_id
 from fractal.auth.decorators import current_host_instance_name, host_required
 from fractal.host_service import service
 from fractal.host_service.schemas import (
@@ -21,7 +20,7 @@ from fractal.host_service.schemas import (
     MandelboxStatusIn,
 )
 from fractal.ratelimit import handshake_failure_limit
-from fractal.web import db_session, settings
+from fractal.web import db_session, parse_mandelbox_id, settings
 
 host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="/host")
 _AUTH = {401: "Unauthorized (no hint whether the instance exists)"}

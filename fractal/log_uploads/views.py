@@ -8,11 +8,10 @@ from typing import IO, Any
 from apiflask import APIBlueprint
 from flask import request
 
-from fractal.assignment.views import parse_mandelbox_id
 from fractal.auth.decorators import admin_required, current_host_instance_name, host_required, user_required
 from fractal.log_uploads import service
 from fractal.log_uploads.schemas import LogListOut, LogStoredOut
-from fractal.web import current_user, db_session, settings, state
+from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
 host_logs_blueprint = APIBlueprint("host_logs", __name__, tag="Host", url_prefix="/host")
 public_logs_blueprint = APIBlueprint("public_logs", __name__, tag="Logs")
