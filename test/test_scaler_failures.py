@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from moto.server import ThreadedMotoServer
 from sqlalchemy import select
 
 from fractal.cloud.ec2 import Ec2Cloud
@@ -80,23 +79,14 @@ def test_fractal_regions_is_read_comma_separated(monkeypatch: pytest.MonkeyPatch
 # --- failures stay in their region ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_ec2() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def test_an_invalid_region_row_does_not_stop_the_other_regions_on_ec2(
-    moto_ec2: str,
+    moto_endpoint: str,
     monkeypatch: pytest.MonkeyPatch,
     committed_factory: SessionFactory,
     make_app: Callable[..., Any],
     admin_headers: dict[str, str],
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_ec2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_endpoint)
     with committed_factory() as session:  # a row written before region names were checked
         session.add_all([image("0"), image("us-east-1")])
         session.commit()
