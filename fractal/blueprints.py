@@ -26,3 +26,10 @@ BLUEPRINTS_BY_API: dict[str, tuple[APIBlueprint, ...]] = {
     "admin": ADMIN_BLUEPRINTS,
     "host": HOST_BLUEPRINTS,
 }
+
+# Each API's OpenAPI title, so three specs side by side (and their /docs pages) say which API they describe.
+API_TITLES: dict[str, str] = {
+    "public": "Fractal public API",
+    "admin": "Fractal admin API",
+    "host": "Fractal host-service API",
+}

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
-from fractal.blueprints import ADMIN_BLUEPRINTS, HOST_BLUEPRINTS, PUBLIC_BLUEPRINTS
+from fractal.blueprints import API_TITLES, BLUEPRINTS_BY_API
 from fractal.cloud import build_cloud_provider
 from fractal.cloud.local import LocalCloud
 from fractal.config import Environment, Settings, load_settings
@@ -76,10 +76,24 @@ class ServerThread(threading.Thread):
 
 def build_apps(settings: Settings, session_factory: SessionFactory) -> dict[str, APIFlask]:
     return {
-        "public": create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings, session_factory=session_factory),
-        "admin": create_app(blueprints=ADMIN_BLUEPRINTS, settings=settings, session_factory=session_factory),
-        "host": create_app(blueprints=HOST_BLUEPRINTS, settings=settings, session_factory=session_factory),
+        name: create_app(
+            blueprints=blueprints, settings=settings, session_factory=session_factory, title=API_TITLES[name]
+        )
+        for name, blueprints in BLUEPRINTS_BY_API.items()
     }
+
+
+def served_host_api_url(settings: Settings, host: str, host_port: int) -> str:
+    """The host API URL simulated hosts are told: FRACTAL_HOST_API_URL when set, else the one served here.
+
+    The simulated hosts run in this process, so a wildcard bind address is reached through loopback.
+    """
+    if "host_api_url" in settings.model_fields_set:
+        return settings.host_api_url
+    reachable = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 (mapping only)
+    if ":" in reachable:  # an IPv6 literal
+        reachable = f"[{reachable}]"
+    return f"http://{reachable}:{host_port}"
 
 
 def print_welcome(settings: Settings, ports: dict[str, int], host: str) -> None:
@@ -95,6 +109,7 @@ Fractal is running ({settings.env}, database {settings.database_url.split("@")[-
   public API  {base["public"]}   docs {base["public"]}/docs
   admin API   {base["admin"]}   docs {base["admin"]}/docs
   host API    {base["host"]}   docs {base["host"]}/docs
+  simulated hosts call {settings.host_api_url}
 
 Try it:
   export TOKEN={user}
@@ -111,10 +126,21 @@ Press Ctrl-C to stop.""",
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default=os.environ.get("FRACTAL_DEV_HOST", "127.0.0.1"))
-    parser.add_argument("--public-port", type=int, default=int(os.environ.get("FRACTAL_PUBLIC_PORT", "8000")))
-    parser.add_argument("--admin-port", type=int, default=int(os.environ.get("FRACTAL_ADMIN_PORT", "8001")))
-    parser.add_argument("--host-port", type=int, default=int(os.environ.get("FRACTAL_HOST_PORT", "8002")))
+    parser.add_argument(
+        "--host", default=os.environ.get("FRACTAL_DEV_HOST", "127.0.0.1"), help="bind address (FRACTAL_DEV_HOST)"
+    )
+    parser.add_argument(
+        "--public-port", type=int, default=int(os.environ.get("FRACTAL_PUBLIC_PORT", "8000")), help="public API port"
+    )
+    parser.add_argument(
+        "--admin-port", type=int, default=int(os.environ.get("FRACTAL_ADMIN_PORT", "8001")), help="admin API port"
+    )
+    parser.add_argument(
+        "--host-port",
+        type=int,
+        default=int(os.environ.get("FRACTAL_HOST_PORT", "8002")),
+        help="host API port; simulated hosts are told this one unless FRACTAL_HOST_API_URL is set",
+    )
     parser.add_argument("--no-seed", action="store_true", help="Do not seed the demo images into an empty database.")
     args = parser.parse_args(argv)
 
@@ -122,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.env is Environment.PRODUCTION:
         print("devserver is for development; run the apps under gunicorn in production (see README).", file=sys.stderr)
         return 2
+    # The scaler tells every host it launches where the host API is: the one this process serves, whatever
+    # --host/--host-port say, unless FRACTAL_HOST_API_URL names another on purpose.
+    settings = settings.model_copy(update={"host_api_url": served_host_api_url(settings, args.host, args.host_port)})
     upgrade_to_head(settings.database_url)
     engine = create_db_engine(settings)
     session_factory = create_session_factory(engine)
