@@ -8,6 +8,7 @@ from typing import Any
 from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
 
+from fractal.api_docs import configure_docs
 from fractal.auth.tokens import build_verifier
 from fractal.cache import init_cache
 from fractal.cloud import build_cloud_provider
@@ -46,6 +47,7 @@ def create_app(
     configure_logging(level=settings.log_level, json=settings.log_json)
     state = register_extensions(app, settings, session_factory)
     register_blueprints(app, [health_blueprint, *blueprints])
+    configure_docs(app)
     register_error_handlers(app)
     register_path_guard(app)
     register_request_context(app)
