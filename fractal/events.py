@@ -10,6 +10,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from fractal.models import Event
+from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 
 class EventKind(enum.StrEnum):
@@ -73,6 +74,27 @@ def record_events(session: Session, rows: list[dict[str, Any]]) -> None:
         )
 
 
-def list_events(session: Session, *, limit: int = 100) -> list[Event]:
-    """Newest first."""
-    return list(session.scalars(select(Event).order_by(Event.id.desc()).limit(limit)))
+EVENTS_LIST = "events"
+# Newest first by id: ids are handed out in the order rows are written, and unlike created_at they are unique.
+EVENT_ORDER = (SortKey(Event.id, descending=True),)
+
+
+def list_events(session: Session, *, limit: int = 100, cursor: str | None = None) -> Page[Event]:
+    """One page of the audit log, newest first.
+
+    Raises:
+        ValidationError: ``cursor`` is not a cursor of this list.
+    """
+    query = select(Event)
+    if cursor is not None:
+        (last_id,) = decode_cursor(cursor, list_name=EVENTS_LIST, key_types=(int,))
+        query = query.where(after_key(EVENT_ORDER, (last_id,)))
+    return fetch_page(
+        session,
+        query,
+        keys=EVENT_ORDER,
+        limit=limit,
+        list_name=EVENTS_LIST,
+        convert=lambda row: row[0],
+        key_of=lambda event: (event.id,),
+    )

@@ -13,6 +13,7 @@ from fractal.cache import DataCache
 from fractal.clock import utcnow
 from fractal.events import EventKind, record_event
 from fractal.models import Image
+from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,30 @@ class ImageSpec:
     target_free: int | None = None
 
 
-def list_images(session: Session) -> list[Image]:
-    return list(session.scalars(select(Image).order_by(Image.region, Image.created_at, Image.id)))
+IMAGES_LIST = "images"
+# By region, then in the order the images were created (ids are handed out in that order and are unique).
+IMAGE_ORDER = (SortKey(Image.region), SortKey(Image.id))
+
+
+def list_images(session: Session, *, limit: int = 500, cursor: str | None = None) -> Page[Image]:
+    """One page of images by region, oldest first within a region.
+
+    Raises:
+        ValidationError: ``cursor`` is not a cursor of this list.
+    """
+    query = select(Image)
+    if cursor is not None:
+        key = decode_cursor(cursor, list_name=IMAGES_LIST, key_types=(str, int))
+        query = query.where(after_key(IMAGE_ORDER, key))
+    return fetch_page(
+        session,
+        query,
+        keys=IMAGE_ORDER,
+        limit=limit,
+        list_name=IMAGES_LIST,
+        convert=lambda row: row[0],
+        key_of=lambda image: (image.region, image.id),
+    )
 
 
 # Cache namespace of everything derived from the images table; bumped whenever an image changes.

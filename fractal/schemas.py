@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 from fractal.clock import format_timestamp
 from fractal.models import EndReason, MandelboxStatus
@@ -66,3 +66,6 @@ class AdminMandelboxOut(MandelboxOut):
 
 class MandelboxListOut(BaseModel):
     mandelboxes: list[AdminMandelboxOut]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as cursor for the next page; null when no rows are behind this page."
+    )

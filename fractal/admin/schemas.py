@@ -15,6 +15,10 @@ from fractal.schemas import RequestIn, StrictIn, Timestamp
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
+# Every admin list pages with a cursor (ARCHITECTURE.md section 12); `limit` documents its default and maximum.
+CURSOR_DESCRIPTION = "The next_cursor of the previous page; omit it for the first page."
+NEXT_CURSOR_DESCRIPTION = "Pass as cursor for the next page; null when no rows are behind this page."
+
 
 class ImageIn(StrictIn):
     ami_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -38,6 +42,7 @@ class ImageOut(BaseModel):
 
 class ImageListOut(BaseModel):
     images: list[ImageOut]
+    next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
 
 
 class InstanceOut(BaseModel):
@@ -58,6 +63,7 @@ class InstanceOut(BaseModel):
 
 class InstanceListOut(BaseModel):
     instances: list[InstanceOut]
+    next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
 
 
 class InstanceIn(StrictIn):
@@ -90,22 +96,34 @@ class EventOut(BaseModel):
 
 class EventListOut(BaseModel):
     events: list[EventOut]
+    next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
 
 
-class EventFilterIn(RequestIn):
-    limit: int = Field(default=100, ge=1, le=1000)
+class PageIn(RequestIn):
+    cursor: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description=CURSOR_DESCRIPTION
+    )
 
 
-class InstanceFilterIn(RequestIn):
+class ImageFilterIn(PageIn):
+    limit: int = Field(default=500, ge=1, le=5000, description="Rows per page (at most 5000)")
+
+
+class EventFilterIn(PageIn):
+    limit: int = Field(default=100, ge=1, le=1000, description="Rows per page (at most 1000)")
+
+
+class InstanceFilterIn(PageIn):
     region: Annotated[str, StringConstraints(max_length=64)] | None = None
     status: InstanceStatus | None = None
+    limit: int = Field(default=500, ge=1, le=5000, description="Rows per page (at most 5000)")
 
 
-class MandelboxFilterIn(RequestIn):
+class MandelboxFilterIn(PageIn):
     user_id: Annotated[str, StringConstraints(max_length=255)] | None = None
     status: MandelboxStatus | None = None
     instance_name: Annotated[str, StringConstraints(max_length=128)] | None = None
-    limit: int = Field(default=500, ge=1, le=5000)
+    limit: int = Field(default=500, ge=1, le=5000, description="Rows per page (at most 5000)")
 
 
 def validate_image_key(region: str, client_commit_hash: str, settings: Settings) -> None:

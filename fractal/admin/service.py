@@ -14,6 +14,7 @@ from fractal.errors import NotFoundError
 from fractal.events import EventKind
 from fractal.fleet.instances import NewInstance, create_instance, drain_instance
 from fractal.models import Heartbeat, Image, Instance, InstanceStatus
+from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 MANUAL_PLACEHOLDER = "manual"
 
@@ -53,17 +54,40 @@ def _instance_view_query() -> Select[*tuple[Any, ...]]:
     ).outerjoin(Heartbeat, Heartbeat.instance_name == Instance.instance_name)
 
 
+INSTANCES_LIST = "instances"
+INSTANCE_ORDER = (SortKey(Instance.region), SortKey(Instance.instance_name))
+
+
 def list_instance_views(
-    session: Session, *, region: str | None = None, status: InstanceStatus | None = None
-) -> list[InstanceView]:
-    """Instances with live usage and last heartbeat, by region then name."""
+    session: Session,
+    *,
+    region: str | None = None,
+    status: InstanceStatus | None = None,
+    limit: int = 500,
+    cursor: str | None = None,
+) -> Page[InstanceView]:
+    """One page of instances with live usage and last heartbeat, by region then name.
+
+    Raises:
+        ValidationError: ``cursor`` is not a cursor of this list.
+    """
     query = _instance_view_query()
     if region is not None:
         query = query.where(Instance.region == region)
     if status is not None:
         query = query.where(Instance.status == status)
-    rows = session.execute(query.order_by(Instance.region, Instance.instance_name)).all()
-    return [InstanceView(*row) for row in rows]
+    if cursor is not None:
+        key = decode_cursor(cursor, list_name=INSTANCES_LIST, key_types=(str, str))
+        query = query.where(after_key(INSTANCE_ORDER, key))
+    return fetch_page(
+        session,
+        query,
+        keys=INSTANCE_ORDER,
+        limit=limit,
+        list_name=INSTANCES_LIST,
+        convert=lambda row: InstanceView(*row),
+        key_of=lambda view: (view.region, view.instance_name),
+    )
 
 
 def get_instance_view(session: Session, *, instance_name: str) -> InstanceView | None:

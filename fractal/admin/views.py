@@ -11,6 +11,7 @@ from fractal.admin import service
 from fractal.admin.schemas import (
     EventFilterIn,
     EventListOut,
+    ImageFilterIn,
     ImageIn,
     ImageListOut,
     ImageOut,
@@ -49,11 +50,13 @@ def image_body(image: Image) -> dict[str, Any]:
 
 
 @admin_blueprint.get("/images")
-@admin_blueprint.output(ImageListOut)
-@admin_blueprint.doc(summary="List images", security="UserToken", responses=_AUTH)
 @admin_required
-def get_images() -> Any:
-    return {"images": [image_body(image) for image in list_images(db_session())]}
+@admin_blueprint.input(ImageFilterIn, location="query", arg_name="filters")
+@admin_blueprint.output(ImageListOut)
+@admin_blueprint.doc(summary="List images by region (paged)", security="UserToken", responses=_AUTH)
+def get_images(filters: ImageFilterIn) -> Any:
+    page = list_images(db_session(), limit=filters.limit, cursor=filters.cursor)
+    return {"images": [image_body(image) for image in page.items], "next_cursor": page.next_cursor}
 
 
 @admin_blueprint.put("/images/<region>/<client_commit_hash>")
@@ -80,26 +83,33 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
 @admin_required
 @admin_blueprint.input(InstanceFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(InstanceListOut)
-@admin_blueprint.doc(summary="List instances with usage and last heartbeat", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(
+    summary="List instances with usage and last heartbeat, by region and name (paged)",
+    security="UserToken",
+    responses=_AUTH,
+)
 def get_instances(filters: InstanceFilterIn) -> Any:
-    views = service.list_instance_views(db_session(), region=filters.region, status=filters.status)
-    return {"instances": [asdict(view) for view in views]}
+    page = service.list_instance_views(
+        db_session(), region=filters.region, status=filters.status, limit=filters.limit, cursor=filters.cursor
+    )
+    return {"instances": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
 
 
 @admin_blueprint.get("/mandelboxes")
 @admin_required
 @admin_blueprint.input(MandelboxFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(MandelboxListOut)
-@admin_blueprint.doc(summary="List mandelboxes, newest first", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(summary="List mandelboxes, newest first (paged)", security="UserToken", responses=_AUTH)
 def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
-    views = list_mandelbox_views(
+    page = list_mandelbox_views(
         db_session(),
         user_id=filters.user_id,
         status=filters.status,
         instance_name=filters.instance_name,
         limit=filters.limit,
+        cursor=filters.cursor,
     )
-    return {"mandelboxes": [asdict(view) for view in views]}
+    return {"mandelboxes": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
 
 
 @admin_blueprint.post("/instances")
@@ -147,6 +157,7 @@ def event_body(event: Event) -> dict[str, Any]:
 @admin_required
 @admin_blueprint.input(EventFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(EventListOut)
-@admin_blueprint.doc(summary="Audit events, newest first", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(summary="Audit events, newest first (paged)", security="UserToken", responses=_AUTH)
 def get_events(filters: EventFilterIn) -> Any:
-    return {"events": [event_body(event) for event in list_events(db_session(), limit=filters.limit)]}
+    page = list_events(db_session(), limit=filters.limit, cursor=filters.cursor)
+    return {"events": [event_body(event) for event in page.items], "next_cursor": page.next_cursor}

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, delete, insert, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Row, Select, delete, insert, select, tuple_
+from sqlalchemy.orm import Session, aliased
 
 from fractal.cache import DataCache
 from fractal.clock import db_now
@@ -29,6 +29,7 @@ from fractal.errors import (
     NotFoundError,
     RegionNotEnabledError,
     UserAlreadyActiveError,
+    ValidationError,
 )
 from fractal.events import EventKind, record_event
 from fractal.fleet.mandelboxes import (
@@ -40,6 +41,7 @@ from fractal.fleet.mandelboxes import (
 )
 from fractal.images import active_image_summary
 from fractal.models import EndReason, IdempotencyKey, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 LOCAL_DEV_COMMIT_HASH = "local_dev"
 NO_CAPACITY_RETRY_AFTER_S = 10
@@ -349,6 +351,10 @@ def get_mandelbox_view(session: Session, *, mandelbox_id: uuid.UUID) -> Mandelbo
     return _to_view(row) if row is not None else None
 
 
+MANDELBOXES_LIST = "mandelboxes"
+MANDELBOX_ORDER = (SortKey(Mandelbox.created_at, descending=True), SortKey(Mandelbox.mandelbox_id, descending=True))
+
+
 def list_mandelbox_views(
     session: Session,
     *,
@@ -356,8 +362,13 @@ def list_mandelbox_views(
     status: MandelboxStatus | None = None,
     instance_name: str | None = None,
     limit: int = 500,
-) -> list[MandelboxView]:
-    """Newest first, filtered (admin view)."""
+    cursor: str | None = None,
+) -> Page[MandelboxView]:
+    """One page of mandelboxes, newest first, filtered (admin view).
+
+    Raises:
+        ValidationError: ``cursor`` is not a cursor of this list, or names a mandelbox that does not exist.
+    """
     query = _view_query()
     if user_id is not None:
         query = query.where(Mandelbox.user_id == user_id)
@@ -365,8 +376,37 @@ def list_mandelbox_views(
         query = query.where(Mandelbox.status == status)
     if instance_name is not None:
         query = query.where(Mandelbox.instance_name == instance_name)
-    rows = session.execute(query.order_by(Mandelbox.created_at.desc()).limit(limit)).all()
-    return [_to_view(row) for row in rows]
+    if cursor is not None:
+        query = query.where(_after_mandelbox(session, cursor))
+    return fetch_page(
+        session,
+        query,
+        keys=MANDELBOX_ORDER,
+        limit=limit,
+        list_name=MANDELBOXES_LIST,
+        convert=_to_view,
+        key_of=lambda view: (str(view.mandelbox_id),),
+    )
+
+
+def _after_mandelbox(session: Session, cursor: str) -> ColumnElement[bool]:
+    """Rows after the cursor's mandelbox in (created_at, mandelbox_id) descending order.
+
+    The cursor carries only the last row's id (rows are never deleted); its created_at is read back from the row
+    inside the statement, so the comparison is the stored value against stored values exactly as ORDER BY sees
+    them, whatever form a backend keeps timestamps in (SQLite's text forms, aware or naive), and no time value
+    has to survive a round trip through the cursor.
+    """
+    (text_id,) = decode_cursor(cursor, list_name=MANDELBOXES_LIST, key_types=(str,))
+    try:
+        anchor_id = uuid.UUID(str(text_id))
+    except ValueError:
+        raise ValidationError("The cursor is not valid.", details={"query": {"cursor": ["unknown row"]}}) from None
+    if str(anchor_id) != text_id or session.get(Mandelbox, anchor_id) is None:
+        raise ValidationError("The cursor is not valid.", details={"query": {"cursor": ["unknown row"]}})
+    anchor = aliased(Mandelbox)
+    anchor_created_at = select(anchor.created_at).where(anchor.mandelbox_id == anchor_id).scalar_subquery()
+    return after_key(MANDELBOX_ORDER, (anchor_created_at, anchor_id))
 
 
 def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: uuid.UUID) -> MandelboxView:
