@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test.devserver import DevServer
 from test.servers import free_port, wait_for_port
-from test.test_devserver import call
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_port_flags_alone_keep_simulated_hosts_on_the_served_host_api(tmp_path: 
         f"--admin-port={ports['admin']}",
         f"--host-port={ports['host']}",
     ]
-    out_path = tmp_path / "devserver.out"
+    out_path = tmp_path / "devserver.out"  # where DevServer.output() reads
     with out_path.open("wb") as output:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
@@ -48,13 +48,13 @@ def test_port_flags_alone_keep_simulated_hosts_on_the_served_host_api(tmp_path: 
             token = re.search(r"export TOKEN=(\S+)", printed)
             admin_token = re.search(r"export ADMIN_TOKEN=(\S+)", printed)
             assert token and admin_token
+            server = DevServer(tmp_path, process, ports, token[1], admin_token[1])
             assert f"simulated hosts call http://127.0.0.1:{ports['host']}" in printed
 
             # A simulated host can only become ACTIVE by shaking hands with the host API on ports["host"].
-            admin = f"http://127.0.0.1:{ports['admin']}"
             deadline = time.monotonic() + 60
             while True:
-                status, listing = call("GET", f"{admin}/admin/instances?region=eu-west-1", admin_token[1])
+                status, listing = server.call("admin", "GET", "/admin/instances?region=eu-west-1", server.admin_token)
                 assert status == 200, listing
                 active = [i for i in listing["instances"] if i["status"] == "ACTIVE" and i["last_heartbeat_at"]]
                 if active:
@@ -62,7 +62,7 @@ def test_port_flags_alone_keep_simulated_hosts_on_the_served_host_api(tmp_path: 
                 assert time.monotonic() < deadline, f"no simulated host reached the served host API: {listing}"
                 time.sleep(0.5)
             assign = {"regions": ["eu-west-1"], "client_commit_hash": "local_dev"}
-            status, body = call("POST", f"http://127.0.0.1:{ports['public']}/mandelbox/assign", token[1], assign)
+            status, body = server.call("public", "POST", "/mandelbox/assign", server.token, assign)
             assert status == 201, body
             assert body["region"] == "eu-west-1" and body["status"] == "ALLOCATED"
         finally:
