@@ -32,6 +32,7 @@ from fractal.images import ImageSpec, upsert_image
 from fractal.migrations import upgrade_to_head
 from fractal.models import Image
 from fractal.scaling.runner import build_wakeup, start_scaler_thread
+from fractal.web import EXTENSION_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_REGIONS = ("us-east-1", "eu-west-1")
@@ -75,12 +76,19 @@ class ServerThread(threading.Thread):
 
 
 def build_apps(settings: Settings, session_factory: SessionFactory) -> dict[str, APIFlask]:
-    return {
+    apps = {
         name: create_app(
             blueprints=blueprints, settings=settings, session_factory=session_factory, title=API_TITLES[name]
         )
         for name, blueprints in BLUEPRINTS_BY_API.items()
     }
+    # Without Redis each app would keep its own in-process cache, so an image the admin API changes would stay
+    # invisible to the public API for up to FRACTAL_CACHE_TTL_S. The three apps share this process: share one cache,
+    # and the admin change's invalidation reaches the public API at once, as Redis makes it do across processes.
+    shared = apps["public"].extensions[EXTENSION_KEY].cache
+    for app in apps.values():
+        app.extensions[EXTENSION_KEY].cache = shared
+    return apps
 
 
 def served_host_api_url(settings: Settings, host: str, host_port: int) -> str:

@@ -61,6 +61,21 @@ def test_port_flags_alone_keep_simulated_hosts_on_the_served_host_api(tmp_path: 
                     break
                 assert time.monotonic() < deadline, f"no simulated host reached the served host API: {listing}"
                 time.sleep(0.5)
+            # One process, one cache: an image the admin API enables is at once in the public API's regions,
+            # even right after the public API cached them.
+            assert server.call("public", "GET", "/regions", server.token)[1] == {"regions": ["eu-west-1", "us-east-1"]}
+            image = {
+                "ami_id": "ami-x",
+                "active": True,
+                "instance_type": "local.sim",
+                "mandelbox_capacity": 1,
+                "target_free": 0,
+            }
+            put = server.call("admin", "PUT", "/admin/images/ap-south-1/c1", server.admin_token, image)
+            assert put[0] in (200, 201), put
+            status, regions = server.call("public", "GET", "/regions", server.token)
+            assert regions == {"regions": ["ap-south-1", "eu-west-1", "us-east-1"]}, regions
+
             assign = {"regions": ["eu-west-1"], "client_commit_hash": "local_dev"}
             status, body = server.call("public", "POST", "/mandelbox/assign", server.token, assign)
             assert status == 201, body
