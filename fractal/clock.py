@@ -10,8 +10,9 @@ for what only this process sees (durations, log lines, tokens).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import PlainSerializer
 from sqlalchemy import DateTime, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
@@ -34,6 +35,10 @@ def as_utc(value: datetime) -> datetime:
 def format_timestamp(value: datetime) -> str:
     """The one RFC 3339 form every answer uses: UTC, microseconds, ``Z`` (``2026-12-01T18:56:18.412357Z``)."""
     return as_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# Every time in every answer: RFC 3339, UTC, microseconds, "Z" (the contract's section 12). Pydantic fields use it.
+Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str, when_used="json")]
 
 
 class UtcDateTime(TypeDecorator[datetime]):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fractal.clock import format_timestamp
+from fractal.clock import Timestamp
+from fractal.fleet.views import MandelboxView
 from fractal.models import EndReason, MandelboxStatus
-
-# Every time in every answer: RFC 3339, UTC, microseconds, "Z" (the contract's section 12).
-Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str, when_used="json")]
 
 
 class ErrorOut(BaseModel):
@@ -60,12 +57,8 @@ class MandelboxOut(BaseModel):
     end_reason: EndReason | None
 
 
-class AdminMandelboxOut(MandelboxOut):
-    user_id: str
-
-
 class MandelboxListOut(BaseModel):
-    mandelboxes: list[AdminMandelboxOut]
+    mandelboxes: list[MandelboxView]
     next_cursor: str | None = Field(
         default=None, description="Pass as cursor for the next page; null when no rows are behind this page."
     )

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from fractal.assignment.service import list_mandelbox_views
 from fractal.config import Settings
 from fractal.database import create_db_engine, create_session_factory
 from fractal.events import EventKind, record_event
+from fractal.fleet.views import list_mandelbox_views
 from fractal.migrations import upgrade_to_head
 from fractal.models import Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.pagination import encode_cursor

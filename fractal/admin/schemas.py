@@ -7,11 +7,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
+from fractal.clock import Timestamp
 from fractal.config import Settings
 from fractal.errors import ValidationError
+from fractal.fleet.views import InstanceView
 from fractal.models import InstanceStatus, MandelboxStatus
 from fractal.regions import region_problem
-from fractal.schemas import RequestIn, StrictIn, Timestamp
+from fractal.schemas import RequestIn, StrictIn
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -45,24 +47,8 @@ class ImageListOut(BaseModel):
     next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
 
 
-class InstanceOut(BaseModel):
-    instance_name: str
-    cloud_provider_id: str | None
-    region: str
-    client_commit_hash: str
-    ami_id: str
-    instance_type: str
-    ip: str | None
-    status: InstanceStatus
-    mandelbox_capacity: int
-    live_mandelboxes: int
-    last_heartbeat_at: Timestamp | None
-    created_at: Timestamp
-    status_changed_at: Timestamp
-
-
 class InstanceListOut(BaseModel):
-    instances: list[InstanceOut]
+    instances: list[InstanceView]
     next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
 
 

@@ -3,55 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now
 from fractal.errors import NotFoundError
 from fractal.events import EventKind
 from fractal.fleet.instances import NewInstance, create_instance, drain_instance
-from fractal.models import Heartbeat, Image, Instance, InstanceStatus
+from fractal.fleet.views import InstanceView, instance_view_query
+from fractal.models import Image, Instance, InstanceStatus
 from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 MANUAL_PLACEHOLDER = "manual"
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    instance_name: str
-    cloud_provider_id: str | None
-    region: str
-    client_commit_hash: str
-    ami_id: str
-    instance_type: str
-    ip: str | None
-    status: InstanceStatus
-    mandelbox_capacity: int
-    live_mandelboxes: int
-    last_heartbeat_at: datetime | None
-    created_at: datetime
-    status_changed_at: datetime
-
-
-def _instance_view_query() -> Select[*tuple[Any, ...]]:
-    return select(
-        Instance.instance_name,
-        Instance.cloud_provider_id,
-        Instance.region,
-        Instance.client_commit_hash,
-        Instance.ami_id,
-        Instance.instance_type,
-        Instance.ip,
-        Instance.status,
-        Instance.mandelbox_capacity,
-        Instance.live_mandelboxes,
-        Heartbeat.last_heartbeat_at,
-        Instance.created_at,
-        Instance.status_changed_at,
-    ).outerjoin(Heartbeat, Heartbeat.instance_name == Instance.instance_name)
 
 
 INSTANCES_LIST = "instances"
@@ -71,7 +35,7 @@ def list_instance_views(
     Raises:
         ValidationError: ``cursor`` is not a cursor of this list.
     """
-    query = _instance_view_query()
+    query = instance_view_query()
     if region is not None:
         query = query.where(Instance.region == region)
     if status is not None:
@@ -85,14 +49,14 @@ def list_instance_views(
         keys=INSTANCE_ORDER,
         limit=limit,
         list_name=INSTANCES_LIST,
-        convert=lambda row: InstanceView(*row),
+        convert=InstanceView.from_row,
         key_of=lambda view: (view.region, view.instance_name),
     )
 
 
 def get_instance_view(session: Session, *, instance_name: str) -> InstanceView | None:
-    row = session.execute(_instance_view_query().where(Instance.instance_name == instance_name)).first()
-    return InstanceView(*row) if row is not None else None
+    row = session.execute(instance_view_query().where(Instance.instance_name == instance_name)).first()
+    return InstanceView.from_row(row) if row is not None else None
 
 
 def get_instance_view_or_raise(session: Session, *, instance_name: str) -> InstanceView:

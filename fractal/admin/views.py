@@ -19,13 +19,12 @@ from fractal.admin.schemas import (
     InstanceFilterIn,
     InstanceIn,
     InstanceListOut,
-    InstanceOut,
     MandelboxFilterIn,
     validate_image_key,
 )
-from fractal.assignment.service import list_mandelbox_views
 from fractal.auth.decorators import admin_required
 from fractal.events import list_events
+from fractal.fleet.views import InstanceView, list_mandelbox_views
 from fractal.images import ImageSpec, list_images, upsert_image
 from fractal.models import Event, Image
 from fractal.schemas import MandelboxListOut
@@ -92,7 +91,7 @@ def get_instances(filters: InstanceFilterIn) -> Any:
     page = service.list_instance_views(
         db_session(), region=filters.region, status=filters.status, limit=filters.limit, cursor=filters.cursor
     )
-    return {"instances": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
+    return {"instances": page.items, "next_cursor": page.next_cursor}
 
 
 @admin_blueprint.get("/mandelboxes")
@@ -109,7 +108,7 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
         limit=filters.limit,
         cursor=filters.cursor,
     )
-    return {"mandelboxes": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
+    return {"mandelboxes": page.items, "next_cursor": page.next_cursor}
 
 
 @admin_blueprint.post("/instances")
@@ -127,7 +126,7 @@ def post_instance(body: InstanceIn) -> Any:
 
 
 @admin_blueprint.post("/instances/<instance_name>/drain")
-@admin_blueprint.output(InstanceOut)
+@admin_blueprint.output(InstanceView)
 @admin_blueprint.doc(
     summary="Drain an instance: no new assignments; terminated once empty",
     security="UserToken",
@@ -138,7 +137,7 @@ def drain_instance(instance_name: str) -> Any:
     view = service.drain_instance_view(
         db_session(), instance_name=instance_name, actor=f"admin:{current_user().user_id}"
     )
-    return asdict(view)
+    return view
 
 
 def event_body(event: Event) -> dict[str, Any]:

@@ -12,11 +12,10 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, insert, select, tuple_
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy.orm import Session
 
 from fractal.cache import DataCache
 from fractal.clock import db_now
@@ -29,7 +28,6 @@ from fractal.errors import (
     NotFoundError,
     RegionNotEnabledError,
     UserAlreadyActiveError,
-    ValidationError,
 )
 from fractal.events import EventKind, record_event
 from fractal.fleet.mandelboxes import (
@@ -39,9 +37,9 @@ from fractal.fleet.mandelboxes import (
     live_count_for_user,
     move_mandelboxes,
 )
+from fractal.fleet.views import MandelboxView, get_mandelbox_view
 from fractal.images import active_image_summary
 from fractal.models import EndReason, IdempotencyKey, Instance, InstanceStatus, Mandelbox, MandelboxStatus
-from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
 LOCAL_DEV_COMMIT_HASH = "local_dev"
 NO_CAPACITY_RETRY_AFTER_S = 10
@@ -108,20 +106,6 @@ def request_fingerprint(*, regions: Sequence[str], client_commit_hash: str, sess
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class MandelboxView:
-    mandelbox_id: uuid.UUID
-    instance_name: str
-    region: str
-    ip: str | None
-    user_id: str
-    session_id: str | None
-    status: MandelboxStatus
-    created_at: datetime
-    ended_at: datetime | None
-    end_reason: EndReason | None
 
 
 def assign_mandelbox(
@@ -346,69 +330,6 @@ def get_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: uuid
     return view
 
 
-def get_mandelbox_view(session: Session, *, mandelbox_id: uuid.UUID) -> MandelboxView | None:
-    row = session.execute(_view_query().where(Mandelbox.mandelbox_id == mandelbox_id)).first()
-    return _to_view(row) if row is not None else None
-
-
-MANDELBOXES_LIST = "mandelboxes"
-MANDELBOX_ORDER = (SortKey(Mandelbox.created_at, descending=True), SortKey(Mandelbox.mandelbox_id, descending=True))
-
-
-def list_mandelbox_views(
-    session: Session,
-    *,
-    user_id: str | None = None,
-    status: MandelboxStatus | None = None,
-    instance_name: str | None = None,
-    limit: int = 500,
-    cursor: str | None = None,
-) -> Page[MandelboxView]:
-    """One page of mandelboxes, newest first, filtered (admin view).
-
-    Raises:
-        ValidationError: ``cursor`` is not a cursor of this list, or names a mandelbox that does not exist.
-    """
-    query = _view_query()
-    if user_id is not None:
-        query = query.where(Mandelbox.user_id == user_id)
-    if status is not None:
-        query = query.where(Mandelbox.status == status)
-    if instance_name is not None:
-        query = query.where(Mandelbox.instance_name == instance_name)
-    if cursor is not None:
-        query = query.where(_after_mandelbox(session, cursor))
-    return fetch_page(
-        session,
-        query,
-        keys=MANDELBOX_ORDER,
-        limit=limit,
-        list_name=MANDELBOXES_LIST,
-        convert=_to_view,
-        key_of=lambda view: (str(view.mandelbox_id),),
-    )
-
-
-def _after_mandelbox(session: Session, cursor: str) -> ColumnElement[bool]:
-    """Rows after the cursor's mandelbox in (created_at, mandelbox_id) descending order.
-
-    The cursor carries only the last row's id (rows are never deleted); its created_at is read back from the row
-    inside the statement, so the comparison is the stored value against stored values exactly as ORDER BY sees
-    them, whatever form a backend keeps timestamps in (SQLite's text forms, aware or naive), and no time value
-    has to survive a round trip through the cursor.
-    """
-    (text_id,) = decode_cursor(cursor, list_name=MANDELBOXES_LIST, key_types=(str,))
-    try:
-        anchor_id = uuid.UUID(str(text_id))
-    except ValueError:
-        raise ValidationError("The cursor is not valid.", details={"query": {"cursor": ["unknown row"]}}) from None
-    if str(anchor_id) != text_id or session.get(Mandelbox, anchor_id) is None:
-        raise ValidationError("The cursor is not valid.", details={"query": {"cursor": ["unknown row"]}})
-    anchor = aliased(Mandelbox)
-    anchor_created_at = select(anchor.created_at).where(anchor.mandelbox_id == anchor_id).scalar_subquery()
-    return after_key(MANDELBOX_ORDER, (anchor_created_at, anchor_id))
-
-
 def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: uuid.UUID) -> MandelboxView:
     """A user ends their mandelbox: a live one becomes DYING and its host is told on its next heartbeat.
 
@@ -437,34 +358,12 @@ def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: u
     return view
 
 
-def _view_query() -> Select[*tuple[Any, ...]]:
-    return select(
-        Mandelbox.mandelbox_id,
-        Mandelbox.instance_name,
-        Instance.region,
-        Instance.ip,
-        Mandelbox.user_id,
-        Mandelbox.session_id,
-        Mandelbox.status,
-        Mandelbox.created_at,
-        Mandelbox.ended_at,
-        Mandelbox.end_reason,
-    ).join(Instance, Instance.instance_name == Mandelbox.instance_name)
-
-
-def _to_view(row: Row[tuple[object, ...]]) -> MandelboxView:
-    return MandelboxView(*row)  # type: ignore[arg-type,call-arg]
-
-
 __all__ = [
     "AssignResult",
     "Assignment",
     "IdempotencyRequest",
-    "MandelboxView",
     "assign_mandelbox",
     "delete_mandelbox_for_user",
     "get_mandelbox_for_user",
-    "get_mandelbox_view",
-    "list_mandelbox_views",
     "request_fingerprint",
 ]

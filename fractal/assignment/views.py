@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -95,7 +94,7 @@ def get_mandelbox(mandelbox_id: str) -> Any:
     view = service.get_mandelbox_for_user(
         db_session(), user_id=current_user().user_id, mandelbox_id=parse_mandelbox_id(mandelbox_id)
     )
-    return asdict(view)
+    return view.model_dump()  # the owner's view: MandelboxOut leaves out user_id
 
 
 @public_blueprint.delete("/mandelbox/<mandelbox_id>")
@@ -106,4 +105,4 @@ def delete_mandelbox(mandelbox_id: str) -> Any:
     view = service.delete_mandelbox_for_user(
         db_session(), user_id=current_user().user_id, mandelbox_id=parse_mandelbox_id(mandelbox_id)
     )
-    return asdict(view)
+    return view.model_dump()  # the owner's view: MandelboxOut leaves out user_id

@@ -118,7 +118,15 @@ def move_instances(
         .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash, Instance.live_mandelboxes)
         .execution_options(synchronize_session=False)
     ).all()
-    moved = [MovedInstance(*row) for row in rows]
+    moved = [
+        MovedInstance(
+            instance_name=row.instance_name,
+            region=row.region,
+            client_commit_hash=row.client_commit_hash,
+            live_mandelboxes=row.live_mandelboxes,
+        )
+        for row in rows
+    ]
     record_events(
         session,
         [

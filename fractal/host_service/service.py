@@ -316,7 +316,9 @@ def get_mandelbox_for_host(session: Session, *, instance_name: str, mandelbox_id
     ).first()
     if row is None:
         raise NotFoundError("No such mandelbox on this instance.")
-    return HostMandelboxView(*row)
+    return HostMandelboxView(
+        mandelbox_id=row.mandelbox_id, user_id=row.user_id, session_id=row.session_id, status=row.status
+    )
 
 
 def report_mandelbox_status(

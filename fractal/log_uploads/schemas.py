@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from fractal.clock import Timestamp
 from fractal.models import LogSender
-from fractal.schemas import Timestamp
 
 
 class LogStoredOut(BaseModel):

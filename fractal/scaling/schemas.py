@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fractal.schemas import Timestamp
+from fractal.clock import Timestamp
 
 
 class CapacityOut(BaseModel):
