@@ -83,3 +83,13 @@ def parse_mandelbox_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError as exc:
         raise NotFoundError("No such mandelbox.") from exc
+
+
+def mail_backend() -> MailBackend:
+    """This app's mail backend, built from settings on first use (an app that never mails builds none)."""
+    from fractal.mail.backends import build_mail_backend
+
+    app_state = state()
+    if app_state.mail_backend is None:
+        app_state.mail_backend = build_mail_backend(app_state.settings)
+    return app_state.mail_backend

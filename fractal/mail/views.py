@@ -8,21 +8,12 @@ from apiflask import APIBlueprint
 
 from fractal.auth.decorators import admin_required
 from fractal.mail import service
-from fractal.mail.backends import MailBackend, build_mail_backend
 from fractal.mail.registry import list_templates, template_subject
 from fractal.mail.schemas import MailIn, MailSentOut, TemplateListOut
-from fractal.web import current_user, db_session, settings, state
+from fractal.web import current_user, db_session, mail_backend, settings
 
 mail_admin_blueprint = APIBlueprint("mail_admin", __name__, tag="Mail", url_prefix="/admin")
 _AUTH = {401: "Unauthorized", 403: "Forbidden"}
-
-
-def mail_backend() -> MailBackend:
-    """This app's mail backend, built from settings on first use."""
-    app_state = state()
-    if app_state.mail_backend is None:
-        app_state.mail_backend = build_mail_backend(settings())
-    return app_state.mail_backend
 
 
 @mail_admin_blueprint.get("/mail/templates")

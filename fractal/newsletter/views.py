@@ -6,12 +6,11 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from fractal.mail.views import mail_backend
 from fractal.models import SubscriptionStatus
 from fractal.newsletter import service
 from fractal.newsletter.schemas import EmptyOut, SubscribeIn, SubscriptionStateOut, TokenIn, TokenQueryIn
 from fractal.ratelimit import newsletter_rate_limit
-from fractal.web import db_session, settings
+from fractal.web import db_session, mail_backend, settings
 
 newsletter_blueprint = APIBlueprint("newsletter", __name__, tag="Newsletter", url_prefix="/newsletter")
 
