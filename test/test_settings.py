@@ -154,6 +154,11 @@ def test_production_start_up_refuses_each_unsafe_setting_naming_it(env: dict[str
 def test_the_safe_production_environment_starts() -> None:
     """The control for the refusals above: the same environment without the unsafe value imports the app."""
     result = subprocess.run(
-        [sys.executable, "-c", "import app"], env=SAFE_PRODUCTION_ENV, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", "import app"],
+        env=SAFE_PRODUCTION_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
