@@ -376,7 +376,9 @@ def override_file(directory: Path, ports: dict[str, int]) -> Path:
     return path
 
 
-def test_docker_compose_up_runs_the_stack_from_the_template(image: str, empty_database: str, tmp_path: Path) -> None:
+def test_docker_compose_up_runs_the_stack_from_the_template(
+    image: str, base_image: str, empty_database: str, tmp_path: Path
+) -> None:
     began = time.monotonic()
     ports = {role: free_port() for role in ROLES}
     env_file = compose_env_file(tmp_path, empty_database, ports)
@@ -384,8 +386,19 @@ def test_docker_compose_up_runs_the_stack_from_the_template(image: str, empty_da
     project = f"fractal-image-test-{uuid.uuid4().hex[:6]}"
     compose = [compose_binary(), "--project-name", project, "--project-directory", str(ROOT)]
     compose += ["--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
-    env = {**os.environ, "FRACTAL_ENV_FILE": str(env_file), "FRACTAL_IMAGE": image}
+    env = {
+        **os.environ,
+        "FRACTAL_ENV_FILE": str(env_file),
+        "FRACTAL_IMAGE": f"fractal:{project}",
+        "PYTHON_IMAGE": base_image,
+        "DOCKER_BUILDKIT": "0",  # compose falls back to the classic builder: no buildx, no registry
+    }
     try:
+        # Built once, by `public`, with the build argument (the layers are the `image` fixture's, so it is quick).
+        build = run(*compose, "build", env=env, check=False, timeout=900)
+        assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+        built = re.findall(r"Service (\w+)\s+Built", build.stdout + build.stderr)
+        assert built == ["public"], build.stdout + build.stderr
         up = run(*compose, "up", "-d", "--no-build", *ROLES, env=env, check=False, timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
         ids = run(*compose, "ps", "-q", *ROLES, env=env).stdout.split()
@@ -409,3 +422,4 @@ def test_docker_compose_up_runs_the_stack_from_the_template(image: str, empty_da
         assert len(alembic_versions(empty_database)) == 1
     finally:
         run(*compose, "down", "-v", "--timeout", "10", env=env, check=False, timeout=300)
+        run("docker", "rmi", f"fractal:{project}", check=False)

@@ -8,6 +8,7 @@ CMD does, so an installed package that cannot find its migrations, or a file the
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -297,3 +298,17 @@ def test_the_image_env_points_at_the_copied_migrations() -> None:
     assert ini == f"{workdir}/alembic.ini"
     assert {"alembic.ini", "alembic", "env.py"} <= copied
     assert re.fullmatch(r"/[\w/]+", workdir)
+
+
+def test_nothing_the_dockerfile_copies_is_left_out_of_the_build_context() -> None:
+    """The layout above copies from the checkout; the image copies from the context, less .dockerignore."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for stage in stages((ROOT / "Dockerfile").read_text())[-2:]:
+        for copy in copies(stage):
+            for source in copy.sources:
+                ignored = [pattern for pattern in patterns if fnmatch.fnmatch(source, pattern.removeprefix("**/"))]
+                assert not ignored, f"{source} is copied but .dockerignore drops it ({ignored})"
