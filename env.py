@@ -6,7 +6,12 @@
 The database wait is bounded (FRACTAL_DB_WAIT_TIMEOUT_S, default 60) with logged exponential backoff and exits
 non-zero when time runs out; SQLite is not waited for. `alembic upgrade head` runs under the advisory lock held by
 alembic/env.py, so any number of replicas of every shell may start at once: one migrates, the rest find the schema
-at head. FRACTAL_MIGRATE=false skips the migration (e.g. for a one-off job against a migrated database).
+at head. FRACTAL_MIGRATE=false skips the migration (e.g. for a one-off job against a migrated database). The
+migrations are the alembic.ini and alembic/ beside this file (FRACTAL_ALEMBIC_INI names another alembic.ini): the
+installed package does not carry them.
+
+Exit codes, each with the cause in one log line: 2 invalid or unsafe settings (or an unknown FRACTAL_APP), 3 the
+database did not answer in time, 4 the migration failed (scripts not found, a revision failing, a lock timeout).
 """
 
 from __future__ import annotations
