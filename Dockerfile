@@ -1,5 +1,7 @@
-# syntax=docker/dockerfile:1
 # Fractal control plane: one image for the public, admin and host APIs and the scaler (FRACTAL_APP picks one).
+# No `# syntax=` line: BuildKit would fetch that frontend from a registry, and offline builds would fail.
+# PYTHON_IMAGE is any Debian-based image with python (and its venv module); `./commands image-test` passes one
+# made from Debian's own packages.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # --- build: resolve and install the package into a virtualenv (wheels only: nothing is compiled) ---
@@ -9,17 +11,20 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY fractal ./fractal
+# A real (non-editable) install: the package lands in site-packages; the migrations stay at /app (runtime stage).
 RUN /opt/venv/bin/pip install --only-binary=:all: . \
     && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- runtime: the virtualenv, the root shells and migrations; no compilers, no pip, no root ---
 FROM ${PYTHON_IMAGE} AS runtime
+# FRACTAL_ALEMBIC_INI: where the migrations are (they are not in the wheel); env.py also finds them beside itself.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     FRACTAL_APP=public \
+    FRACTAL_ALEMBIC_INI=/app/alembic.ini \
     GUNICORN_BIND=0.0.0.0:8000 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 RUN groupadd --system --gid 10001 fractal \
@@ -29,6 +34,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --chown=root:root app.py admin_app.py host_service_app.py env.py gunicorn.conf.py alembic.ini ./
 COPY --chown=root:root alembic ./alembic
 # instance/ holds the development signing key (FRACTAL_ENV=development only); everything else is read-only.
+# /tmp/prometheus is made here for `docker run` without a tmpfs; under a tmpfs /tmp env.py makes it again.
 RUN mkdir -p /app/instance /tmp/prometheus && chown fractal:fractal /app/instance /tmp/prometheus
 USER 10001:10001
 EXPOSE 8000

@@ -6,7 +6,12 @@
 The database wait is bounded (FRACTAL_DB_WAIT_TIMEOUT_S, default 60) with logged exponential backoff and exits
 non-zero when time runs out; SQLite is not waited for. `alembic upgrade head` runs under the advisory lock held by
 alembic/env.py, so any number of replicas of every shell may start at once: one migrates, the rest find the schema
-at head. FRACTAL_MIGRATE=false skips the migration (e.g. for a one-off job against a migrated database).
+at head. FRACTAL_MIGRATE=false skips the migration (e.g. for a one-off job against a migrated database). The
+migrations are the alembic.ini and alembic/ beside this file (FRACTAL_ALEMBIC_INI names another alembic.ini): the
+installed package does not carry them.
+
+Exit codes, each with the cause in one log line: 2 invalid or unsafe settings (or an unknown FRACTAL_APP), 3 the
+database did not answer in time, 4 the migration failed (scripts not found, a revision failing, a lock timeout).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ ROLES: dict[str, str] = {
     "host": "host_service_app:app",
 }
 SCALER_ROLE = "scaler"
-EXIT_DATABASE_TIMEOUT = 3
 EXIT_BAD_CONFIG = 2
+EXIT_DATABASE_TIMEOUT = 3
+EXIT_MIGRATION_FAILED = 4
+# The migrations sit beside this file (the checkout's root, the image's /app): say so instead of guessing.
+ALEMBIC_INI = ROOT / "alembic.ini"
 
 log = logging.getLogger("fractal.start")
 
@@ -80,10 +88,21 @@ def wait_for_database(url: str, *, timeout_s: float, max_backoff_s: float = 5.0)
 
 
 def migrate(database_url: str) -> None:
-    """`alembic upgrade head` in-process (alembic/env.py takes the migration advisory lock)."""
-    from fractal.migrations import upgrade_to_head
+    """`alembic upgrade head` in-process (alembic/env.py takes the migration advisory lock).
 
-    upgrade_to_head(database_url)
+    Uses the alembic.ini beside env.py unless FRACTAL_ALEMBIC_INI names another one.
+    """
+    from fractal.migrations import ALEMBIC_INI_ENV, upgrade_to_head
+
+    upgrade_to_head(database_url, alembic_ini=None if os.environ.get(ALEMBIC_INI_ENV) else ALEMBIC_INI)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, passwords redacted: a cause an operator can read in `docker logs`."""
+    from fractal.observability import redact_text
+
+    lines = str(exc).strip().splitlines()
+    return redact_text(f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))
 
 
 def command_for(role: str) -> list[str]:
@@ -93,6 +112,22 @@ def command_for(role: str) -> list[str]:
     if role not in ROLES:
         raise ValueError(f"FRACTAL_APP must be one of {', '.join([*ROLES, SCALER_ROLE])}, not {role!r}")
     return [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), ROLES[role]]
+
+
+def prepare_metrics_directory(role: str) -> None:
+    """Make PROMETHEUS_MULTIPROC_DIR usable for ``role`` before the process that needs it starts.
+
+    The image sets it to /tmp/prometheus, but compose mounts a fresh tmpfs on /tmp, which hides the directory the
+    image made. gunicorn's workers share metrics through it, so it is created; the scaler is one process whose
+    metrics live in memory, so the variable is dropped (prometheus_client would fail on a missing directory).
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not directory:
+        return
+    if role == SCALER_ROLE:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        return
+    os.makedirs(directory, exist_ok=True)
 
 
 def healthcheck() -> int:
@@ -144,9 +179,14 @@ def main() -> NoReturn:
 
     if _truthy(os.environ.get("FRACTAL_MIGRATE"), default=True):
         log.info("applying migrations (alembic upgrade head)")
-        migrate(settings.database_url)
+        try:
+            migrate(settings.database_url)
+        except Exception as exc:  # scripts missing, a revision failing, a lock timeout: one line, own exit code
+            log.error("migration failed: %s", _one_line(exc))
+            sys.exit(EXIT_MIGRATION_FAILED)
         log.info("migrations at head")
 
+    prepare_metrics_directory(role)
     log.info("starting %s: %s", role, " ".join(argv[1:]))
     sys.stdout.flush()
     sys.stderr.flush()

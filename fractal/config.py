@@ -45,6 +45,30 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+# The example configuration's placeholders (.env.example) all contain this; production refuses any value that does.
+PLACEHOLDER_MARKER = "change-me"
+
+
+def _has_placeholder(value: object) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        return PLACEHOLDER_MARKER in value.lower()
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_placeholder(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_placeholder(item) for item in value.values())
+    return False
+
+
+def _env_name(field: str) -> str:
+    """The environment variable a Settings field is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return "FRACTAL_" + field.upper()
+
+
 class Settings(BaseSettings):
     """Every knob of Fractal; see ARCHITECTURE.md §3 for the contract."""
 
@@ -126,6 +150,11 @@ class Settings(BaseSettings):
     def _refuse_unsafe_production(self) -> Settings:
         if self.env is not Environment.PRODUCTION:
             return self
+        for name, value in self.model_dump().items():
+            if _has_placeholder(value):
+                raise UnsafeSettingsError(
+                    f"{_env_name(name)}: production refuses the {PLACEHOLDER_MARKER!r} placeholder; set a real value"
+                )
         if self.database_url.startswith("sqlite"):
             raise UnsafeSettingsError("DATABASE_URL: production refuses SQLite; point it at PostgreSQL")
         if self.jwt_public_key is None and not self.jwks_url:
@@ -140,6 +169,10 @@ class Settings(BaseSettings):
             raise UnsafeSettingsError("FRACTAL_JWT_ISSUER: required in production")
         if self.secret_key.get_secret_value() == "development-only-secret-key":
             raise UnsafeSettingsError("FRACTAL_SECRET_KEY: production refuses the development secret")
+        if self.cloud is CloudKind.LOCAL:
+            raise UnsafeSettingsError(
+                "FRACTAL_CLOUD: production refuses 'local' (a simulated fleet must never receive real users); use aws"
+            )
         return self
 
     @property

@@ -60,10 +60,24 @@ class StartedProcess:
         return self.process.returncode
 
 
-def start_sequence(role: str, database_url: str, log_dir: Path, **env: str) -> StartedProcess:
-    """Run `python env.py` as the container would, serving ``role`` on a free loopback port."""
+def start_sequence(
+    role: str,
+    database_url: str,
+    log_dir: Path,
+    *,
+    python: str = sys.executable,
+    app_dir: Path = ROOT,
+    base_env: dict[str, str] | None = None,
+    **env: str,
+) -> StartedProcess:
+    """Run `python env.py` as the container would, serving ``role`` on a free loopback port.
+
+    By default the checkout's env.py under the test venv; ``python``, ``app_dir`` and ``base_env`` run another
+    installation (the wheel-layout test: a venv outside the checkout and the image's /app files).
+    """
     port = free_port()
-    child_env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    source = os.environ if base_env is None else base_env
+    child_env = {key: value for key, value in source.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
     child_env.update(
         {
             "FRACTAL_APP": role,
@@ -80,7 +94,7 @@ def start_sequence(role: str, database_url: str, log_dir: Path, **env: str) -> S
     log_path = log_dir / f"{role}-{port}.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "env.py")], cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT
+        [python, str(app_dir / "env.py")], cwd=app_dir, env=child_env, stdout=log, stderr=subprocess.STDOUT
     )
     return StartedProcess(process=process, port=port, log_path=log_path, _log=log)
 

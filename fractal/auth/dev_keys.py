@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +47,66 @@ def generate_keypair() -> DevKeyPair:
 def ensure_dev_keypair(
     private_path: Path = DEV_PRIVATE_KEY_PATH, public_path: Path = DEV_PUBLIC_KEY_PATH
 ) -> DevKeyPair:
-    """Load the development key pair, generating it on first use."""
-    if private_path.exists() and public_path.exists():
-        return DevKeyPair(private_pem=private_path.read_text(), public_pem=public_path.read_text())
-    pair = generate_keypair()
+    """Load the development key pair, generating it on first use.
+
+    Safe when many processes start together on an empty instance/ (gunicorn workers on a fresh volume): each
+    writes its candidate private key to a temporary file and hard-links it into place, which fails if the name
+    exists, so exactly one key wins and every process reads and uses the winner. The public key is derived from
+    the winning private key and put in place with a rename, so no reader ever sees half a file.
+    """
     private_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(pair.private_pem)
-    public_path.write_text(_with_marker(pair.public_pem))
-    return DevKeyPair(private_pem=pair.private_pem, public_pem=_with_marker(pair.public_pem))
+    if not private_path.exists():
+        candidate = generate_keypair()
+        _publish_once(private_path, candidate.private_pem)
+    private_pem = private_path.read_text()
+    public_pem = _with_marker(_public_pem_of(private_pem))
+    if not public_path.exists() or public_path.read_text() != public_pem:
+        _replace_atomically(public_path, public_pem, mode=0o644)
+    return DevKeyPair(private_pem=private_pem, public_pem=public_pem)
+
+
+def _write_temporary(directory: Path, text: str, mode: int) -> Path:
+    """A complete, flushed file under a unique name in ``directory`` (same filesystem: link and rename work)."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".dev-key-", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def _publish_once(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` unless another process got there first (then theirs stays)."""
+    temporary = _write_temporary(path.parent, text, 0o600)
+    try:
+        os.link(temporary, path)  # atomic and exclusive, like O_CREAT | O_EXCL, but the file is already whole
+    except FileExistsError:
+        pass  # another process won: its key is the key
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _replace_atomically(path: Path, text: str, *, mode: int) -> None:
+    temporary = _write_temporary(path.parent, text, mode)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _public_pem_of(private_pem: str) -> str:
+    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def mint_token(
