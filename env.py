@@ -38,12 +38,6 @@ ALEMBIC_INI = ROOT / "alembic.ini"
 log = logging.getLogger("fractal.start")
 
 
-def _truthy(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 def wait_for_database(url: str, *, timeout_s: float, max_backoff_s: float = 5.0) -> None:
     """Block until ``url`` accepts a connection; raise TimeoutError after ``timeout_s``."""
     from sqlalchemy import create_engine, text
@@ -131,15 +125,22 @@ def prepare_metrics_directory(role: str) -> None:
 
 
 def healthcheck() -> int:
-    """The container HEALTHCHECK: an API answers /healthz on its bind port; the scaler can reach the database."""
-    role = os.environ.get("FRACTAL_APP", "public").strip().lower()
+    """The container HEALTHCHECK: an API answers /healthz on its bind port; the scaler completed a pass lately."""
     try:
-        if role == SCALER_ROLE:
-            from fractal.config import load_settings
+        from fractal.config import load_settings
 
-            wait_for_database(load_settings().database_url, timeout_s=3, max_backoff_s=1)
+        settings = load_settings()
+        if settings.app == SCALER_ROLE:
+            from fractal.scaling.runner import check_scaler_health, health_max_age_s
+
+            problem = check_scaler_health(settings.scaler_health_file, max_age_s=health_max_age_s(settings))
+            if problem is not None:
+                print(f"unhealthy: {problem}", file=sys.stderr)
+                return 1
             return 0
         import urllib.request
+
+        # gunicorn's own setting (gunicorn.conf.py reads it too), not one of Fractal's.
 
         port = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000").rsplit(":", 1)[-1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
@@ -153,31 +154,30 @@ def main() -> NoReturn:
     """Wait, migrate, exec (or, with the argument ``healthcheck``, probe and exit)."""
     if sys.argv[1:] == ["healthcheck"]:
         sys.exit(healthcheck())
+    from fractal.config import describe_settings_error, load_settings
     from fractal.observability import configure_logging
 
-    json_logs = _truthy(os.environ.get("FRACTAL_LOG_JSON"), default=True)
-    configure_logging(level=os.environ.get("FRACTAL_LOG_LEVEL", "INFO"), json=json_logs)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    role = os.environ.get("FRACTAL_APP", "public").strip().lower()
     try:
-        argv = command_for(role)
-        from fractal.config import load_settings
-
         settings = load_settings()
-    except Exception as exc:  # bad role or unsafe/invalid settings: say which, exit non-zero
-        log.error("refusing to start: %s", exc)
+    except Exception as exc:  # unsafe or invalid settings (a bad FRACTAL_APP too): say which, exit non-zero
+        configure_logging(level="INFO", json=True)
+        log.error("%s", describe_settings_error(exc))
         sys.exit(EXIT_BAD_CONFIG)
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    role = settings.app
+    argv = command_for(role)
 
     if settings.is_sqlite:
         log.info("SQLite database: not waiting")
     else:
         try:
-            wait_for_database(settings.database_url, timeout_s=float(os.environ.get("FRACTAL_DB_WAIT_TIMEOUT_S", "60")))
+            wait_for_database(settings.database_url, timeout_s=settings.db_wait_timeout_s)
         except TimeoutError as exc:
             log.error("giving up: %s", exc)
             sys.exit(EXIT_DATABASE_TIMEOUT)
 
-    if _truthy(os.environ.get("FRACTAL_MIGRATE"), default=True):
+    if settings.migrate:
         log.info("applying migrations (alembic upgrade head)")
         try:
             migrate(settings.database_url)

@@ -33,6 +33,10 @@ class MailBackend(enum.StrEnum):
     SES = "ses"
 
 
+# What env.py can start (FRACTAL_APP): the three APIs under gunicorn, or the scaler loop.
+APPS = ("public", "admin", "host", "scaler")
+
+
 class UnsafeSettingsError(RuntimeError):
     """Raised at start-up when production is configured unsafely; names the setting."""
 
@@ -134,10 +138,24 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # The container start sequence (env.py): which process to run, how long to wait for the database, whether to
+    # migrate first.
+    app: str = "public"
+    db_wait_timeout_s: float = Field(default=60, gt=0)
+    migrate: bool = True
+
     @field_validator("database_url")
     @classmethod
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
+
+    @field_validator("app")
+    @classmethod
+    def _known_app(cls, value: str) -> str:
+        role = value.strip().lower()
+        if role not in APPS:
+            raise ValueError(f"FRACTAL_APP must be one of {', '.join(APPS)}, not {value!r}")
+        return role
 
     @field_validator("aws_security_group_ids", "regions", mode="before")
     @classmethod
@@ -185,15 +203,25 @@ def load_settings(**overrides: object) -> Settings:
     return Settings(**overrides)  # type: ignore[arg-type]
 
 
+def describe_settings_error(exc: Exception) -> str:
+    """Why the settings were refused, in one line naming each variable (for start-up messages)."""
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{_variable('.'.join(str(part) for part in error['loc']))}: {error['msg']}" for error in exc.errors()
+        )
+        return f"invalid configuration: {problems}"
+    return f"refusing to start: {exc}"
+
+
+def _variable(field: str) -> str:
+    if not field:
+        return "settings"
+    return field.upper() if field in ("database_url", "redis_url") else f"FRACTAL_{field.upper()}"
+
+
 def load_settings_or_exit() -> Settings:
     """For process start-up: unsafe or invalid configuration ends the process with a message naming it."""
     try:
         return load_settings()
-    except UnsafeSettingsError as exc:
-        raise SystemExit(f"fractal: refusing to start: {exc}") from None
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']).upper() or 'settings'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise SystemExit(f"fractal: invalid configuration: {problems}") from None
+    except (UnsafeSettingsError, ValidationError) as exc:
+        raise SystemExit(f"fractal: {describe_settings_error(exc)}") from None

@@ -183,8 +183,7 @@ def test_env_example_is_valid_settings_and_covers_the_contract() -> None:
     ]
     assert not [name for name in contract if name not in values]
     known = {"DATABASE_URL", "REDIS_URL"} | {f"FRACTAL_{name.upper()}" for name in Settings.model_fields}
-    process_vars = {"FRACTAL_APP", "FRACTAL_DB_WAIT_TIMEOUT_S", "FRACTAL_MIGRATE"}
-    unknown = [name for name in values if name.startswith("FRACTAL_") and name not in known | process_vars]
+    unknown = [name for name in values if name.startswith("FRACTAL_") and name not in known]
     assert not unknown, f"not a setting: {unknown}"
     # Seen from inside a container, 127.0.0.1 is the container itself: the template names services or real hosts.
     for name in ("DATABASE_URL", "REDIS_URL", "FRACTAL_SMTP_URL", "FRACTAL_PUBLIC_URL", "FRACTAL_HOST_API_URL"):

@@ -227,3 +227,27 @@ def test_scaler_once_exits_non_zero_with_the_cause_in_one_line(tmp_path: Path, d
     ok = _scaler_once(tmp_path, DATABASE_URL=database_url, FRACTAL_ENV="test")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["ran"] is True
+
+
+def _healthcheck(health_file: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FRACTAL_")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "env.py"), "healthcheck"],
+        env={**clean, "FRACTAL_APP": "scaler", "FRACTAL_SCALER_HEALTH_FILE": str(health_file)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_scaler_healthcheck_fails_when_no_pass_succeeded_lately(tmp_path: Path) -> None:
+    health = tmp_path / "scaler.health"
+    missing = _healthcheck(health)
+    assert missing.returncode == 1 and "no scaler pass has completed yet" in missing.stderr
+    health.write_text(f"{time.time()}\n")
+    assert _healthcheck(health).returncode == 0
+    # Four intervals of the default 15 s, at least a minute: two minutes without a good pass is unhealthy.
+    health.write_text(f"{time.time() - 120}\n")
+    stale = _healthcheck(health)
+    assert stale.returncode == 1 and "last successful scaler pass was" in stale.stderr
