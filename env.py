@@ -131,7 +131,7 @@ def healthcheck() -> int:
 
         settings = load_settings()
         if settings.app == SCALER_ROLE:
-            from fractal.scaling.runner import check_scaler_health, health_max_age_s
+            from fractal.scaling.health import check_scaler_health, health_max_age_s
 
             problem = check_scaler_health(settings.scaler_health_file, max_age_s=health_max_age_s(settings))
             if problem is not None:

@@ -20,8 +20,9 @@ from fractal.config import Settings, load_settings
 from fractal.database import SessionFactory
 from fractal.metrics import PROCESS_METRICS
 from fractal.models import Event, Image, Instance, InstanceStatus
+from fractal.scaling.health import check_scaler_health
 from fractal.scaling.reconcile import reconcile_fleet
-from fractal.scaling.runner import ScalerLoop, check_scaler_health, describe_pass_failure
+from fractal.scaling.runner import ScalerLoop, describe_pass_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -233,7 +234,13 @@ def _healthcheck(health_file: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FRACTAL_")}
     return subprocess.run(
         [sys.executable, str(ROOT / "env.py"), "healthcheck"],
-        env={**clean, "FRACTAL_APP": "scaler", "FRACTAL_SCALER_HEALTH_FILE": str(health_file)},
+        # As in the image: PROMETHEUS_MULTIPROC_DIR names a directory a fresh tmpfs /tmp does not have.
+        env={
+            **clean,
+            "FRACTAL_APP": "scaler",
+            "FRACTAL_SCALER_HEALTH_FILE": str(health_file),
+            "PROMETHEUS_MULTIPROC_DIR": str(health_file.parent / "missing-prometheus"),
+        },
         capture_output=True,
         text=True,
         timeout=30,

@@ -6,9 +6,7 @@ runs at a time and the others skip. The wake-up source is injected: in-process b
 
 from __future__ import annotations
 
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from fractal.database import SessionFactory
 from fractal.metrics import observe_reconcile, record_reconcile_failure, start_metrics_server
 from fractal.nudge import LocalNudge, build_nudge
 from fractal.observability import redact_text
+from fractal.scaling.health import record_healthy_pass
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 
 log = structlog.get_logger(__name__)
@@ -54,34 +53,6 @@ def describe_pass_failure(error: BaseException) -> str:
     if isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated):
         return f"the database is unreachable: {first}"
     return f"{type(error).__name__}: {first}"
-
-
-def health_max_age_s(settings: Settings) -> float:
-    """How old the last successful pass may be before the scaler counts as unhealthy: a few intervals."""
-    return max(4 * settings.scaler_interval_s, 60.0)
-
-
-def record_healthy_pass(path: Path) -> None:
-    """Note a completed pass for the container HEALTHCHECK (the file's content is the Unix time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".scaler-health-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{time.time():.3f}\n")
-    os.replace(temporary, path)  # atomic: the check never reads half a file
-
-
-def check_scaler_health(path: Path, *, max_age_s: float) -> str | None:
-    """None when a pass completed within ``max_age_s``, else why the scaler is unhealthy."""
-    try:
-        last = float(path.read_text().strip())
-    except FileNotFoundError:
-        return f"no scaler pass has completed yet ({path} is missing)"
-    except (OSError, ValueError) as error:
-        return f"cannot read {path}: {type(error).__name__}"
-    age = time.time() - last
-    if age > max_age_s:
-        return f"the last successful scaler pass was {age:.0f}s ago (more than {max_age_s:.0f}s)"
-    return None
 
 
 def build_wakeup(settings: Settings) -> Wakeup:
