@@ -111,9 +111,12 @@ def move_mandelboxes(
     if ends:
         # Lock order: the instances whose slots come back, before their mandelboxes.
         names = session.scalars(select(Mandelbox.instance_name).where(selection).distinct()).all()
-        if not names:
+        locked = lock_instance_rows(session, names, skip_locked=skip_locked)
+        if not locked:
             return []
-        lock_instance_rows(session, names, skip_locked=skip_locked)
+        # With skip_locked, boxes whose instance someone else holds wait for a later pass: touching them would
+        # mean holding their locks while waiting for the instance, the wrong way round.
+        selection = and_(selection, Mandelbox.instance_name.in_(locked))
     # Locking re-evaluates ``selection`` on the newest row versions: a row another transaction just moved is
     # either still allowed (and ours now) or no longer matches.
     rows = session.execute(
