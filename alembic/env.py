@@ -44,17 +44,14 @@ def _configure_and_run(connection: Connection) -> None:
         transaction_per_migration=False,
     )
     if connection.dialect.name == "postgresql":
-        # Session-level lock held across the whole run; waiters see the finished schema and do nothing.
-        connection.execute(text("SET lock_timeout = '30s'"))
-        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": advisory_key(MIGRATION_LOCK)})
+        # A transaction-scoped lock around the whole run (transactional DDL): replicas starting at once queue here
+        # and then find the schema at head. Transaction-scoped, not session-level, so it works through PgBouncer's
+        # transaction pooling and can never be left held by an idle pooled connection.
+        with context.begin_transaction():
+            connection.execute(text("SET LOCAL lock_timeout = '30s'"))
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(MIGRATION_LOCK)})
+            context.run_migrations()
         connection.commit()
-        try:
-            with context.begin_transaction():
-                context.run_migrations()
-            connection.commit()
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": advisory_key(MIGRATION_LOCK)})
-            connection.commit()
     else:
         with context.begin_transaction():
             context.run_migrations()

@@ -78,16 +78,20 @@ class db_now(FunctionElement[datetime]):
     inherit_cache = False
     name = "db_now"
 
-    def __init__(self, offset_s: float = 0.0) -> None:
+    def __init__(self, offset_s: float = 0.0, *, live: bool = False) -> None:
         super().__init__()
         self.offset_s = float(offset_s)  # a number we render ourselves: never text from outside
+        # live: this statement's own time rather than the transaction's start (a lease checked late in a long
+        # transaction must see the time pass).
+        self.live = live
 
 
 @compiles(db_now)
 def _db_now_default(element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    clock = "statement_timestamp()" if element.live else "CURRENT_TIMESTAMP"
     if not element.offset_s:
-        return "CURRENT_TIMESTAMP"
-    return f"(CURRENT_TIMESTAMP + make_interval(secs => {element.offset_s!r}))"
+        return clock
+    return f"({clock} + make_interval(secs => {element.offset_s!r}))"
 
 
 @compiles(db_now, "sqlite")

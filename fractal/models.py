@@ -300,3 +300,20 @@ class LogUpload(Base):
 
     def __repr__(self) -> str:
         return f"<LogUpload {self.key} ({self.size} bytes)>"
+
+
+class Lease(Base):
+    """Leadership of a singleton job (the scaler): who holds it, until when, and a token that grows on every
+    change of holder, so a former leader's late actions can be told from the current one's (fencing)."""
+
+    __tablename__ = "leases"
+    __table_args__ = (CheckConstraint("fencing_token > 0", name="fencing_token_positive"),)
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.name} held by {self.holder} (token {self.fencing_token})>"

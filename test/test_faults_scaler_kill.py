@@ -35,6 +35,7 @@ from test.throwaway import throwaway_database
 pytestmark = pytest.mark.slow
 
 WANTED = 40  # capacity-1 instances the image's buffer asks for: one pass launches this many, one at a time
+LEASE_TTL_S = 3
 LIVE = (InstanceStatus.PRE_CONNECTION, InstanceStatus.ACTIVE, InstanceStatus.DRAINING)
 
 
@@ -84,6 +85,7 @@ def test_a_scaler_killed_mid_pass_is_repaired_by_the_next_pass(
         "AWS_ENDPOINT_URL_EC2": moto_endpoint,
         "FRACTAL_SCALER_INTERVAL_S": "3600",
         "FRACTAL_MAX_INSTANCES_PER_REGION": "1000",
+        "FRACTAL_SCALER_LEASE_TTL_S": str(LEASE_TTL_S),
     }
     env.pop("REDIS_URL", None)
     scaler = subprocess.Popen(
@@ -119,8 +121,13 @@ def test_a_scaler_killed_mid_pass_is_repaired_by_the_next_pass(
         **{**settings.model_dump(), "database_url": fresh_database, "max_instances_per_region": 1000}
     )
     cloud = Ec2Cloud(app_settings)
-    first = reconcile_fleet(session_factory, settings=app_settings, cloud=cloud)
-    assert first.ran and not first.errors, first.errors
+    # The dead leader's lease still holds for a moment: the next pass skips, then takes over within one period.
+    killed_at = time.monotonic()
+    while not (first := reconcile_fleet(session_factory, settings=app_settings, cloud=cloud)).ran:
+        assert first.skipped_reason == "another scaler holds the lease"
+        assert time.monotonic() - killed_at < LEASE_TTL_S + 5, "the dead leader was not replaced within its lease"
+        time.sleep(0.2)
+    assert not first.errors, first.errors
     # Rows whose launch never reached EC2 stay TERMINATING until "not found" proves them gone (eventual
     # consistency grace); a pass after the grace finishes them without launching anything more.
     later = utcnow() + timedelta(seconds=LAUNCH_VISIBILITY_GRACE_S + 1)

@@ -27,6 +27,7 @@ from fractal.models import (
     Image,
     Instance,
     InstanceStatus,
+    Lease,
     LogSender,
     LogUpload,
     Mandelbox,
@@ -103,6 +104,7 @@ def rows_with_every_timestamp(at: datetime | None) -> list[Any]:
             status=SubscriptionStatus.CONFIRMED,
             **stamp("created_at", "confirmed_at", "unsubscribed_at"),
         ),
+        Lease(name=f"l-{uuid.uuid4().hex[:8]}", holder="h", fencing_token=1, **expires, **stamp("acquired_at")),
         LogUpload(
             mandelbox_id=mandelbox.mandelbox_id,
             sender=LogSender.HOST,

@@ -20,14 +20,14 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
-from fractal.database import SessionFactory, advisory_key, session_scope
+from fractal.database import SessionFactory, session_scope
 from fractal.scaling import steps
+from fractal.scaling.lease import SCALER_LEASE, LeaseToken, acquire_lease, holder_identity, release_lease
 from fractal.scaling.steps import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, RegionError, ScalerAction
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-LOCK_NAME = "fractal:scaler"
 
 
 @dataclass
@@ -90,15 +88,20 @@ def reconcile_fleet(
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
     """
     started = time.perf_counter()
-    with _session(source) as session, _leader_lock(session) as leader:
+    with _session(source) as session:
         now = now or database_now(session)
         report = ReconcileReport(ran=False, started_at=now)
-        if not leader:
-            report.skipped_reason = "another scaler holds the lock"
+        lease = acquire_lease(session, name=SCALER_LEASE, holder=holder_identity(), ttl_s=settings.scaler_lease_ttl_s)
+        if lease is None:
+            report.skipped_reason = "another scaler holds the lease"
             log.info("scaler.skipped", reason=report.skipped_reason)
             return report
         report.ran = True
-        _run_pass(session, settings=settings, cloud=cloud, now=now, report=report)
+        try:
+            _run_pass(session, settings=settings, cloud=cloud, now=now, report=report, lease=lease)
+        finally:
+            session.rollback()  # a failed pass leaves its transaction aborted; the release needs a fresh one
+            release_lease(session, lease)
     report.duration_s = time.perf_counter() - started
     log.info(
         "scaler.pass",
@@ -118,35 +121,14 @@ def _session(source: SessionFactory | Session) -> Iterator[Session]:
         yield session
 
 
-@contextmanager
-def _leader_lock(session: Session) -> Iterator[bool]:
-    """Session-level advisory lock on a connection of its own: it survives the pass's commits and is released
-    by Postgres if this process dies. On SQLite (a single development process) it always succeeds."""
-    bind = session.get_bind()
-    if bind.dialect.name != "postgresql":
-        yield True
-        return
-    key = advisory_key(LOCK_NAME)
-    owned = isinstance(bind, Engine)
-    connection: Connection = bind.connect() if isinstance(bind, Engine) else bind
-    try:
-        got = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
-        if owned:
-            connection.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                if owned:
-                    connection.commit()
-    finally:
-        if owned:
-            connection.close()
-
-
 def _run_pass(
-    session: Session, *, settings: Settings, cloud: CloudProvider, now: datetime, report: ReconcileReport
+    session: Session,
+    *,
+    settings: Settings,
+    cloud: CloudProvider,
+    now: datetime,
+    report: ReconcileReport,
+    lease: LeaseToken,
 ) -> None:
     """The pipeline (see ``steps``), committing after the sweeps, after the database-only moves, and in launch."""
     report.actions += steps.sweep(session, settings=settings, now=now)
@@ -158,8 +140,8 @@ def _run_pass(
     report.actions += steps.terminate_drained(session, now=now)
     session.commit()
     for outcome in (
-        steps.launch(session, cloud, fleet_plan.launches, settings=settings, now=now),
-        steps.terminate_in_cloud(session, cloud, now=now),
+        steps.launch(session, cloud, fleet_plan.launches, settings=settings, now=now, lease=lease),
+        steps.terminate_in_cloud(session, cloud, now=now, lease=lease),
     ):
         report.actions += outcome.actions
         report.region_errors += outcome.region_errors

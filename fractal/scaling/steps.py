@@ -27,6 +27,7 @@ from fractal.fleet.instances import NewInstance, insert_instances, move_instance
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.scaling.lease import LeaseToken, check_lease, lease_holds
 from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
 
 log = structlog.get_logger(__name__)
@@ -276,10 +277,20 @@ def terminate_drained(session: Session, *, now: datetime) -> list[ScalerAction]:
 
 
 def launch(
-    session: Session, cloud: CloudProvider, launches: Sequence[LaunchPlan], *, settings: Settings, now: datetime
+    session: Session,
+    cloud: CloudProvider,
+    launches: Sequence[LaunchPlan],
+    *,
+    settings: Settings,
+    now: datetime,
+    lease: LeaseToken,
 ) -> CloudStepResult:
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
-    cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass."""
+    cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
+
+    Before each request the lease must still hold (else LeaseLost ends the pass), and the provider ids are
+    recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
+    """
     result = CloudStepResult()
     new = [
         NewInstance(
@@ -318,6 +329,7 @@ def launch(
             host_secret=host_secrets[row.instance_name],
             host_api_url=settings.host_api_url,
         )
+        check_lease(session, lease)
         try:
             host = cloud.launch(request)
         except Exception as failure:  # any provider failure; unknown ones count as "may have started"
@@ -340,8 +352,8 @@ def launch(
             )
         )
     if launched:
-        session.execute(  # bulk UPDATE by primary key: the provider ids replace the pending markers
-            update(Instance),
+        session.execute(  # the provider ids replace the pending markers, only while our lease holds
+            update(Instance).where(lease_holds(lease)).execution_options(synchronize_session=None),  # by key + fence
             [{"instance_name": a.instance_name, "cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
         )
         record_decisions(session, EventKind.INSTANCE_LAUNCHED, launched)
@@ -370,7 +382,7 @@ def launch(
     return result
 
 
-def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime) -> CloudStepResult:
+def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime, lease: LeaseToken) -> CloudStepResult:
     """Terminate every TERMINATING host and mark TERMINATED those the cloud confirms gone, region by region."""
     result = CloudStepResult()
     rows = session.execute(
@@ -383,6 +395,7 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime)
         by_region[row.region].append(row)
     gone: dict[str, str | None] = {}
     for region, region_rows in sorted(by_region.items()):
+        check_lease(session, lease)
         try:
             gone.update(_terminate_region(cloud, region, region_rows, now=now))
         except Exception as failure:  # any provider failure stays in its region
@@ -403,7 +416,7 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime)
     )
     result.actions += move(
         session,
-        where=Instance.instance_name.in_(names),
+        where=and_(Instance.instance_name.in_(names), lease_holds(lease)),
         to=InstanceStatus.TERMINATED,
         action="terminated",
         reason="confirmed_gone",

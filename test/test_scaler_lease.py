@@ -1,0 +1,129 @@
+"""The scaler's leadership is a lease row with a fencing token: compare-and-set, expiry on the database clock,
+and a former leader fenced off from acting or recording after its lease passed on."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from fractal.clock import database_now
+from fractal.cloud.base import LaunchedHost, LaunchRequest
+from fractal.cloud.memory import MemoryCloud
+from fractal.config import Settings
+from fractal.database import SessionFactory
+from fractal.models import Image, Instance, InstanceStatus
+from fractal.scaling import steps
+from fractal.scaling.lease import LeaseLost, acquire_lease, check_lease, release_lease
+from fractal.scaling.policy import LaunchPlan
+from fractal.scaling.reconcile import PENDING_PREFIX, reconcile_fleet
+
+NAME = "test-lease"
+PLAN = LaunchPlan("us-east-1", "v1", "ami-1", "t3", mandelbox_capacity=2, count=2, free=0, target_free=4, wanted=2)
+
+
+def test_one_holder_at_a_time_renewals_keep_the_token_new_holders_get_a_new_one(
+    committed_factory: SessionFactory,
+) -> None:
+    with committed_factory() as session:
+        first = acquire_lease(session, name=NAME, holder="a", ttl_s=30)
+        assert first is not None and first.fencing_token == 1
+        assert acquire_lease(session, name=NAME, holder="b", ttl_s=30) is None  # held by a
+        renewed = acquire_lease(session, name=NAME, holder="a", ttl_s=30)
+        assert renewed is not None and renewed.fencing_token == 1
+        release_lease(session, first)
+        second = acquire_lease(session, name=NAME, holder="b", ttl_s=30)
+        assert second is not None and second.fencing_token == 2
+        with pytest.raises(LeaseLost):
+            check_lease(session, first)
+        check_lease(session, second)
+
+
+def test_an_expired_lease_passes_on_within_its_period(committed_factory: SessionFactory) -> None:
+    with committed_factory() as session:
+        stale = acquire_lease(session, name=NAME, holder="a", ttl_s=0.5)
+        assert stale is not None
+        assert acquire_lease(session, name=NAME, holder="b", ttl_s=30) is None
+        time.sleep(0.7)
+        fresh = acquire_lease(session, name=NAME, holder="b", ttl_s=30)
+        assert fresh is not None and fresh.fencing_token == stale.fencing_token + 1
+        with pytest.raises(LeaseLost):
+            check_lease(session, stale)
+
+
+def test_a_stale_leader_asks_the_cloud_for_nothing(committed_factory: SessionFactory, settings: Settings) -> None:
+    cloud = MemoryCloud()
+    with committed_factory() as session:
+        stale = acquire_lease(session, name=NAME, holder="paused", ttl_s=0.3)
+        assert stale is not None
+        time.sleep(0.5)
+        assert acquire_lease(session, name=NAME, holder="successor", ttl_s=30) is not None
+        with pytest.raises(LeaseLost):
+            steps.launch(session, cloud, [PLAN], settings=settings, now=database_now(session), lease=stale)
+    assert cloud.launches == []  # nothing reached the cloud; the rows it made are cleaned up as unconfirmed
+
+
+class SlowCloud(MemoryCloud):
+    """A cloud that answers after the caller's lease has run out (a paused or partitioned leader)."""
+
+    def __init__(self, delay_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.delay_s = delay_s
+
+    def launch(self, request: LaunchRequest) -> LaunchedHost:
+        time.sleep(self.delay_s)
+        return super().launch(request)
+
+
+def test_a_leader_whose_lease_ran_out_mid_call_records_nothing(
+    committed_factory: SessionFactory, settings: Settings
+) -> None:
+    cloud = SlowCloud(delay_s=0.6)
+    with committed_factory() as session:
+        lease = acquire_lease(session, name=NAME, holder="slow", ttl_s=0.5)
+        assert lease is not None
+        with pytest.raises(LeaseLost):  # the second launch's check finds the lease gone
+            steps.launch(session, cloud, [PLAN], settings=settings, now=database_now(session), lease=lease)
+        session.rollback()
+        ids = session.scalars(select(Instance.cloud_provider_id)).all()
+    assert len(cloud.launches) == 1
+    assert all((cloud_id or "").startswith(PENDING_PREFIX) for cloud_id in ids), ids  # the fence held
+
+
+def test_concurrent_passes_take_turns_through_the_lease(committed_factory: SessionFactory, settings: Settings) -> None:
+    import threading
+
+    with committed_factory() as session:
+        session.add(
+            Image(
+                region="us-east-1",
+                client_commit_hash="v1",
+                ami_id="ami-1",
+                active=True,
+                instance_type="t3",
+                mandelbox_capacity=2,
+                target_free=8,
+            )
+        )
+        session.commit()
+    cloud = SlowCloud(delay_s=0.05)
+    reports: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def one_pass() -> None:
+        barrier.wait()
+        reports.append(reconcile_fleet(committed_factory, settings=settings, cloud=cloud))
+
+    threads = [threading.Thread(target=one_pass) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    ran = [r for r in reports if r.ran]
+    assert len(reports) == 4 and len(ran) >= 1
+    assert {r.skipped_reason for r in reports if not r.ran} <= {"another scaler holds the lease"}
+    with committed_factory() as session:
+        live = session.scalars(select(Instance).where(Instance.status == InstanceStatus.PRE_CONNECTION)).all()
+    assert len(live) == 4 and len(cloud.launches) == 4  # target 8 / capacity 2: launched once, not per pass
