@@ -94,6 +94,20 @@ def on_starting(server: Any) -> None:
     server.log.info("prometheus multiprocess dir %s", PROMETHEUS_MULTIPROC_DIR)
 
 
+def when_ready(server: Any) -> None:
+    """FRACTAL_METRICS_PORT: every worker's metrics, served by the master on a port of its own (not the API's),
+    so the public and host APIs' counters reach Prometheus without being on the internet-facing port."""
+    port = os.environ.get("FRACTAL_METRICS_PORT", "").strip()  # Settings.metrics_port; the master loads no app
+    if port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(int(port), addr="0.0.0.0", registry=registry)  # noqa: S104 (inside a container)
+        server.log.info("metrics of every worker on port %s", port)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauges from the aggregate."""
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics

@@ -20,6 +20,8 @@ ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (
     admin_logs_blueprint,
 )
 HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint, host_logs_blueprint)
+# An app serving any of these is the operators' (not reachable by users or hosts): it serves /metrics on its port.
+OPERATOR_BLUEPRINTS: frozenset[APIBlueprint] = frozenset({admin_blueprint})
 
 BLUEPRINTS_BY_API: dict[str, tuple[APIBlueprint, ...]] = {
     "public": PUBLIC_BLUEPRINTS,

@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     host_api_url: str = "http://127.0.0.1:8002"
     scaler_interval_s: float = Field(default=15, gt=0)
     scaler_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where gunicorn serves the public and host APIs' metrics (never on their own port); unset: not served.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # How long a scaler pass may hold the leadership lease: a SIGKILLed leader is replaced within this.
     scaler_lease_ttl_s: float = Field(default=60, gt=0)
     # The scaler loop notes each completed pass here; `python env.py healthcheck` reads it (FRACTAL_APP=scaler).

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from fractal.api_docs import configure_docs
 from fractal.auth.tokens import build_verifier
+from fractal.blueprints import OPERATOR_BLUEPRINTS
 from fractal.cache import init_cache
 from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
@@ -42,16 +43,18 @@ def create_app(
 ) -> APIFlask:
     """Build a Flask app serving ``blueprints`` plus health, error handling and request logging."""
     settings = settings or load_settings_or_exit()
+    served = list(blueprints)
     app = APIFlask(__name__, title=title, version="0.1.0", json_errors=True, docs_path="/docs")
     configure_app(app, settings)
     configure_logging(level=settings.log_level, json=settings.log_json)
     state = register_extensions(app, settings, session_factory)
-    register_blueprints(app, [health_blueprint, *blueprints])
+    register_blueprints(app, [health_blueprint, *served])
     configure_docs(app)
     register_error_handlers(app)
     register_path_guard(app)
     register_request_context(app)
-    register_metrics(app)
+    # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
+    register_metrics(app, operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served))
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)

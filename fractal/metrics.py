@@ -222,8 +222,14 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def register_metrics(app: APIFlask) -> PrometheusMetrics:
-    """Request metrics by route rule, the process metrics above and the fleet collector, served on /metrics."""
+def register_metrics(app: APIFlask, *, operator_facing: bool) -> PrometheusMetrics:
+    """Request metrics by route rule and the process metrics; the operators' app also serves them on /metrics.
+
+    The public and host APIs face the internet: their port serves no /metrics (free capacity and error counts
+    are not for everyone) and they run no fleet query. Their counters still reach Prometheus through
+    ``FRACTAL_METRICS_PORT`` (gunicorn.conf.py serves every worker's there, off the public port). The admin API,
+    which only operators reach, serves /metrics with the fleet gauges.
+    """
     registry = CollectorRegistry()
     exporter = PrometheusMetrics(
         app,
@@ -235,6 +241,8 @@ def register_metrics(app: APIFlask) -> PrometheusMetrics:
     if not multiprocess_mode():
         for collector in PROCESS_METRICS:
             registry.register(collector)
+    if not operator_facing:
+        return exporter
     fleet = FleetCollector(lambda: cast(SessionFactory, app.extensions["fractal"].session_factory))
     if not multiprocess_mode():
         registry.register(fleet)

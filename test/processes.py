@@ -184,6 +184,7 @@ class Stack:
     host: StartedProcess
     database_url: str
     password: str
+    public_metrics_port: int
 
     @property
     def shells(self) -> list[StartedProcess]:
@@ -205,11 +206,21 @@ def three_shells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     database_url = url.render_as_string(hide_password=False)
     log_dir = tmp_path_factory.mktemp("stack")
     env = {"FRACTAL_ENV": "development", "FRACTAL_CLOUD": "local"}
-    shells = [start_sequence(role, database_url, log_dir, **env) for role in ("public", "admin", "host")]
+    metrics_port = free_port()
+    shells = [
+        start_sequence(
+            role,
+            database_url,
+            log_dir,
+            **env,
+            **({"FRACTAL_METRICS_PORT": str(metrics_port)} if role == "public" else {}),
+        )
+        for role in ("public", "admin", "host")
+    ]
     try:
         for shell in shells:
             wait_until_ready(shell, timeout_s=90)
-        yield Stack(*shells, database_url=database_url, password=password)
+        yield Stack(*shells, database_url=database_url, password=password, public_metrics_port=metrics_port)
     finally:
         for shell in shells:
             shell.stop()

@@ -1,4 +1,9 @@
-"""/metrics on every app: requests by route rule and status, assignments by result, fleet gauges, scaler metrics."""
+"""Metrics: requests by route rule and status, assignments by result, fleet gauges, scaler metrics.
+
+The admin API serves /metrics with the fleet gauges; the public and host APIs, which face the internet, serve none
+on their port (gunicorn serves their workers' counters on FRACTAL_METRICS_PORT, tested in test_start_sequence.py).
+The request-level tests below use one app serving the public and admin blueprints, so its /metrics shows both.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import pytest
 from apiflask import APIFlask
 from prometheus_client.parser import text_string_to_metric_families
 
-from fractal.blueprints import ADMIN_BLUEPRINTS
+from fractal.blueprints import ADMIN_BLUEPRINTS, BLUEPRINTS_BY_API
 from fractal.config import Settings
+from fractal.database import SessionFactory
 from fractal.factory import create_app
 from fractal.metrics import record_reconcile, start_metrics_server
 from fractal.models import InstanceStatus
@@ -37,13 +43,25 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.mark.parametrize("kind", ["public", "admin", "host"])
-def test_every_app_serves_metrics(make_app: Callable[..., APIFlask], kind: str) -> None:
-    client = make_app(kind).test_client()
+def test_the_admin_api_serves_metrics_with_the_fleet_gauges(make_app: Callable[..., APIFlask]) -> None:
+    client = make_app("admin").test_client()
     client.get("/healthz")
     samples = scrape(client)
     assert value(samples, COUNT, method="GET", status="200", url_rule="/healthz") == 1
     assert value(samples, "fractal_fleet_metrics_up") == 1
+
+
+@pytest.mark.parametrize("kind", ["public", "host"])
+def test_internet_facing_apps_serve_no_metrics_on_their_port(make_app: Callable[..., APIFlask], kind: str) -> None:
+    answer = make_app(kind).test_client().get("/metrics")
+    assert answer.status_code == 404 and answer.json["error"] == "NOT_FOUND"
+
+
+@pytest.fixture
+def public_client(settings: Settings, session_factory: SessionFactory) -> Any:
+    """Public routes in an app that also serves the operators' /metrics (see the module docstring)."""
+    blueprints = [*BLUEPRINTS_BY_API["public"], *BLUEPRINTS_BY_API["admin"]]
+    return create_app(blueprints=blueprints, settings=settings, session_factory=session_factory).test_client()
 
 
 def test_requests_are_labelled_by_route_rule_not_raw_path(public_client: Any, user_headers: Headers) -> None:

@@ -114,8 +114,18 @@ def test_three_shells_starting_at_once_migrate_once_and_serve(three_shells: Stac
         status, body = http_get(shell.url + "/readyz")
         assert status == 200, body
         assert http_get(shell.url + "/healthz")[0] == 200
-        status, body = http_get(shell.url + "/metrics")
-        assert status == 200 and b"fractal_fleet_metrics_up 1.0" in body
+    # Only the operators' API serves /metrics on its port (with the fleet gauges); the public and host APIs serve
+    # their workers' counters on FRACTAL_METRICS_PORT, which is not their public port.
+    status, body = http_get(three_shells.admin.url + "/metrics")
+    assert status == 200 and b"fractal_fleet_metrics_up 1.0" in body
+    for shell in (three_shells.public, three_shells.host):
+        assert http_get(shell.url + "/metrics")[0] == 404
+    status, body = http_get(f"http://127.0.0.1:{three_shells.public_metrics_port}/metrics")
+    assert (
+        status == 200
+        and b'flask_http_request_duration_seconds_count{method="GET",status="200",url_rule="/readyz"}' in body
+    )
+    assert b"fractal_fleet_metrics_up" not in body  # no fleet query behind the public API's scrapes
     # Each shell serves its own API: only the admin shell knows /admin/instances.
     assert http_get(three_shells.public.url + "/admin/instances")[0] == 404
     assert http_get(three_shells.admin.url + "/admin/instances")[0] == 401
