@@ -68,6 +68,11 @@ def configure_app(app: APIFlask, settings: Settings) -> None:
         VALIDATION_ERROR_STATUS_CODE=400,
         VALIDATION_ERROR_DESCRIPTION="Validation error",
         SECURITY_SCHEMES=SECURITY_SCHEMES,
+        # The spec's server is the document's own origin, never the Host header of whoever asked first: APIFlask's
+        # AUTO_SERVERS would write request.url_root into a spec every later reader gets ("Try it out" in /docs would
+        # then send pasted tokens to the attacker's host).
+        AUTO_SERVERS=False,
+        SERVERS=[{"url": "/", "description": "this API, where this document was served from"}],
         JSON_SORT_KEYS=False,
         SECRET_KEY=settings.secret_key.get_secret_value(),
         TESTING=settings.env == "test",

@@ -58,3 +58,14 @@ def test_public_spec_documents_assign_refusals(make_app: Callable[..., APIFlask]
     responses = spec["paths"]["/mandelbox/assign"]["post"]["responses"]
     assert {"201", "400", "401", "409", "422", "503"} <= set(responses)
     assert spec["paths"]["/mandelbox/assign"]["post"]["requestBody"]["required"] is True
+
+
+@pytest.mark.parametrize("kind", ["public", "admin", "host"])
+def test_the_spec_server_never_comes_from_a_request_host(make_app: Callable[..., Any], kind: str) -> None:
+    client = make_app(kind).test_client()
+    poisoned = client.get("/openapi.json", headers={"Host": "attacker.example"})
+    honest = client.get("/openapi.json", headers={"Host": "api.fractal.example"})
+    for answer in (poisoned, honest):
+        assert answer.status_code == 200
+        assert answer.json["servers"] == [{"url": "/", "description": "this API, where this document was served from"}]
+        assert "attacker.example" not in answer.get_data(as_text=True)
