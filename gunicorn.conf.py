@@ -108,6 +108,13 @@ def when_ready(server: Any) -> None:
         server.log.info("metrics of every worker on port %s", port)
 
 
+def post_fork(server: Any, worker: Any) -> None:
+    """Every worker answers gunicorn-level refusals (414, 431, a bad Content-Length) in Fractal's JSON shape."""
+    from fractal.gunicorn_errors import install
+
+    install(server, worker)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauges from the aggregate."""
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
