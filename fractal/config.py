@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     host_api_url: str = "http://127.0.0.1:8002"
     scaler_interval_s: float = Field(default=15, gt=0)
     scaler_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # How many reverse proxies stand in front of the app: their X-Forwarded-For/-Proto/-Host are believed (that
+    # many hops from the right), so per-address limits see the real client; 0 ignores the headers entirely.
+    trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Where gunicorn serves the public and host APIs' metrics (never on their own port); unset: not served.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # How long a scaler pass may hold the leadership lease: a SIGKILLed leader is replaced within this.

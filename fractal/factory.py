@@ -7,6 +7,7 @@ from typing import Any
 
 from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fractal.api_docs import configure_docs
 from fractal.auth.tokens import build_verifier
@@ -59,7 +60,18 @@ def create_app(
     register_commands(app)
     register_spec_processor(app)
     app.extensions[EXTENSION_KEY] = state
+    trust_proxies(app, settings.trusted_proxies)
     return app
+
+
+def trust_proxies(app: APIFlask, count: int) -> None:
+    """Behind ``count`` reverse proxies, read the client's address and scheme from their X-Forwarded-* headers.
+
+    Only the last ``count`` hops are believed, so a client-supplied X-Forwarded-For can neither dodge nor reset a
+    per-address limit; with no proxy (0) the headers are ignored and the peer address is the client.
+    """
+    if count > 0:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)  # type: ignore[method-assign]
 
 
 def configure_app(app: APIFlask, settings: Settings) -> None:
