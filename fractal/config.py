@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     db_pool_pre_ping: bool = False
+    # Bounds on every transaction (SET LOCAL at its start, so they survive PgBouncer's transaction pooling), well
+    # under gunicorn's 30 s worker timeout: a held row lock or a runaway query answers 503 DATABASE_BUSY instead of
+    # pinning a worker. 0 turns a bound off (Postgres's meaning).
+    db_lock_timeout_ms: int = Field(default=3_000, ge=0)
+    db_statement_timeout_ms: int = Field(default=10_000, ge=0)
+    # A transaction left open while the process waits on something else (a hung client, a slow cloud call) is
+    # ended by the server after this, releasing its locks.
+    db_idle_in_transaction_timeout_ms: int = Field(default=20_000, ge=0)
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
     # Every Redis key Fractal writes (limits, cache, nudges) starts with this, so deployments or test runs can
     # share one Redis server and clean up only their own keys.
