@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,11 +38,40 @@ class TokenVerifier(Protocol):
     def verify(self, token: str) -> UserClaims: ...
 
 
+# The subject is stored as user_id (255 characters) and inside actors ("user:<sub>", "admin:<sub>", 255 characters):
+# the longest prefix must still fit.
+MAX_SUBJECT_LENGTH = 255 - len("admin:")
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def is_storable_text(value: str) -> bool:
+    """True when PostgreSQL text can hold ``value``: no NUL character and no lone surrogate (not UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def claims_to_user(claims: dict[str, Any]) -> UserClaims:
-    """Read user id, admin scope and subscription from verified claims."""
+    """Read user id, admin scope and subscription from verified claims; a claim of the wrong type or size is 401."""
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject or len(subject) > 255:
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or len(subject) > MAX_SUBJECT_LENGTH
+        or not is_storable_text(subject)
+    ):
         raise UnauthorizedError("The token has no usable subject.")
+    for name in TIME_CLAIMS:
+        # PyJWT turns a string "exp" into a number and accepts it; RFC 7519 says NumericDate, a JSON number.
+        value = claims.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise UnauthorizedError(f"The token's {name} claim must be a number.")
     scopes: set[str] = set()
     scope = claims.get("scope")
     if isinstance(scope, str):
@@ -135,7 +165,7 @@ class JwtVerifier:
             raise UnauthorizedError("The token is not valid yet.") from exc
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
             raise UnauthorizedError("The token was not issued for this service.") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             # Covers bad signatures, malformed tokens, unknown kids and unreachable JWKS endpoints.
             raise UnauthorizedError("The token is invalid.") from exc
         return claims_to_user(claims)
