@@ -71,6 +71,13 @@ class Settings(BaseSettings):
 
     jwt_public_key: SecretStr | None = None
     jwks_url: str | None = None
+    # How long a fetched key set is trusted: a key the issuer removes stops verifying tokens within this.
+    jwks_lifetime_s: float = Field(default=600, gt=0)
+    # An unknown kid refetches the set at once unless a fetch was attempted this recently (also how long a failed
+    # fetch is remembered).
+    jwks_refresh_cooldown_s: float = Field(default=5, ge=0)
+    # The longest a request waits for the JWKS endpoint.
+    jwks_timeout_s: float = Field(default=3, gt=0)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
 
