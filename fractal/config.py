@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     logs_bucket: str = "fractal-logs"
     max_log_bytes: int = Field(default=52_428_800, gt=0)
+    # Per mandelbox, over its whole life: how many logs and how many stored bytes (after decompression) it may hold.
+    log_uploads_per_mandelbox: int = Field(default=20, ge=1)
+    log_bytes_per_mandelbox: int = Field(default=209_715_200, ge=1)
+    # Uploads per sender (a host's instance, a user) across all its mandelboxes.
+    log_upload_rate_limit: str = "10 per minute"
     secret_key: SecretStr = SecretStr("development-only-secret-key")
 
     log_level: str = "INFO"
