@@ -300,3 +300,16 @@ def test_any_body_on_any_json_route_answers_below_500(
 ) -> None:
     client, method, path, headers = routes[index]
     assert_shape(getattr(client, method)(path, data=body.encode("utf-8", "surrogatepass"), headers=headers))
+
+
+@pytest.mark.parametrize(
+    "path", ["/mandelbox//x", "//regions", "/host//heartbeat", "/admin//instances", "/mandelbox/a//b/logs"]
+)
+def test_non_canonical_paths_are_json_404_never_a_redirect(
+    public_client: Any, host_client: Any, admin_client: Any, path: str
+) -> None:
+    for client in (public_client, host_client, admin_client):
+        response = client.get(path)
+        # 404, or 405 where the merged path names a route of another method: JSON either way, no redirect.
+        assert response.status_code in (404, 405) and "Location" not in response.headers
+        assert_shape(response)

@@ -1,5 +1,6 @@
-"""Log uploads through a real gunicorn (the test client never sets ``wsgi.input_terminated``): the limit is inclusive
-for Content-Length and chunked bodies alike, one byte more is 413, and nothing is stored for a refusal."""
+"""The host API under a real gunicorn (the test client never sets ``wsgi.input_terminated`` and never decodes paths
+as gunicorn does): log limits are inclusive for Content-Length and chunked bodies alike, one byte more is 413 and
+stores nothing; encoded dot segments and doubled slashes answer JSON, never a redirect."""
 
 from __future__ import annotations
 
@@ -117,3 +118,17 @@ def test_the_limit_is_inclusive_under_gunicorn(
     status, body = put(gunicorn_host, path, secret, b"y" * (LIMIT + 1), chunked=chunked)
     assert status == 413 and b"PAYLOAD_TOO_LARGE" in body, body
     assert stored(committed_factory, mandelbox_id) == [LIMIT]
+
+
+def test_encoded_dot_segments_are_json_404_under_gunicorn(gunicorn_host: StartedProcess) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", gunicorn_host.port, timeout=10)
+    try:
+        for path in ("/host/mandelboxes/%2e%2e%2f%2e%2e%2fhealthz", "/host/mandelboxes/x%2f%2fy", "//host/heartbeat"):
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status in (404, 405), (path, response.status, body[:200])  # JSON either way
+            assert response.getheader("Location") is None
+            assert body.startswith(b'{"error":')
+    finally:
+        connection.close()

@@ -7,13 +7,13 @@ from typing import Any
 from apiflask import APIBlueprint
 
 from fractal.health.service import check_readiness
-from fractal.json_limits import install_json_limits
+from fractal.request_guards import install_request_guards
 from fractal.web import state
 
 health_blueprint = APIBlueprint("health", __name__, tag="Health")
-# Every app serves this blueprint (create_app always adds it), so it is where every app gets its request-JSON limits.
-# TODO(lead): call install_json_limits(app) in factory.configure_app instead and drop this hook.
-health_blueprint.record_once(lambda setup: install_json_limits(setup.app))
+# Every app serves this blueprint (create_app always adds it), so it is where every app gets its request guards.
+# TODO(lead): call install_request_guards(app) in factory.create_app instead and drop this hook.
+health_blueprint.record_once(lambda setup: install_request_guards(setup.app))
 
 
 @health_blueprint.get("/healthz")
