@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -16,10 +16,14 @@ from sqlalchemy.orm import Session
 
 from alembic import command
 from fractal.blueprints import PUBLIC_BLUEPRINTS
+from fractal.cloud.base import CloudHost, HostRef
+from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.events import EventKind
 from fractal.factory import create_app
-from fractal.models import Instance, Mandelbox
+from fractal.models import Event, Instance, InstanceStatus, Mandelbox
+from fractal.scaling.reconcile import reconcile_fleet
 from fractal.web import db_session
 from test.conftest import create_database, run_alembic
 from test.factories import Factories
@@ -257,4 +261,43 @@ def test_first_request_after_a_database_restart_succeeds(
             response = client.post("/mandelbox/assign", json=ASSIGN, headers=headers)
             assert response.status_code == 201, response.json
         assert _live_rows(factory) == (6, 6)
+        engine.dispose()
+
+
+class _SlowCloud(MemoryCloud):
+    """A cloud whose describe takes longer than the idle-in-transaction bound (EC2 with retries can)."""
+
+    def describe(self, region: str, hosts: Sequence[HostRef]) -> list[CloudHost]:
+        time.sleep(0.8)
+        return super().describe(region, hosts)
+
+
+def test_the_scaler_never_idles_in_a_transaction_across_cloud_calls(
+    settings: Settings, committed_factory: SessionFactory
+) -> None:
+    scaler_settings = Settings(**{**settings.model_dump(), "db_idle_in_transaction_timeout_ms": 300})
+    engine = create_db_engine(scaler_settings)
+    factory = create_session_factory(engine)
+    try:
+        with factory() as session:
+            factories = Factories(session)
+            failing, _ = factories.instance(region="eu-west-1", status=InstanceStatus.TERMINATING)
+            slow, _ = factories.instance(region="us-east-1", status=InstanceStatus.TERMINATING)
+        cloud = _SlowCloud(failing_regions={"eu-west-1": "Unavailable"})
+
+        # eu-west-1 fails first (an event is written), then us-east-1's describe takes 0.8 s: had either the read of
+        # the TERMINATING rows or that event been left in an open transaction, the server would have ended it.
+        report = reconcile_fleet(factory, settings=scaler_settings, cloud=cloud)
+
+        assert report.ran
+        assert [(e.region, e.operation) for e in report.region_errors] == [("eu-west-1", "terminate")]
+        with factory() as session:
+            statuses = dict(session.execute(select(Instance.instance_name, Instance.status)).all())
+            scaler_errors = session.scalars(select(Event).where(Event.kind == EventKind.SCALER_ERROR)).all()
+        assert statuses == {
+            failing.instance_name: InstanceStatus.TERMINATING,
+            slow.instance_name: InstanceStatus.TERMINATED,
+        }
+        assert len(scaler_errors) == 1
+    finally:
         engine.dispose()
