@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -132,3 +133,27 @@ def test_encoded_dot_segments_are_json_404_under_gunicorn(gunicorn_host: Started
             assert body.startswith(b'{"error":')
     finally:
         connection.close()
+
+
+def test_an_early_413_closes_the_connection(gunicorn_host: StartedProcess, host_box: tuple[uuid.UUID, str]) -> None:
+    mandelbox_id, secret = host_box
+    # gunicorn would otherwise try to drain the announced body for up to 5 s (a worker thread held per such request)
+    # and only then close: the 3 s socket timeout tells the two apart.
+    with socket.create_connection(("127.0.0.1", gunicorn_host.port), timeout=3) as sock:
+        # A client announcing a body far over the limit and waiting for 100-continue before sending it (curl does).
+        sock.sendall(
+            (
+                f"PUT /host/mandelboxes/{mandelbox_id}/logs HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {secret}\r\nContent-Length: {LIMIT * 100}\r\n"
+                "Expect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # the server closed the connection after its answer
+            received += chunk
+    # (gunicorn may answer "100 Continue" first.) Had the connection stayed open, recv would have waited for the
+    # socket timeout and raised instead of seeing the end.
+    assert b"HTTP/1.1 413 " in received and b"PAYLOAD_TOO_LARGE" in received, received[:400]
