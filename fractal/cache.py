@@ -10,17 +10,22 @@ the entry only when the generations match. A reader that loaded old rows just be
 write them tagged with the old generation, which no reader accepts any more, so a change is visible to every
 replica at once (delete-on-change would let such a reader re-cache stale data).
 
+Values are JSON in Redis, never pickle: unpickling what Redis holds would turn write access to Redis into code
+execution in every API process. An entry that is not ours (a pickle, garbage) reads as a miss.
+
 A Redis outage never fails a request: the cache is bypassed (the loader reads the database) and, for a few
 seconds after a failure, not even tried, so a dead Redis costs one failed round trip, not one per lookup.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
+from cachelib.serializers import BaseRedisSerializer
 
 if TYPE_CHECKING:
     import redis
@@ -36,12 +41,36 @@ T = TypeVar("T")
 OUTAGE_BACKOFF_S = 5.0
 
 
+class JsonRedisSerializer(BaseRedisSerializer):
+    """cachelib's Redis value format with JSON instead of pickle (integers stay plain for INCR)."""
+
+    def dumps(self, value: Any, protocol: int | None = None) -> bytes:
+        if type(value) is int:  # the generation counters: INCR needs plain digits
+            return str(value).encode("ascii")
+        return b"j" + json.dumps(value, separators=(",", ":")).encode()
+
+    def loads(self, value: bytes | None) -> Any:
+        if value is None:
+            return None
+        if value.startswith(b"j"):
+            try:
+                return json.loads(value[1:])
+            except ValueError:
+                return None
+        try:
+            return int(value)
+        except ValueError:
+            return None  # a pickle ("!...") or anything else we did not write: a miss, never unpickled
+
+
 class DataCache:
     """get-or-load and namespace invalidation over a cachelib backend; never raises for backend failures."""
 
     def __init__(self, backend: BaseCache | None, *, ttl_s: int) -> None:
         # ttl 0 would mean "never expire" to cachelib; here it means "do not cache".
         self._backend = backend if ttl_s > 0 else None
+        if isinstance(getattr(backend, "serializer", None), BaseRedisSerializer):
+            backend.serializer = JsonRedisSerializer()  # type: ignore[union-attr]
         self._ttl_s = ttl_s
         self._skip_until = 0.0
 
@@ -63,11 +92,12 @@ class DataCache:
             self._failed("cache_read_failed", exc)
             return load()
         generation = int(raw_generation) if raw_generation is not None else 0
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] == generation:
+        # [generation, value]: a list, as JSON gives it back (values must be JSON: plain dicts, lists, strings).
+        if isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] == generation:
             return entry[1]  # type: ignore[no-any-return]
         value = load()
         try:
-            backend.set(key, (generation, value), timeout=self._ttl_s)
+            backend.set(key, [generation, value], timeout=self._ttl_s)
         except Exception as exc:
             self._failed("cache_write_failed", exc)
         return value

@@ -83,6 +83,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     db_pool_pre_ping: bool = False
+    # Bounds on every transaction (SET LOCAL at its start, so they survive PgBouncer's transaction pooling), well
+    # under gunicorn's 30 s worker timeout: a held row lock or a runaway query answers 503 DATABASE_BUSY instead of
+    # pinning a worker. 0 turns a bound off (Postgres's meaning).
+    db_lock_timeout_ms: int = Field(default=3_000, ge=0)
+    db_statement_timeout_ms: int = Field(default=10_000, ge=0)
+    # A transaction left open while the process waits on something else (a hung client, a slow cloud call) is
+    # ended by the server after this, releasing its locks.
+    db_idle_in_transaction_timeout_ms: int = Field(default=20_000, ge=0)
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
     # Every Redis key Fractal writes (limits, cache, nudges) starts with this, so deployments or test runs can
     # share one Redis server and clean up only their own keys.
@@ -91,6 +99,13 @@ class Settings(BaseSettings):
 
     jwt_public_key: SecretStr | None = None
     jwks_url: str | None = None
+    # How long a fetched key set is trusted: a key the issuer removes stops verifying tokens within this.
+    jwks_lifetime_s: float = Field(default=600, gt=0)
+    # An unknown kid refetches the set at once unless a fetch was attempted this recently (also how long a failed
+    # fetch is remembered).
+    jwks_refresh_cooldown_s: float = Field(default=5, ge=0)
+    # The longest a request waits for the JWKS endpoint.
+    jwks_timeout_s: float = Field(default=3, gt=0)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
 
@@ -140,6 +155,11 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     logs_bucket: str = "fractal-logs"
     max_log_bytes: int = Field(default=52_428_800, gt=0)
+    # Per mandelbox, over its whole life: how many logs and how many stored bytes (after decompression) it may hold.
+    log_uploads_per_mandelbox: int = Field(default=20, ge=1)
+    log_bytes_per_mandelbox: int = Field(default=209_715_200, ge=1)
+    # Uploads per sender (a host's instance, a user) across all its mandelboxes.
+    log_upload_rate_limit: str = "10 per minute"
     secret_key: SecretStr = SecretStr("development-only-secret-key")
 
     log_level: str = "INFO"

@@ -6,11 +6,13 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
 
 from fractal.config import Settings
 
@@ -32,16 +34,69 @@ def create_db_engine(settings: Settings, **overrides: object) -> Engine:
     kwargs = {
         "pool_size": 10,
         "max_overflow": 20,
-        # No pre-ping: it costs a round trip on every checkout. A connection that died with the server fails its
-        # request (503 DATABASE_UNAVAILABLE) and SQLAlchemy then invalidates the whole pool, so one request per
-        # process pays for a restart instead of every request paying all the time.
+        # Usually unneeded: the transaction bounds sent on every checkout (below) already find a connection that
+        # died with the server and replace it, at no extra cost.
         "pool_pre_ping": settings.db_pool_pre_ping,
         "pool_timeout": 5,
         # A dead server must fail fast (503 DATABASE_UNAVAILABLE), not hang a worker.
         "connect_args": {"connect_timeout": 3, "application_name": "fractal"},
     }
     kwargs.update(overrides)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    install_transaction_bounds(engine, settings)
+    return engine
+
+
+# Set on a pooled connection's info while the transaction opened at checkout (bounds already set) is unused.
+_BOUNDED_AT_CHECKOUT = "fractal_bounded_at_checkout"
+
+
+def transaction_bounds_sql(settings: Settings) -> str:
+    """The statement that bounds one transaction's lock waits, statements and idle time (one round trip)."""
+    return (
+        f"SET LOCAL lock_timeout = {int(settings.db_lock_timeout_ms)};"
+        f" SET LOCAL statement_timeout = {int(settings.db_statement_timeout_ms)};"
+        f" SET LOCAL idle_in_transaction_session_timeout = {int(settings.db_idle_in_transaction_timeout_ms)}"
+    )
+
+
+def install_transaction_bounds(engine: Engine, settings: Settings) -> None:
+    """Bound every transaction on ``engine`` with ``SET LOCAL``, and replace dead pooled connections on checkout.
+
+    Why ``SET LOCAL`` per transaction rather than libpq ``options`` or a session ``SET``: behind PgBouncer in
+    transaction-pooling mode a session setting sticks to whichever server connection ran it (and ``options`` is
+    refused), while a ``SET LOCAL`` travels with its transaction. The statement runs at pool checkout, where it
+    also opens the transaction the caller's first statement would have opened anyway, so it costs one round trip
+    per checkout and doubles as a liveness check: when it finds the connection dead (the database restarted),
+    the pool is invalidated and the checkout retried on a fresh connection, so the request that found the dead
+    connection still succeeds (SQLAlchemy's pre-ping would cost a round trip of its own). A second transaction
+    on the same checked-out connection is bounded when it begins.
+    """
+    bounds = transaction_bounds_sql(settings)
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkout")
+    def _bound_at_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(bounds)  # psycopg2 opens the transaction (BEGIN) before it
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, cursor):
+                raise InvalidatePoolError(str(error)) from error
+            raise
+        finally:
+            cursor.close()
+        record.info[_BOUNDED_AT_CHECKOUT] = True
+
+    @event.listens_for(engine, "begin")
+    def _bound_later_transactions(connection: Connection) -> None:
+        if connection.connection.info.pop(_BOUNDED_AT_CHECKOUT, False):
+            return  # the checkout's transaction is the one beginning: already bounded
+        connection.exec_driver_sql(bounds)
+
+    @event.listens_for(engine, "checkin")
+    def _forget(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info.pop(_BOUNDED_AT_CHECKOUT, None)
 
 
 def ensure_sqlite_directory(url: str) -> None:

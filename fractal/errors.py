@@ -43,6 +43,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     NO_INSTANCE_AVAILABLE = "NO_INSTANCE_AVAILABLE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    DATABASE_BUSY = "DATABASE_BUSY"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     # Refused by the HTTP server before the app (gunicorn's limits), in the same JSON shape.
@@ -159,6 +160,11 @@ class DatabaseUnavailableError(FractalError):
     default_message = "The database cannot be reached right now; retry shortly."
 
 
+class DatabaseBusyError(FractalError):
+    status, code = 503, ErrorCode.DATABASE_BUSY
+    default_message = "The database is busy (a lock or time bound was hit); retry shortly."
+
+
 class ServiceUnavailableError(FractalError):
     status, code, default_message = 503, ErrorCode.SERVICE_UNAVAILABLE, "A dependency is unavailable."
 
@@ -196,6 +202,35 @@ _DB_OUTAGE_MARKERS = (
     "connection already closed",
     "no connection to the server",
 )
+
+
+# SQLSTATEs that mean "the database was busy or is going away; the same request may well succeed on a retry".
+# The transaction they ended was rolled back, so nothing of the request was stored.
+_DB_BUSY_SQLSTATES = frozenset(
+    {
+        "55P03",  # lock_not_available: lock_timeout (FRACTAL_DB_LOCK_TIMEOUT_MS) or NOWAIT
+        "57014",  # query_canceled: statement_timeout (FRACTAL_DB_STATEMENT_TIMEOUT_MS) or pg_cancel_backend
+        "40P01",  # deadlock_detected
+        "40001",  # serialization_failure
+        # The connection-ending ones (admin_shutdown from pg_terminate_backend or a shutting-down server, the idle
+        # timeout) when they arrive with their SQLSTATE; libpq often reports them only as "server closed the
+        # connection unexpectedly", which is an outage (DATABASE_UNAVAILABLE) like any other lost connection.
+        "57P01",
+        "25P03",
+    }
+)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The Postgres SQLSTATE behind a SQLAlchemy error, when there is one."""
+    code = getattr(getattr(exc, "orig", None), "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def is_database_busy(exc: BaseException) -> bool:
+    """True when a SQLAlchemy error is a lock or statement timeout, a deadlock, a serialization failure or a
+    cancelled/terminated query: the database is up, this transaction lost, a retry may succeed."""
+    return isinstance(exc, DBAPIError) and sqlstate(exc) in _DB_BUSY_SQLSTATES
 
 
 def is_database_outage(exc: BaseException) -> bool:
@@ -247,6 +282,9 @@ def register_error_handlers(app: APIFlask) -> None:
     def _unexpected(error: Exception) -> Response:
         if isinstance(error, HTTPException):  # raised outside APIFlask's processor path
             return cast(Response, _http_error(HTTPError(error.code or 500, message=error.description or "")))
+        if is_database_busy(error):
+            log.warning("database_busy", error_type=type(error).__name__, sqlstate=sqlstate(error))
+            return error_response(DatabaseBusyError(retry_after_s=1))
         if is_database_outage(error):
             log.warning("database_unavailable", error_type=type(error).__name__)
             return error_response(DatabaseUnavailableError(retry_after_s=2))

@@ -23,6 +23,7 @@ from fractal.nudge import build_nudge
 from fractal.observability import configure_logging, register_request_context
 from fractal.ratelimit import init_rate_limits
 from fractal.redis_client import build_redis_client
+from fractal.request_guards import install_request_guards
 from fractal.web import EXTENSION_KEY, FractalState, close_db_session
 
 SECURITY_SCHEMES = {
@@ -53,6 +54,7 @@ def create_app(
     configure_docs(app)
     register_error_handlers(app)
     register_path_guard(app)
+    install_request_guards(app)
     register_request_context(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
     register_metrics(app, operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served))

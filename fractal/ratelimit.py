@@ -15,21 +15,24 @@ werkzeug's ProxyFix; without that every client shares the proxy's address.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded, RouteLimit
+from limits import parse as parse_limit
 
 from fractal.config import Settings
-from fractal.errors import RateLimitedError, error_response
+from fractal.errors import RateLimitedError, UnauthorizedError, error_response
 from fractal.redis_client import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 from fractal.web import settings
 
-# Statuses that count as a failed host authentication attempt (bad secret, wrong host).
-FAILED_AUTH_STATUSES = frozenset({401, 409})
+# A claimed instance name longer than the column cannot exist: not worth a key of its own.
+MAX_INSTANCE_NAME_KEY = 128
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def client_address_key() -> str:
@@ -100,9 +103,10 @@ def _rate_limited(error: RateLimitExceeded) -> Response:
     return response
 
 
-def user_limit(limit: Callable[[], str], *, scope: str) -> RouteLimit:
-    """Limit a user route per verified user; apply it *below* ``@user_required``."""
-    return limiter.limit(limit, key_func=user_key, scope=scope)
+def user_limit(limit: Callable[[], str], *, scope: str, exempt_when: Callable[[], bool] | None = None) -> RouteLimit:
+    """Limit a user route per verified user; apply it *below* ``@user_required``. ``exempt_when`` True: not counted
+    (nor refused)."""
+    return limiter.limit(limit, key_func=user_key, scope=scope, exempt_when=exempt_when)
 
 
 def address_limit(limit: Callable[[], str], *, scope: str) -> RouteLimit:
@@ -110,27 +114,63 @@ def address_limit(limit: Callable[[], str], *, scope: str) -> RouteLimit:
     return limiter.limit(limit, key_func=client_address_key, scope=scope)
 
 
-def failed_attempts_limit(
-    limit: Callable[[], str], *, scope: str, statuses: Iterable[int] = FAILED_AUTH_STATUSES
-) -> RouteLimit:
-    """Limit only *failed* attempts per client address (brute force), shared by every route it decorates.
+class FailureBudget:
+    """Failed authentication attempts, counted per key (address, claimed instance name) in the limiter's storage.
 
-    A request is refused with 429 once the address has used up its failures in the window, whatever its
-    credentials; answers with one of ``statuses`` count, successes never do. Apply it *above* the
-    decorator that authenticates, so that the check happens before a secret is even looked at.
+    Unlike a route limit it is consulted only *after* the credentials were checked and found wrong: a correct
+    secret is never refused because others failed from its address or for its name (the secrets are 256-bit
+    random values, so the budget bounds the cost of guessing, not its odds). Storage errors fail open.
     """
-    failing = frozenset(statuses)
-    return limiter.shared_limit(
-        limit,
-        scope=scope,
-        key_func=client_address_key,
-        deduct_when=lambda response: response.status_code in failing,
-    )
+
+    def __init__(self, limit: Callable[[], str], *, scope: str) -> None:
+        self._limit = limit
+        self._scope = scope
+
+    def refusal(self, keys: Iterable[str]) -> RateLimitedError | None:
+        """Count one failure against each key; a RateLimitedError when one of them had none left."""
+        try:
+            item = parse_limit(self._limit())
+            strategy = limiter.limiter
+            keys = list(keys)
+            spent = [key for key in keys if not strategy.test(item, self._scope, key)]
+            if spent:
+                reset = max(strategy.get_window_stats(item, self._scope, key).reset_time for key in spent)
+                return RateLimitedError(
+                    "Too many failed attempts; retry later.",
+                    details={"limit": str(item)},
+                    retry_after_s=max(1, math.ceil(reset - time.time())),
+                )
+            for key in keys:
+                strategy.hit(item, self._scope, key)
+        except Exception:  # limits never fail a request: without storage, failures are simply not counted
+            return None
+        return None
 
 
 # Ready-made decorators for the routes that need them.
-assign_rate_limit = user_limit(lambda: settings().assign_rate_limit, scope="assign")
-handshake_failure_limit = failed_attempts_limit(
-    lambda: settings().handshake_failure_rate_limit, scope="host-auth-failures"
-)
+handshake_failures = FailureBudget(lambda: settings().handshake_failure_rate_limit, scope="host-auth-failures")
+
+
+def limit_failed_handshakes(view: F) -> F:
+    """Put *above* ``@host_required``: a 401 counts against the client address and the claimed instance name, and
+    once either has no failures left a wrong secret answers 429 instead. 409s and successes never count."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return view(*args, **kwargs)
+        except UnauthorizedError:
+            keys = [client_address_key()]
+            body = request.get_json(silent=True)
+            name = body.get("instance_name") if isinstance(body, dict) else None
+            if isinstance(name, str) and 0 < len(name) <= MAX_INSTANCE_NAME_KEY:
+                keys.append(f"instance:{name}")
+            refusal = handshake_failures.refusal(keys)
+            if refusal is not None:
+                raise refusal from None
+            raise
+
+    return cast(F, wrapper)
+
+
 newsletter_rate_limit = address_limit(lambda: settings().newsletter_rate_limit, scope="newsletter")

@@ -200,7 +200,7 @@ def test_restarted_hosts_keep_their_status_and_ended_hosts_are_refused(
             EventKind.INSTANCE_RECONNECTED,
             EventKind.INSTANCE_CAPACITY_CHANGED,
         ]
-    for status in (InstanceStatus.LOST, InstanceStatus.TERMINATING, InstanceStatus.TERMINATED):
+    for status in (InstanceStatus.LOST, InstanceStatus.TERMINATING):
         instance, secret = factories.instance(status=status)
         with pytest.raises(HostAgentError) as refused:
             make_agent(instance.instance_name, secret).handshake()
@@ -208,6 +208,12 @@ def test_restarted_hosts_keep_their_status_and_ended_hosts_are_refused(
         db.expire_all()
         assert db.get(Instance, instance.instance_name).status is status  # type: ignore[union-attr]
         assert kinds(db, instance.instance_name) == [EventKind.HOST_REFUSED]
+    # A TERMINATED instance's host is gone: its secret no longer authenticates anyone (401, nothing recorded).
+    instance, secret = factories.instance(status=InstanceStatus.TERMINATED)
+    with pytest.raises(HostAgentError) as refused:
+        make_agent(instance.instance_name, secret).handshake()
+    assert (refused.value.status, refused.value.code) == (401, "UNAUTHORIZED")
+    assert kinds(db, instance.instance_name) == []
 
 
 def test_commit_hash_mismatch_is_host_mismatch_and_changes_nothing(

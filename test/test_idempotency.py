@@ -190,3 +190,19 @@ def test_concurrent_retries_with_one_key_create_one_mandelbox(
         assert count(session, Mandelbox) == 1
         assert count(session, IdempotencyKey) == 1
         assert sum(session.scalars(select(Instance.live_mandelboxes))) == 1
+
+
+def test_replays_do_not_count_against_the_assign_rate_limit(
+    make_app: Callable[..., APIFlask], factories: Factories, user_headers: Headers, db: Session
+) -> None:
+    factories.image()
+    factories.instance()
+    client = make_app("public", assign_rate_limit="10 per minute").test_client()
+    answers = [assign(client, user_headers("u1"), "retry-key") for _ in range(30)]
+    assert [answer.status_code for answer in answers] == [201] * 30  # 1 created, 29 replayed, none refused
+    assert all(answer.json == answers[0].json for answer in answers)
+    assert count(db, Mandelbox) == 1
+    # New work still counts, and the replays spent nothing: 9 more fresh keys fit the budget of 10, the next does not.
+    fresh = [assign(client, user_headers("u1"), f"k-{n}", session_id="x").status_code for n in range(9)]
+    assert 429 not in fresh
+    assert assign(client, user_headers("u1"), "k-last", session_id="x").status_code == 429

@@ -284,6 +284,7 @@ def test_missing_bucket_is_503_and_no_row(
     response = host.put(f"/host/mandelboxes/{mandelbox.mandelbox_id}/logs", data=b"log", headers=host_auth(secret))
     assert response.status_code == 503
     assert response.get_json()["error"] == "SERVICE_UNAVAILABLE"
+    assert int(response.headers["Retry-After"]) >= 1
     assert rows(db) == []
 
 
@@ -302,3 +303,62 @@ def test_host_secret_and_log_content_stay_out_of_the_logs(
     assert '"event": "log_uploaded"' in logged
     assert secret not in logged
     assert "XYZZY" not in logged
+
+
+def test_a_mandelbox_holds_at_most_its_count_quota(
+    make_app: Callable[..., APIFlask], bucket: str, box: tuple[Mandelbox, str], s3: Any, db: Session
+) -> None:
+    host = make_app("host", logs_bucket=bucket, log_uploads_per_mandelbox=3).test_client()
+    mandelbox, secret = box
+    path = f"/host/mandelboxes/{mandelbox.mandelbox_id}/logs"
+    codes = [host.put(path, data=b"log line\n", headers=host_auth(secret)).status_code for _ in range(5)]
+    assert codes == [201, 201, 201, 429, 429]
+    refused = host.put(path, data=b"log line\n", headers=host_auth(secret))
+    assert refused.get_json()["error"] == "RATE_LIMITED"
+    assert len(rows(db)) == 3 and len(stored_keys(s3, bucket)) == 3
+
+
+def test_a_mandelbox_holds_at_most_its_byte_quota(
+    make_app: Callable[..., APIFlask], bucket: str, box: tuple[Mandelbox, str], s3: Any, db: Session
+) -> None:
+    host = make_app("host", logs_bucket=bucket, max_log_bytes=1000, log_bytes_per_mandelbox=1500).test_client()
+    mandelbox, secret = box
+    path = f"/host/mandelboxes/{mandelbox.mandelbox_id}/logs"
+    assert host.put(path, data=log_bytes(1000), headers=host_auth(secret)).status_code == 201
+    # 600 bytes fit one log but not the 500 left of the quota: refused whole, nothing kept.
+    over = host.put(path, data=log_bytes(600), headers=host_auth(secret))
+    assert over.status_code == 429 and over.get_json()["error"] == "RATE_LIMITED"
+    assert host.put(path, data=log_bytes(500), headers=host_auth(secret)).status_code == 201
+    assert host.put(path, data=b"x", headers=host_auth(secret)).status_code == 429  # full
+    assert sorted(row.size for row in rows(db)) == [500, 1000]
+    assert len(stored_keys(s3, bucket)) == 2 and s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_uploads_are_rate_limited_per_sender(
+    make_app: Callable[..., APIFlask], bucket: str, factories: Factories, db: Session, user_headers: Any
+) -> None:
+    instance, secret = factories.instance()
+    boxes = []
+    for user in ("user-1", "user-2"):
+        mandelbox = Mandelbox(instance_name=instance.instance_name, user_id=user, status=MandelboxStatus.RUNNING)
+        db.add(mandelbox)
+        boxes.append(mandelbox)
+    db.commit()
+    overrides = {"logs_bucket": bucket, "log_upload_rate_limit": "2 per minute"}
+    host = make_app("host", **overrides).test_client()
+    public = make_app("public", **overrides).test_client()
+    # One host spreading uploads over its mandelboxes: the limit is the sender's, not the mandelbox's.
+    codes = [
+        host.put(f"/host/mandelboxes/{box.mandelbox_id}/logs", data=b"l", headers=host_auth(secret)).status_code
+        for box in (*boxes, boxes[0])
+    ]
+    assert codes == [201, 201, 429]
+    refused = host.put(f"/host/mandelboxes/{boxes[1].mandelbox_id}/logs", data=b"l", headers=host_auth(secret))
+    assert refused.get_json()["error"] == "RATE_LIMITED" and int(refused.headers["Retry-After"]) >= 1
+    # A user has a budget of their own.
+    path = f"/mandelbox/{boxes[0].mandelbox_id}/logs"
+    assert [public.put(path, data=b"l", headers=user_headers("user-1")).status_code for _ in range(3)] == [
+        201,
+        201,
+        429,
+    ]

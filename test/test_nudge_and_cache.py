@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -132,3 +133,29 @@ def test_cache_outage_is_bypassed_then_skipped() -> None:
     assert [cache.get_or_load("ns", "v", lambda: next(values)) for _ in range(3)] == [0, 1, 2]
     assert cache.invalidate("ns") is False
     assert time.monotonic() - started < 2
+
+
+class _Explodes:
+    """What an attacker with write access to Redis would plant: unpickling it runs code (here: makes a file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def test_cached_values_are_json_and_a_planted_pickle_is_never_loaded(redis_settings: Settings, tmp_path: Any) -> None:
+    import pickle
+
+    client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    prefix = f"{redis_settings.redis_prefix}cache:"
+    cache = DataCache(RedisCache(host=client, key_prefix=prefix), ttl_s=60)
+    assert cache.get_or_load("ns", "v", lambda: {"regions": ["us-east-1"]}) == {"regions": ["us-east-1"]}
+    stored = client.get(f"{prefix}ns:v")
+    assert stored.startswith(b"j") and json.loads(stored[1:]) == [0, {"regions": ["us-east-1"]}]
+
+    marker = tmp_path / "pwned"
+    client.set(f"{prefix}ns:v", b"!" + pickle.dumps(_Explodes(str(marker))))
+    assert cache.get_or_load("ns", "v", lambda: {"regions": ["eu-west-1"]}) == {"regions": ["eu-west-1"]}
+    assert not marker.exists(), "the cache unpickled a value from Redis"

@@ -233,6 +233,23 @@ def _assign_in_transaction(
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
 
+def has_stored_answer(session: Session, *, user_id: str, idempotency_key: str) -> bool:
+    """True when this user's Idempotency-Key holds a live stored answer (a retry would be a replay); ends its read.
+
+    The assign rate limit asks this first: replaying a stored answer creates nothing and costs one indexed read, so
+    a client retrying one key is never refused 429 for it.
+    """
+    live = session.execute(
+        select(IdempotencyKey.key).where(
+            IdempotencyKey.user_id == user_id,
+            IdempotencyKey.key == idempotency_key,
+            IdempotencyKey.expires_at > db_now(),
+        )
+    ).first()
+    session.commit()
+    return live is not None
+
+
 def _stored_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest) -> Assignment | None:
     """The answer stored under this user's key, None if there is none (an expired one is dropped).
 

@@ -15,7 +15,7 @@ from fractal.config import Environment
 from fractal.errors import ValidationError
 from fractal.images import enabled_regions
 from fractal.metrics import count_assignments
-from fractal.ratelimit import assign_rate_limit
+from fractal.ratelimit import user_limit
 from fractal.schemas import MandelboxOut
 from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
@@ -38,6 +38,14 @@ def idempotency_key_header() -> str | None:
             details={"headers": {IDEMPOTENCY_HEADER: ["1 to 255 printable ASCII characters"]}},
         )
     return raw
+
+
+def _is_idempotent_replay() -> bool:
+    """True when this assign carries an Idempotency-Key whose answer is stored: it will replay, not assign."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None or not _IDEMPOTENCY_KEY.fullmatch(key):
+        return False
+    return service.has_stored_answer(db_session(), user_id=current_user().user_id, idempotency_key=key)
 
 
 @public_blueprint.get("/regions")
@@ -65,7 +73,8 @@ def list_regions() -> dict[str, Any]:
         503: "No instance available",
     },
 )
-@assign_rate_limit  # under user_required: counted per verified user, after authentication
+# Under user_required: counted per verified user, after authentication; replays of a stored answer are exempt.
+@user_limit(lambda: settings().assign_rate_limit, scope="assign", exempt_when=lambda: _is_idempotent_replay())
 @count_assignments
 def assign(body: AssignIn) -> Any:
     config, app_state = settings(), state()

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fractal.models import Instance
+from fractal.models import Instance, InstanceStatus
 
 HOST_SECRET_BYTES = 32
 
@@ -25,31 +25,21 @@ def hash_host_secret(secret: str) -> str:
 
 
 class HostSecretDirectory:
-    """secret → instance name, remembering hits in this process.
+    """secret → instance name, for instances whose secret still works (every status but TERMINATED).
 
-    A secret's instance never changes (the digest is unique and instance rows are never deleted, only marked
-    TERMINATED), so a remembered hit can't go stale; misses are never remembered, so a freshly registered
-    host is found at once. Bounded: when full it starts over.
+    Looked up on every host request (one indexed read by the unique digest): a secret must stop working the moment
+    its instance is TERMINATED, so a remembered answer could go stale and none is kept.
     """
 
-    def __init__(self, *, max_entries: int = 100_000) -> None:
-        self._names: dict[str, str] = {}
-        self._max_entries = max_entries
-
     def instance_name(self, session: Session, secret: str) -> str | None:
-        digest = hash_host_secret(secret)
-        name = self._names.get(digest)
-        if name is None:
-            name = instance_name_for_secret_hash(session, digest)
-            if name is not None:
-                if len(self._names) >= self._max_entries:
-                    self._names.clear()
-                self._names[digest] = name
-        return name
+        return instance_name_for_secret_hash(session, hash_host_secret(secret))
 
 
 def instance_name_for_secret_hash(session: Session, digest: str) -> str | None:
-    """The instance whose secret has this digest, or None (one indexed lookup: the digest is unique)."""
+    """The instance whose secret has this digest, or None (also when it is TERMINATED: its host is gone, so
+    whoever still holds the secret is not that host)."""
     return session.execute(
-        select(Instance.instance_name).where(Instance.host_secret_hash == digest)
+        select(Instance.instance_name).where(
+            Instance.host_secret_hash == digest, Instance.status != InstanceStatus.TERMINATED
+        )
     ).scalar_one_or_none()

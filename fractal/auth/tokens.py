@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -9,8 +10,8 @@ from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from jwt import PyJWKClient
 
+from fractal.auth.jwks import JwksKeyNotFoundError, JwksKeySet
 from fractal.config import DEV_PUBLIC_KEY_PATH, Settings
 from fractal.errors import UnauthorizedError
 
@@ -37,11 +38,40 @@ class TokenVerifier(Protocol):
     def verify(self, token: str) -> UserClaims: ...
 
 
+# The subject is stored as user_id (255 characters) and inside actors ("user:<sub>", "admin:<sub>", 255 characters):
+# the longest prefix must still fit.
+MAX_SUBJECT_LENGTH = 255 - len("admin:")
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def is_storable_text(value: str) -> bool:
+    """True when PostgreSQL text can hold ``value``: no NUL character and no lone surrogate (not UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def claims_to_user(claims: dict[str, Any]) -> UserClaims:
-    """Read user id, admin scope and subscription from verified claims."""
+    """Read user id, admin scope and subscription from verified claims; a claim of the wrong type or size is 401."""
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject or len(subject) > 255:
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or len(subject) > MAX_SUBJECT_LENGTH
+        or not is_storable_text(subject)
+    ):
         raise UnauthorizedError("The token has no usable subject.")
+    for name in TIME_CLAIMS:
+        # PyJWT turns a string "exp" into a number and accepts it; RFC 7519 says NumericDate, a JSON number.
+        value = claims.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise UnauthorizedError(f"The token's {name} claim must be a number.")
     scopes: set[str] = set()
     scope = claims.get("scope")
     if isinstance(scope, str):
@@ -68,7 +98,9 @@ class JwtVerifier:
         jwks_url: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
-        jwks_refresh_cooldown_s: float = 30,
+        jwks_refresh_cooldown_s: float = 5,
+        jwks_lifetime_s: float = 600,
+        jwks_timeout_s: float = 3,
     ) -> None:
         if not public_key_pem and not jwks_url:
             raise ValueError("JwtVerifier needs a public key or a JWKS URL")
@@ -78,22 +110,26 @@ class JwtVerifier:
             self._public_key = jwt.algorithms.RSAAlgorithm.from_jwk(public_key_pem)
         elif public_key_pem:
             self._public_key = serialization.load_pem_public_key(_pem_body(public_key_pem).encode())
-        # PyJWKClient caches the key set and refetches once when a token names an unknown kid; the cooldown
-        # stops a flood of made-up kids from turning into a flood of requests to the issuer.
+        # Rotation, removal, one fetch in flight, a negative cache and bounded waits: see fractal.auth.jwks.
         self._jwks = (
-            PyJWKClient(jwks_url, cache_keys=True, lifespan=600, timeout=5, cooldown_duration=jwks_refresh_cooldown_s)
+            JwksKeySet(
+                jwks_url, lifetime_s=jwks_lifetime_s, cooldown_s=jwks_refresh_cooldown_s, timeout_s=jwks_timeout_s
+            )
             if jwks_url
             else None
         )
         self._audience = audience
         self._issuer = issuer
-        self._verified: dict[str, tuple[float, UserClaims]] = {}
+        # token → (expiry, caller, JWKS generation it was verified under)
+        self._verified: dict[str, tuple[float, UserClaims, int]] = {}
         self._verified_lock = threading.Lock()
 
     def verify(self, token: str) -> UserClaims:
         cached = self._verified.get(token)
         now = time.time()
-        if cached is not None and cached[0] > now:
+        generation = self._jwks.generation if self._jwks is not None else 0
+        # A JWKS fetch that removed or replaced a key bumps the generation: nothing verified before it is reused.
+        if cached is not None and cached[0] > now and cached[2] == generation:
             return cached[1]
         user = self._verify_uncached(token)
         # Clients send the same token for many requests; remember a verified one briefly (never past exp).
@@ -101,7 +137,7 @@ class JwtVerifier:
         with self._verified_lock:
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 self._verified.clear()
-            self._verified[token] = (expires, user)
+            self._verified[token] = (expires, user, generation)
         return user
 
     def _verify_uncached(self, token: str) -> UserClaims:
@@ -110,8 +146,14 @@ class JwtVerifier:
             if header.get("alg") not in ALGORITHMS:
                 raise UnauthorizedError("The token must be signed with RS256.")
             key: Any
-            if self._jwks is not None and (self._public_key is None or header.get("kid")):
-                key = self._jwks.get_signing_key_from_jwt(token).key
+            kid = header.get("kid")
+            if self._jwks is not None and (self._public_key is None or kid):
+                if not isinstance(kid, str) or not kid:
+                    raise UnauthorizedError("The token names no signing key (kid).")
+                try:
+                    key = self._jwks.key(kid)
+                except JwksKeyNotFoundError as exc:
+                    raise UnauthorizedError("The token's signing key is not published by the issuer.") from exc
             else:
                 key = self._public_key
             claims = jwt.decode(
@@ -135,7 +177,7 @@ class JwtVerifier:
             raise UnauthorizedError("The token is not valid yet.") from exc
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
             raise UnauthorizedError("The token was not issued for this service.") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             # Covers bad signatures, malformed tokens, unknown kids and unreachable JWKS endpoints.
             raise UnauthorizedError("The token is invalid.") from exc
         return claims_to_user(claims)
@@ -164,4 +206,7 @@ def build_verifier(settings: Settings) -> TokenVerifier | None:
         jwks_url=settings.jwks_url,
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
+        jwks_refresh_cooldown_s=settings.jwks_refresh_cooldown_s,
+        jwks_lifetime_s=settings.jwks_lifetime_s,
+        jwks_timeout_s=settings.jwks_timeout_s,
     )

@@ -125,7 +125,9 @@ def handshake_host(
             action="handshake",
             error=HostMismatchError(
                 "The host runs a different client commit hash than registered.",
-                details={"expected_client_commit_hash": expected, "client_commit_hash": client_commit_hash},
+                # Never the registered commit: whoever holds a secret must not learn what to claim (the event
+                # below keeps it for operators).
+                details={"client_commit_hash": client_commit_hash},
             ),
             detail={"expected": expected, "reported": client_commit_hash},
         )

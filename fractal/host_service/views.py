@@ -19,7 +19,7 @@ from fractal.host_service.schemas import (
     HostMandelboxOut,
     MandelboxStatusIn,
 )
-from fractal.ratelimit import handshake_failure_limit
+from fractal.ratelimit import limit_failed_handshakes
 from fractal.web import db_session, parse_mandelbox_id, settings
 
 host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="/host")
@@ -34,7 +34,7 @@ def _cap_heartbeat_body() -> None:
 
 
 @host_blueprint.post("/handshake")
-@handshake_failure_limit
+@limit_failed_handshakes
 @host_required
 @host_blueprint.input(HandshakeIn, arg_name="body")
 @host_blueprint.output(HandshakeOut)

@@ -20,12 +20,18 @@ from typing import IO, Any
 import structlog
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fractal.clock import utcnow
-from fractal.errors import NotFoundError, PayloadTooLargeError, ServiceUnavailableError, ValidationError
+from fractal.errors import (
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    ServiceUnavailableError,
+    ValidationError,
+)
 from fractal.models import LogSender, LogUpload, Mandelbox
 
 log = structlog.get_logger(__name__)
@@ -33,6 +39,8 @@ log = structlog.get_logger(__name__)
 # One part in memory at a time; S3 wants parts of at least 5 MiB (all but the last).
 PART_SIZE_BYTES = 8 * 1024 * 1024
 PRESIGNED_URL_TTL_S = 300
+# What a 503 for unavailable log storage tells the sender to wait.
+STORAGE_RETRY_AFTER_S = 10
 SUPPORTED_ENCODINGS = ("identity", "gzip", "x-gzip")
 
 
@@ -167,11 +175,28 @@ def upload_client_log(
 
 @dataclass(frozen=True)
 class LogBody:
-    """An incoming log: how to open its byte stream (only once the caller is authorised), its encoding, its limit."""
+    """An incoming log: how to open its byte stream (only once the caller is authorised), its encoding, its limit,
+    and what one mandelbox may hold in all (``max_uploads`` logs, ``max_total_bytes`` stored bytes)."""
 
     open_stream: Callable[[], IO[bytes]]
     content_encoding: str | None
     max_bytes: int
+    max_uploads: int = 1_000_000
+    max_total_bytes: int = 2**62
+
+
+class LogQuotaExceededError(RateLimitedError):
+    """The mandelbox holds as many logs, or as many bytes of logs, as it may (429; no Retry-After: it won't reset)."""
+
+    default_message = "This mandelbox's log quota is used up."
+
+
+def _used_quota(session: Session, mandelbox_id: uuid.UUID) -> tuple[int, int]:
+    """(logs stored, bytes stored) for one mandelbox: one indexed aggregate."""
+    count, total = session.execute(
+        select(func.count(), func.coalesce(func.sum(LogUpload.size), 0)).where(LogUpload.mandelbox_id == mandelbox_id)
+    ).one()
+    return int(count), int(total)
 
 
 def store_log(
@@ -193,12 +218,20 @@ def store_log(
             "Content-Encoding must be gzip or absent.", details={"headers": {"Content-Encoding": [encoding]}}
         )
     mandelbox_id = mandelbox.mandelbox_id
+    # The quota is read before the upload and not locked through it (that would hold a transaction open for the
+    # whole transfer): concurrent uploads to one mandelbox may overshoot it by at most their own sizes.
+    uploads, stored = _used_quota(session, mandelbox_id)
+    quota = {"max_uploads": upload.max_uploads, "max_total_bytes": upload.max_total_bytes}
+    if uploads >= upload.max_uploads or stored >= upload.max_total_bytes:
+        raise LogQuotaExceededError(details=quota)
+    room = upload.max_total_bytes - stored
+    limit = min(max_bytes, room)
     # The authorisation read is done: end its transaction so no snapshot stays open through a long upload.
     session.commit()
 
     now = utcnow()
     key = log_key(mandelbox_id=mandelbox_id, sender=sender, now=now)
-    reader = CountingReader(upload.open_stream(), max_bytes=max_bytes, gzip=encoding != "identity")
+    reader = CountingReader(upload.open_stream(), max_bytes=limit, gzip=encoding != "identity")
     transfer = TransferConfig(
         multipart_threshold=PART_SIZE_BYTES, multipart_chunksize=PART_SIZE_BYTES, use_threads=False
     )
@@ -211,13 +244,18 @@ def store_log(
             Config=transfer,
         )
     except _TooLargeError as exc:
+        if limit < max_bytes:  # it would fit one log, not what is left of the mandelbox's quota
+            log.info("log_upload_refused", reason="quota", room=room, sender=sender.value)
+            raise LogQuotaExceededError(details=quota) from exc
         log.info("log_upload_refused", reason="too_large", max_bytes=max_bytes, sender=sender.value)
         raise PayloadTooLargeError(f"A log may hold at most {max_bytes} bytes (after decompression).") from exc
     except _MalformedBodyError as exc:
         raise ValidationError(f"The body is not valid gzip ({exc}).") from exc
     except (ClientError, BotoCoreError) as exc:
         log.warning("log_upload_failed", error_type=type(exc).__name__, sender=sender.value)
-        raise ServiceUnavailableError("Log storage is unavailable right now; retry shortly.") from exc
+        raise ServiceUnavailableError(
+            "Log storage is unavailable right now; retry shortly.", retry_after_s=STORAGE_RETRY_AFTER_S
+        ) from exc
 
     row = LogUpload(mandelbox_id=mandelbox_id, sender=sender, key=key, size=reader.count, uploaded_at=now)
     try:

@@ -6,11 +6,12 @@ from dataclasses import asdict
 from typing import IO, Any
 
 from apiflask import APIBlueprint
-from flask import request
+from flask import g, request
 
 from fractal.auth.decorators import admin_required, current_host_instance_name, host_required, user_required
 from fractal.log_uploads import service
 from fractal.log_uploads.schemas import LogListOut, LogStoredOut
+from fractal.ratelimit import limiter
 from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
 host_logs_blueprint = APIBlueprint("host_logs", __name__, tag="Host", url_prefix="/host")
@@ -22,6 +23,7 @@ _UPLOAD_RESPONSES = {
     401: "Unauthorized",
     404: "Not found",
     413: "Log too large",
+    429: "Too many uploads from this sender, or the mandelbox's log quota is used up",
     503: "Log storage unavailable",
 }
 
@@ -40,17 +42,37 @@ def s3_client() -> Any:
 
 def request_log_body() -> service.LogBody:
     """This request's body as a log upload, limited by FRACTAL_MAX_LOG_BYTES rather than the JSON limit."""
-    max_bytes = settings().max_log_bytes
+    config = settings()
+    max_bytes = config.max_log_bytes
 
     def open_stream() -> IO[bytes]:
-        # The app-wide MAX_CONTENT_LENGTH (1 MiB) is for JSON; a log route gets its own limit, per request,
-        # so werkzeug answers 413 to a larger Content-Length before a byte is read (and caps chunked bodies).
-        request.max_content_length = max_bytes
+        # The app-wide MAX_CONTENT_LENGTH (1 MiB) is for JSON; a log route gets its own limit, per request, so
+        # werkzeug answers 413 to a larger Content-Length before a byte is read. One byte more than the limit:
+        # on a body without Content-Length (chunked, wsgi.input_terminated under gunicorn) werkzeug raises 413 on
+        # the read that *reaches* its limit, so a log of exactly FRACTAL_MAX_LOG_BYTES would be refused; the
+        # reader counts the stored bytes and enforces the inclusive limit itself.
+        request.max_content_length = max_bytes + 1
         return request.stream
 
     return service.LogBody(
-        open_stream=open_stream, content_encoding=request.headers.get("Content-Encoding"), max_bytes=max_bytes
+        open_stream=open_stream,
+        content_encoding=request.headers.get("Content-Encoding"),
+        max_bytes=max_bytes,
+        max_uploads=config.log_uploads_per_mandelbox,
+        max_total_bytes=config.log_bytes_per_mandelbox,
     )
+
+
+def _sender_key() -> str:
+    """Rate-limit key: the authenticated host instance or user (the decorator runs after authentication)."""
+    name = g.get("host_instance_name")
+    if name is not None:
+        return f"host:{name}"
+    return f"user:{current_user().user_id}"
+
+
+# Per sender across all its mandelboxes: a host or a user spraying uploads is refused 429 with Retry-After.
+log_upload_limit = limiter.limit(lambda: settings().log_upload_rate_limit, key_func=_sender_key, scope="log-uploads")
 
 
 @host_logs_blueprint.put("/mandelboxes/<mandelbox_id>/logs")
@@ -59,6 +81,7 @@ def request_log_body() -> service.LogBody:
     summary="Upload a mandelbox's protocol log (host)", security="HostSecret", responses=_UPLOAD_RESPONSES
 )
 @host_required
+@log_upload_limit
 def put_host_log(mandelbox_id: str) -> Any:
     stored = service.upload_host_log(
         db_session(),
@@ -77,6 +100,7 @@ def put_host_log(mandelbox_id: str) -> Any:
     summary="Upload the client's log for your mandelbox", security="UserToken", responses=_UPLOAD_RESPONSES
 )
 @user_required
+@log_upload_limit
 def put_client_log(mandelbox_id: str) -> Any:
     stored = service.upload_client_log(
         db_session(),

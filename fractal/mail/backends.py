@@ -65,18 +65,28 @@ class SmtpTarget:
     implicit_tls: bool
     username: str | None
     password: str | None
+    # smtp+insecure:// only: credentials may go over a connection without TLS (a trusted local relay).
+    allow_plaintext_auth: bool = False
+
+
+# The scheme that says, explicitly, "this relay may receive the password without TLS".
+INSECURE_SCHEME = "smtp+insecure"
 
 
 def parse_smtp_url(url: str) -> SmtpTarget:
-    """``smtp://[user:pass@]host:port`` (STARTTLS when offered) or ``smtps://`` (implicit TLS)."""
+    """``smtp://[user:pass@]host:port`` (STARTTLS when offered; required before AUTH), ``smtps://`` (implicit TLS),
+    or ``smtp+insecure://`` (STARTTLS when offered, AUTH even without it)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise ValueError("FRACTAL_SMTP_URL must look like smtp://[user:pass@]host:port or smtps://...")
+    if parts.scheme not in ("smtp", "smtps", INSECURE_SCHEME) or not parts.hostname:
+        raise ValueError(
+            "FRACTAL_SMTP_URL must look like smtp://[user:pass@]host:port, smtps://... or smtp+insecure://..."
+        )
     implicit_tls = parts.scheme == "smtps"
     return SmtpTarget(
         host=parts.hostname,
         port=parts.port or (465 if implicit_tls else 25),
         implicit_tls=implicit_tls,
+        allow_plaintext_auth=parts.scheme == INSECURE_SCHEME,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
@@ -103,9 +113,17 @@ class SmtpBackend:
             else:
                 client = smtplib.SMTP(target.host, target.port, timeout=self.timeout_s)
             client.ehlo()
+            encrypted = target.implicit_tls
             if not target.implicit_tls and client.has_extn("starttls"):
                 client.starttls(context=self.ssl_context)
                 client.ehlo()
+                encrypted = True
+            if target.username is not None and not encrypted and not target.allow_plaintext_auth:
+                # A server (or a man in the middle stripping STARTTLS) that offers no TLS never gets the password.
+                raise MailDeliveryError(
+                    "SMTP server offered no TLS; refusing to send credentials in clear (use smtps:// or, for a "
+                    "trusted relay, smtp+insecure://)"
+                )
             if target.username is not None:
                 client.login(target.username, target.password or "")
             client.send_message(message)

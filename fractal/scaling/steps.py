@@ -142,6 +142,9 @@ def region_failed(session: Session, *, operation: str, region: str, failure: Exc
         ],
     )
     log.warning("scaler.error", message=message, operation=operation, region=region, code=code, **detail)
+    # The next region's cloud calls may take long: they must not run inside an open transaction, which the server
+    # would end after FRACTAL_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS.
+    session.commit()
     return RegionError(region=region, operation=operation, code=code, message=message)
 
 
@@ -390,6 +393,10 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
         .where(Instance.status == InstanceStatus.TERMINATING)
         .order_by(Instance.region, Instance.instance_name)
     ).all()
+    # End the read before asking the cloud (describe/terminate may take many seconds with retries): an open
+    # transaction idle that long is ended by the server (FRACTAL_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS). The leader
+    # lock, not this transaction, keeps other passes away from these rows.
+    session.commit()
     by_region: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
         by_region[row.region].append(row)

@@ -1,0 +1,58 @@
+"""Guards every app installs on itself (``create_app`` calls ``install_request_guards``): request JSON that cannot
+reach a 500, no routing redirects, and a 413 that closes the connection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flask import Flask, request
+from flask.sansio.app import App
+from werkzeug.routing import RequestRedirect
+
+from fractal.errors import NotFoundError
+from fractal.json_limits import install_json_limits
+
+_INSTALLED = "fractal_request_guards"
+
+
+def install_request_guards(app: App) -> None:
+    """JSON limits on request bodies, and a 404 in the JSON shape where werkzeug would redirect."""
+    if app.extensions.get(_INSTALLED):
+        return
+    app.extensions[_INSTALLED] = True
+    install_json_limits(app)
+    if isinstance(app, Flask):
+        app.wsgi_app = CloseAfterPayloadTooLarge(app.wsgi_app)  # type: ignore[method-assign]
+
+    @app.before_request
+    def _refuse_redirects() -> None:
+        # werkzeug answers a non-canonical path (``//``, which a decoded ``%2f`` produces) with a 308 HTML page
+        # that bypasses every error handler. An API path is canonical or names nothing: 404, never a redirect.
+        if isinstance(request.routing_exception, RequestRedirect):
+            raise NotFoundError()
+
+
+class CloseAfterPayloadTooLarge:
+    """WSGI middleware: a 413 answer ends the connection.
+
+    A 413 is sent before the body was read (or while most of it is unread). To keep the connection alive the
+    server must first read and discard the rest: gunicorn 27 tries for up to 5 s, holding a worker thread per such
+    request (a cheap way to tie up every thread), and a client that stopped sending after ``Expect: 100-continue``
+    sees its next request taken for body bytes. WSGI has no portable way to say "close": under gunicorn the
+    ``start_response`` callable is a method of gunicorn's response, whose ``force_close`` does exactly that; under
+    other servers this is a no-op.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if status.startswith("413"):
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if callable(force_close):
+                    force_close()
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        return self.app(environ, _start_response)

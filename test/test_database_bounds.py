@@ -1,0 +1,303 @@
+"""Bounded database waits: a held row lock, a runaway statement or a killed backend answers 503 DATABASE_BUSY
+within the bound and stores nothing; the bounds are per transaction (SET LOCAL, PgBouncer-safe); a connection that
+died with a database restart is replaced without failing the request that finds it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from apiflask import APIBlueprint
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from alembic import command
+from fractal.blueprints import PUBLIC_BLUEPRINTS
+from fractal.cloud.base import CloudHost, HostRef
+from fractal.cloud.memory import MemoryCloud
+from fractal.config import Settings
+from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.events import EventKind
+from fractal.factory import create_app
+from fractal.models import Event, Instance, InstanceStatus, Mandelbox
+from fractal.scaling.reconcile import reconcile_fleet
+from fractal.web import db_session
+from test.conftest import create_database, run_alembic
+from test.factories import Factories
+from test.servers import throwaway_postgres
+
+ASSIGN = {"regions": ["us-east-1"], "client_commit_hash": "abc123"}
+
+
+@pytest.fixture
+def bounded_settings(settings: Settings) -> Settings:
+    return Settings(
+        **{
+            **settings.model_dump(),
+            "db_lock_timeout_ms": 300,
+            "db_statement_timeout_ms": 500,
+            "db_idle_in_transaction_timeout_ms": 5_000,
+        }
+    )
+
+
+@pytest.fixture
+def bounded_engine(bounded_settings: Settings, committed_factory: SessionFactory) -> Iterator[Engine]:
+    """The engine the apps build for themselves (create_db_engine), on the run's database; rows committed for real
+    are truncated afterwards (committed_factory)."""
+    engine = create_db_engine(bounded_settings)
+    yield engine
+    engine.dispose()
+
+
+def _live_rows(factory: SessionFactory) -> tuple[int, int]:
+    with factory() as session:
+        boxes = session.execute(select(func.count()).select_from(Mandelbox)).scalar_one()
+        live = session.execute(select(func.coalesce(func.sum(Instance.live_mandelboxes), 0))).scalar_one()
+        return boxes, live
+
+
+def test_held_instance_lock_makes_assign_answer_database_busy_and_store_nothing(
+    bounded_settings: Settings,
+    bounded_engine: Engine,
+    committed_factory: SessionFactory,
+    user_headers: Callable[..., dict[str, str]],
+) -> None:
+    with committed_factory() as session:
+        factories = Factories(session)
+        factories.image()
+        factories.instance()
+    app = create_app(
+        blueprints=PUBLIC_BLUEPRINTS, settings=bounded_settings, session_factory=create_session_factory(bounded_engine)
+    )
+    client = app.test_client()
+
+    with bounded_engine.connect() as holder:
+        # Another transaction holds the region's instance rows (a slow admin script, a stuck migration). Its own
+        # idle bound ends it after 20 s at the latest, so without bounds on the request the assign below would
+        # wait that long and then succeed: this test fails rather than hangs.
+        holder.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 20000")
+        holder.execute(text("SELECT instance_name FROM instances WHERE region = 'us-east-1' FOR UPDATE")).all()
+
+        response = client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("blocked"))
+
+        assert response.status_code == 503, response.json
+        assert response.json["error"] == "DATABASE_BUSY"
+        assert set(response.json) == {"error", "message"}
+        assert int(response.headers["Retry-After"]) >= 1
+        # The answer came while the lock was still held (the holder's transaction is still alive and owns it).
+        assert holder.execute(text("SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()")).scalar_one() > 0
+        assert _live_rows(committed_factory) == (0, 0), "a refused assign stored a mandelbox"
+        holder.rollback()
+
+    response = client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("blocked"))
+    assert response.status_code == 201, response.json
+    assert _live_rows(committed_factory) == (1, 1)
+
+
+def _probe_blueprint() -> APIBlueprint:
+    """Routes that provoke one database failure each, through the request's session like any view."""
+    bp = APIBlueprint("probe", __name__)
+    statements = {
+        "sleep": "SELECT pg_sleep(5)",  # past statement_timeout: 57014
+        "deadlock": "DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$",
+        "serialization": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+        "bug": "SELECT 1 / 0",  # our own mistake: stays a 500
+    }
+
+    @bp.get("/probe/<name>")
+    def probe(name: str) -> dict[str, Any]:
+        if name == "locked":
+            db_session().execute(text("SELECT 1 FROM instances FOR UPDATE NOWAIT")).all()  # 55P03
+        elif name == "terminated":  # an operator (or a shutting-down server) ends this backend mid-query
+            db_session().execute(text("SET LOCAL statement_timeout = 0"))
+            db_session().execute(text("SELECT pg_sleep(10) /* fractal-probe-terminated */")).all()
+        else:
+            db_session().execute(text(statements[name])).all()
+        return {"ok": True}
+
+    @bp.get("/probe/bounds")
+    def bounds() -> dict[str, Any]:
+        session = db_session()
+        names = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
+        return {name: session.execute(text(f"SHOW {name}")).scalar_one() for name in names}
+
+    return bp
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "code"),
+    [
+        ("sleep", 503, "DATABASE_BUSY"),
+        # psycopg2 sees only "server closed the connection unexpectedly" (no SQLSTATE): a lost connection.
+        ("terminated", 503, "DATABASE_UNAVAILABLE"),
+        ("deadlock", 503, "DATABASE_BUSY"),
+        ("serialization", 503, "DATABASE_BUSY"),
+        ("locked", 503, "DATABASE_BUSY"),
+        ("bug", 500, "INTERNAL_ERROR"),
+    ],
+)
+def test_database_trouble_maps_to_busy_and_bugs_stay_internal(
+    bounded_settings: Settings, bounded_engine: Engine, name: str, status: int, code: str
+) -> None:
+    app = create_app(
+        blueprints=[_probe_blueprint()],
+        settings=bounded_settings,
+        session_factory=create_session_factory(bounded_engine),
+    )
+    client = app.test_client()
+    holder = None
+    if name == "locked":
+        with Session(bounded_engine) as session:
+            Factories(session).instance()
+        holder = bounded_engine.connect()
+        holder.execute(text("SELECT 1 FROM instances FOR UPDATE")).all()
+    killer = threading.Thread(target=_terminate_probe, args=(bounded_engine,)) if name == "terminated" else None
+    if killer is not None:
+        killer.start()
+    try:
+        response = client.get(f"/probe/{name}")
+    finally:
+        if holder is not None:
+            holder.close()
+        if killer is not None:
+            killer.join()
+    assert response.status_code == status, response.json
+    assert response.json["error"] == code
+    if status == 503:
+        assert int(response.headers["Retry-After"]) >= 1
+    # Whatever happened to that connection, the next request gets a working one.
+    assert client.get("/probe/bounds").status_code == 200
+
+
+def _terminate_probe(engine: Engine) -> None:
+    """pg_terminate_backend the probe's backend once it is sleeping (as an operator would a stuck query)."""
+    with engine.connect() as connection:
+        for _ in range(200):
+            pids = (
+                connection.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                        " AND query LIKE '%fractal-probe-terminated%' AND query NOT LIKE '%pg_stat_activity%'"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            connection.commit()
+            if pids:
+                connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pids[0]})
+                connection.commit()
+                return
+            time.sleep(0.05)
+
+
+def test_bounds_hold_in_every_transaction_and_only_there(bounded_settings: Settings, bounded_engine: Engine) -> None:
+    app = create_app(
+        blueprints=[_probe_blueprint()],
+        settings=bounded_settings,
+        session_factory=create_session_factory(bounded_engine),
+    )
+    client = app.test_client()
+    expected = {"lock_timeout": "300ms", "statement_timeout": "500ms", "idle_in_transaction_session_timeout": "5s"}
+    assert client.get("/probe/bounds").json == expected
+    assert client.get("/probe/bounds").json == expected  # a pooled connection, checked out again
+
+    # A connection used for several transactions (the scaler's leader-lock connection does this) is bounded in each.
+    with bounded_engine.connect() as connection:
+        for _ in range(3):
+            assert connection.exec_driver_sql("SHOW lock_timeout").scalar_one() == "300ms"
+            connection.commit()
+
+    # SET LOCAL, never a session SET: once the transaction ends the server's defaults are back, so behind
+    # PgBouncer's transaction pooling no other client inherits them.
+    raw = bounded_engine.raw_connection()
+    try:
+        raw.rollback()
+        cursor = raw.cursor()
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone() == ("0",)
+        cursor.close()
+        raw.rollback()
+    finally:
+        raw.close()
+
+
+def test_healthz_answers_without_the_database(settings: Settings) -> None:
+    unreachable = Settings(**{**settings.model_dump(), "database_url": "postgresql://nobody@127.0.0.1:1/none"})
+    app = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=unreachable)
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+
+
+@pytest.mark.slow
+def test_first_request_after_a_database_restart_succeeds(
+    settings: Settings, user_headers: Callable[..., dict[str, str]]
+) -> None:
+    with throwaway_postgres() as server:
+        url = create_database(server.url, "fractal")
+        run_alembic(url, command.upgrade, "head")
+        app_settings = Settings(**{**settings.model_dump(), "database_url": url, "max_mandelboxes_per_user": 1000})
+        engine = create_db_engine(app_settings)
+        factory = create_session_factory(engine)
+        with factory() as session:
+            factories = Factories(session)
+            factories.image()
+            factories.instance(mandelbox_capacity=100)
+        client = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=app_settings, session_factory=factory).test_client()
+        headers = user_headers("restart-survivor")
+        for _ in range(3):
+            assert client.post("/mandelbox/assign", json=ASSIGN, headers=headers).status_code == 201
+
+        server.stop("fast")
+        server.start()
+
+        # The very first request after the restart finds a dead pooled connection; it must not fail for it.
+        for _ in range(3):
+            response = client.post("/mandelbox/assign", json=ASSIGN, headers=headers)
+            assert response.status_code == 201, response.json
+        assert _live_rows(factory) == (6, 6)
+        engine.dispose()
+
+
+class _SlowCloud(MemoryCloud):
+    """A cloud whose describe takes longer than the idle-in-transaction bound (EC2 with retries can)."""
+
+    def describe(self, region: str, hosts: Sequence[HostRef]) -> list[CloudHost]:
+        time.sleep(0.8)
+        return super().describe(region, hosts)
+
+
+def test_the_scaler_never_idles_in_a_transaction_across_cloud_calls(
+    settings: Settings, committed_factory: SessionFactory
+) -> None:
+    scaler_settings = Settings(**{**settings.model_dump(), "db_idle_in_transaction_timeout_ms": 300})
+    engine = create_db_engine(scaler_settings)
+    factory = create_session_factory(engine)
+    try:
+        with factory() as session:
+            factories = Factories(session)
+            failing, _ = factories.instance(region="eu-west-1", status=InstanceStatus.TERMINATING)
+            slow, _ = factories.instance(region="us-east-1", status=InstanceStatus.TERMINATING)
+        cloud = _SlowCloud(failing_regions={"eu-west-1": "Unavailable"})
+
+        # eu-west-1 fails first (an event is written), then us-east-1's describe takes 0.8 s: had either the read of
+        # the TERMINATING rows or that event been left in an open transaction, the server would have ended it.
+        report = reconcile_fleet(factory, settings=scaler_settings, cloud=cloud)
+
+        assert report.ran
+        assert [(e.region, e.operation) for e in report.region_errors] == [("eu-west-1", "terminate")]
+        with factory() as session:
+            statuses = dict(session.execute(select(Instance.instance_name, Instance.status)).all())
+            scaler_errors = session.scalars(select(Event).where(Event.kind == EventKind.SCALER_ERROR)).all()
+        assert statuses == {
+            failing.instance_name: InstanceStatus.TERMINATING,
+            slow.instance_name: InstanceStatus.TERMINATED,
+        }
+        assert len(scaler_errors) == 1
+    finally:
+        engine.dispose()
