@@ -96,8 +96,14 @@ def lease_holds(token: LeaseToken) -> ColumnElement[bool]:
 
 
 def check_lease(session: Session, token: LeaseToken) -> None:
-    """Before a cloud call: raise LeaseLost unless ``token`` still holds its lease."""
-    if not session.execute(select(lease_holds(token))).scalar():
+    """Right before a cloud call: raise LeaseLost unless ``token`` still holds its lease.
+
+    It ends the transaction it reads in (call it with nothing pending), so no transaction stays open, idle,
+    across the slow call that follows (the server would end it at idle_in_transaction_session_timeout).
+    """
+    holds = bool(session.execute(select(lease_holds(token))).scalar())
+    session.commit()
+    if not holds:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
 
 
