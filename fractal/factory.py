@@ -92,10 +92,6 @@ def configure_app(app: APIFlask, settings: Settings) -> None:
         TESTING=settings.env == "test",
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    # A path is matched as sent: no 308 redirect to a "cleaned" path (merged slashes, an added or dropped trailing
-    # slash), so ids like %2e%2e%2f are plain unknown ids (404 in JSON) and a client is never sent elsewhere.
-    app.url_map.merge_slashes = False
-    app.url_map.strict_slashes = False
 
 
 def register_extensions(app: APIFlask, settings: Settings, session_factory: SessionFactory | None) -> FractalState:
