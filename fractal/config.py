@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     db_pool_pre_ping: bool = False
+    # The connection budget of one process (each gunicorn worker has its own pool): replicas x workers x
+    # (pool_size + max_overflow) must stay under PgBouncer's or Postgres's limit. A request that finds the pool
+    # exhausted waits db_pool_timeout_s at most, then answers 503 DATABASE_BUSY.
+    db_pool_size: int = Field(default=10, ge=1, le=1000)
+    db_max_overflow: int = Field(default=20, ge=0, le=1000)
+    db_pool_timeout_s: float = Field(default=5, gt=0, le=60)
     # Bounds on every transaction (SET LOCAL at its start, so they survive PgBouncer's transaction pooling), well
     # under gunicorn's 30 s worker timeout: a held row lock or a runaway query answers 503 DATABASE_BUSY instead of
     # pinning a worker. 0 turns a bound off (Postgres's meaning).

@@ -32,12 +32,12 @@ def create_db_engine(settings: Settings, **overrides: object) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs = {
-        "pool_size": 10,
-        "max_overflow": 20,
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
         # Usually unneeded: the transaction bounds sent on every checkout (below) already find a connection that
         # died with the server and replace it, at no extra cost.
         "pool_pre_ping": settings.db_pool_pre_ping,
-        "pool_timeout": 5,
+        "pool_timeout": settings.db_pool_timeout_s,
         # A dead server must fail fast (503 DATABASE_UNAVAILABLE), not hang a worker.
         "connect_args": {"connect_timeout": 3, "application_name": "fractal"},
     }

@@ -229,14 +229,15 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def is_database_busy(exc: BaseException) -> bool:
     """True when a SQLAlchemy error is a lock or statement timeout, a deadlock, a serialization failure or a
-    cancelled/terminated query: the database is up, this transaction lost, a retry may succeed."""
+    cancelled/terminated query, or this process's connection pool stayed exhausted past its timeout: the database
+    is up, this request lost, a retry may succeed."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
     return isinstance(exc, DBAPIError) and sqlstate(exc) in _DB_BUSY_SQLSTATES
 
 
 def is_database_outage(exc: BaseException) -> bool:
     """True when a SQLAlchemy error means the database is unreachable rather than that our SQL is wrong."""
-    if isinstance(exc, PoolTimeoutError):
-        return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, OperationalError):

@@ -301,3 +301,28 @@ def test_the_scaler_never_idles_in_a_transaction_across_cloud_calls(
         assert len(scaler_errors) == 1
     finally:
         engine.dispose()
+
+
+def test_an_exhausted_pool_answers_database_busy_within_its_timeout(
+    settings: Settings, committed_factory: SessionFactory, user_headers: Callable[..., dict[str, str]]
+) -> None:
+    budget = Settings(**{**settings.model_dump(), "db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_s": 0.5})
+    engine = create_db_engine(budget)
+    app = create_app(
+        blueprints=list(PUBLIC_BLUEPRINTS), settings=budget, session_factory=create_session_factory(engine)
+    )
+    client = app.test_client()
+    try:
+        held = engine.connect()  # the whole budget, taken
+        try:
+            started = time.monotonic()
+            answer = client.get("/regions", headers=user_headers())
+            waited = time.monotonic() - started
+        finally:
+            held.close()
+        assert answer.status_code == 503 and answer.json["error"] == "DATABASE_BUSY", answer.json
+        assert answer.headers["Retry-After"]
+        assert 0.4 <= waited < 3, waited  # the pool timeout, not a hang
+        assert client.get("/regions", headers=user_headers()).status_code == 200  # the budget is back
+    finally:
+        engine.dispose()
