@@ -191,7 +191,7 @@ def test_format_timestamp_is_one_form() -> None:
 def _times_in(body: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(body, dict):
         for key, value in body.items():
-            if key.endswith("_at") or key == "last_seen_at":
+            if key.endswith("_at"):
                 yield key, value
             yield from _times_in(value)
     elif isinstance(body, list):

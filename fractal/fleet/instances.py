@@ -32,7 +32,6 @@ __all__ = [
     "NewInstance",
     "create_instance",
     "drain_instance",
-    "get_instance",
     "get_instance_fresh",
     "insert_instances",
     "lock_instance_rows",
@@ -251,11 +250,6 @@ def create_instance(
     )
     session.flush()
     return instance, secret
-
-
-def get_instance(session: Session, *, instance_name: str) -> Instance | None:
-    """The instance row, None when absent."""
-    return session.get(Instance, instance_name)
 
 
 def get_instance_fresh(session: Session, *, instance_name: str) -> Instance:

@@ -67,11 +67,6 @@ class MovedMandelbox:
     to_status: MandelboxStatus
 
 
-def may_follow(current: MandelboxStatus, to: MandelboxStatus) -> bool:
-    """True when the table allows ``current`` → ``to``."""
-    return to in TRANSITIONS[current]
-
-
 def move_mandelboxes(
     session: Session,
     *,

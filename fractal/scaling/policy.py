@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from fractal.fleet.instances import DRAINABLE_STATUSES
 from fractal.models import InstanceStatus
 
 # Statuses that still occupy a machine in the cloud, hence count against the per-region maximum.
@@ -21,7 +22,6 @@ OCCUPYING_STATUSES = frozenset(
         InstanceStatus.LOST,
     }
 )
-DRAINABLE_STATUSES = frozenset({InstanceStatus.PRE_CONNECTION, InstanceStatus.ACTIVE})
 
 
 class DrainReason(enum.StrEnum):

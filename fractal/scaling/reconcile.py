@@ -51,8 +51,12 @@ class ReconcileReport:
     duration_s: float = 0.0
     skipped_reason: str | None = None
     actions: list[ScalerAction] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
     region_errors: list[RegionError] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        """The failures' messages (the report's older, plain form of ``region_errors``)."""
+        return [error.message for error in self.region_errors]
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions if a.action == action)
@@ -64,7 +68,7 @@ class ReconcileReport:
             "started_at": format_timestamp(self.started_at),
             "duration_s": round(self.duration_s, 4),
             "actions": [asdict(a) for a in self.actions],
-            "errors": list(self.errors),
+            "errors": self.errors,
             "region_errors": [asdict(e) for e in self.region_errors],
         }
 
@@ -145,5 +149,4 @@ def _run_pass(
     ):
         report.actions += outcome.actions
         report.region_errors += outcome.region_errors
-        report.errors += [error.message for error in outcome.region_errors]
     session.commit()
