@@ -295,19 +295,7 @@ def launch(
     recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
     """
     result = CloudStepResult()
-    new = [
-        NewInstance(
-            instance_name=(name := f"{p.region}-{p.client_commit_hash[:8]}-{secrets.token_hex(4)}"),
-            region=p.region,
-            client_commit_hash=p.client_commit_hash,
-            ami_id=p.ami_id,
-            instance_type=p.instance_type,
-            mandelbox_capacity=p.mandelbox_capacity,
-            cloud_provider_id=PENDING_PREFIX + name,
-        )
-        for p in launches
-        for _ in range(p.count)
-    ]
+    new = [_new_instance(p) for p in launches for _ in range(p.count)]
     if not new:
         return result
     host_secrets = insert_instances(session, new, now=now)
@@ -383,6 +371,20 @@ def launch(
         )
     session.commit()
     return result
+
+
+def _new_instance(plan: LaunchPlan) -> NewInstance:
+    """A row for one planned launch, marked pending until the cloud answers."""
+    name = f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
+    return NewInstance(
+        instance_name=name,
+        region=plan.region,
+        client_commit_hash=plan.client_commit_hash,
+        ami_id=plan.ami_id,
+        instance_type=plan.instance_type,
+        mandelbox_capacity=plan.mandelbox_capacity,
+        cloud_provider_id=PENDING_PREFIX + name,
+    )
 
 
 def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime, lease: LeaseToken) -> CloudStepResult:
