@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -28,7 +30,7 @@ import pytest
 from apiflask import APIFlask
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from test.processes import ROOT, StartedProcess
+from test.processes import ROOT, StartedProcess, wait_until_ready
 from test.servers import wait_for_port
 from test.throwaway import free_port
 
@@ -292,3 +294,70 @@ def test_a_slow_jwks_endpoint_is_waited_for_boundedly_and_once(
     assert statuses == [401] * 8, statuses
     assert elapsed < 2.5, elapsed  # one bounded wait (0.5 s), not eight in turn, not the endpoint's 4 s
     assert provider.jwks_requests() == 1  # one fetch in flight; its failure remembered for the others
+
+
+@pytest.mark.slow
+def test_gunicorn_configured_by_environment_trusts_the_provider_through_a_rotation(
+    provider: Provider, database_url: str, tmp_path: Path
+) -> None:
+    """The production path: FRACTAL_JWKS_URL / _AUDIENCE / _ISSUER / _JWKS_LIFETIME_S read from the environment by
+    two gunicorn workers, each with its own key cache; no 401 for a rotation, none for k1 once removed."""
+    k1, k2 = signing_key("k1"), signing_key("k2")
+    provider.start([k1])
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("FRACTAL_", "GUNICORN_"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "FRACTAL_ENV": "test",
+            "FRACTAL_JWKS_URL": provider.jwks_uri,
+            "FRACTAL_JWT_AUDIENCE": AUDIENCE,
+            "FRACTAL_JWT_ISSUER": provider.issuer,
+            "FRACTAL_JWKS_LIFETIME_S": "2",
+            "FRACTAL_JWKS_REFRESH_COOLDOWN_S": "0.5",
+            "GUNICORN_BIND": f"127.0.0.1:{port}",
+            "GUNICORN_WORKERS": "2",
+            "GUNICORN_THREADS": "2",
+            "GUNICORN_GRACEFUL_TIMEOUT": "3",
+        }
+    )
+    log_path = tmp_path / "gunicorn.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = StartedProcess(process=process, port=port, log_path=log_path, _log=log)
+
+    def statuses(token: str, n: int = 8) -> list[int]:
+        answers = []
+        for _ in range(n):  # new connections: the requests spread over both workers
+            request = urllib.request.Request(f"{server.url}/regions", headers=bearer(token))
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answers.append(response.status)
+            except urllib.error.HTTPError as error:
+                answers.append(error.code)
+        return answers
+
+    try:
+        wait_until_ready(server, timeout_s=60)
+        k1_token = provider.token(USER)
+        assert statuses(k1_token) == [200] * 8, server.log_text()[-3000:]
+
+        provider.start([k2, k1])
+        time.sleep(0.5)
+        k2_token = provider.token(USER)
+        assert kid_of(k2_token) == "k2"
+        assert statuses(k2_token) == [200] * 8  # every worker learns k2 on its first k2 token
+
+        provider.start([k2])
+        time.sleep(2.5)  # past the lifetime of every worker's key set
+        assert statuses(k1_token) == [401] * 8
+        assert statuses(k2_token) == [200] * 8
+    finally:
+        server.stop()
