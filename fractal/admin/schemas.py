@@ -126,7 +126,7 @@ def validate_image_key(region: str, client_commit_hash: str, settings: Settings)
 
 class ApiKeyIn(StrictIn):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    scopes: list[ApiScope] = Field(
+    scopes: list[Annotated[ApiScope, Field(strict=False)]] = Field(
         min_length=1,
         max_length=len(ApiScope),
         description="admin:read (every GET), admin:write (every other admin route; implies images:write), "
