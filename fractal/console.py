@@ -93,6 +93,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%SZ")
     if isinstance(value, dict):
+        if all(isinstance(item, int) for item in value.values()):  # counters (instances by status): the non-zero
+            value = {key: item for key, item in value.items() if item}
         return " ".join(f"{key}={item}" for key, item in value.items()) or "-"
     if isinstance(value, list | tuple):
         return ",".join(str(item) for item in value) or "-"
