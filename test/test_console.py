@@ -148,6 +148,14 @@ def test_keys_lifecycle(server: DevServer) -> None:
     assert revoked["id"] == key_id and revoked["revoked_at"] is not None
     after = one_line_error(run(server, "capacity", credential=key), EXIT_API_ERROR)
     assert "401 UNAUTHORIZED" in after and "revoked" in after
+    expiring = run(
+        server, "keys", "create", "temp", "--scope", "admin:read", "--expires-at", "2099-01-01T00:00:00+00:00"
+    )
+    assert "key (shown once): fk_" in ok(expiring)
+    listed = json.loads(ok(run(server, "keys", "list", "--json")))
+    assert [entry["expires_at"] for entry in listed if entry["name"] == "temp"] == ["2099-01-01T00:00:00Z"]
+    past = run(server, "keys", "create", "old", "--scope", "admin:read", "--expires-at", "2000-01-01T00:00:00+00:00")
+    assert "400 VALIDATION_ERROR" in one_line_error(past, EXIT_API_ERROR)
     kinds = [event["kind"] for event in json_lines(ok(run(server, "events", "--json", "--limit", "30")))]
     assert {"api_key.created", "api_key.revoked", "api_key.refused"} <= set(kinds)
 
