@@ -269,10 +269,12 @@ def warm_state(client: AdminClient, region: str, commit: str) -> tuple[bool, str
     row: Capacity | None = next(
         (item for item in client.capacity() if item.region == region and item.client_commit_hash == commit), None
     )
-    hosts = client.instances(region=region)
-    mine = [host for host in hosts if host.client_commit_hash == commit]
-    active = [host for host in mine if host.status == "ACTIVE"]
-    booting = sum(1 for host in mine if host.status == "PRE_CONNECTION")
+    active = [
+        host for host in client.iter_instances(region=region, status="ACTIVE") if host.client_commit_hash == commit
+    ]
+    booting = sum(
+        1 for host in client.iter_instances(region=region, status="PRE_CONNECTION") if host.client_commit_hash == commit
+    )
     free = sum(host.mandelbox_capacity - host.live_mandelboxes for host in active)
     target = row.target_free if row is not None else 0
     warm = row is not None and free >= target
@@ -411,7 +413,14 @@ def wait_gone(ctx: Context, instance: Instance, *, timeout_s: float, interval_s:
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"timed out after {timeout_s:g} s: {instance.instance_name} is {line}")
         time.sleep(interval_s)
-        found = ctx.client.instance(instance.instance_name)
+        found = next(
+            (
+                item
+                for item in ctx.client.iter_instances(region=instance.region)
+                if item.instance_name == instance.instance_name
+            ),
+            None,
+        )
         if found is None:  # no row is ever deleted, but a host that is not listed is gone all the same
             return instance
         instance = found
