@@ -317,3 +317,23 @@ class Lease(Base):
 
     def __repr__(self) -> str:
         return f"<Lease {self.name} held by {self.holder} (token {self.fencing_token})>"
+
+
+class ApiKey(Base):
+    """An operator's API key for automation. ``id`` is the key's public lookup part (``fk_<id>_<secret>``); only a
+    SHA-256 digest of the whole key is stored. Rows are kept after revocation (``revoked_at``) as history."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSONDocument)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    created_by: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.id} {self.name!r} {self.scopes}>"
