@@ -53,6 +53,7 @@ __all__ = [
     "PurgeReport",
     "RetentionPolicy",
     "S3LogObjects",
+    "default_log_objects",
     "purge_history",
 ]
 
@@ -107,13 +108,19 @@ class LogObjectStore(Protocol):
 
 
 class S3LogObjects:
-    """Log objects in an S3 bucket (``DeleteObjects``, a thousand keys per call)."""
+    """Log objects in an S3 bucket (``DeleteObjects``, a thousand keys per call). Without a client, one is built
+    on first use (honouring ``AWS_ENDPOINT_URL_S3`` like the upload path), so a process with no log to purge never
+    needs S3 configured."""
 
-    def __init__(self, s3: Any, bucket: str) -> None:
+    def __init__(self, bucket: str, s3: Any = None) -> None:
         self._s3 = s3
         self._bucket = bucket
 
     def delete(self, keys: Sequence[str]) -> None:
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
         for start in range(0, len(keys), S3_DELETE_BATCH):
             chunk = keys[start : start + S3_DELETE_BATCH]
             answer = self._s3.delete_objects(
@@ -129,11 +136,7 @@ class S3LogObjects:
 
 def default_log_objects(settings: Settings) -> LogObjectStore | None:
     """The log objects a purge deletes: the configured bucket, or None when they are left to a lifecycle rule."""
-    if not settings.retention_delete_log_objects:
-        return None
-    import boto3
-
-    return S3LogObjects(boto3.client("s3"), settings.logs_bucket)
+    return S3LogObjects(settings.logs_bucket) if settings.retention_delete_log_objects else None
 
 
 @dataclass
@@ -237,7 +240,7 @@ def purge_history(
                 run(kind, batch)
             except _Stop:
                 raise
-            except Exception as error:  # noqa: BLE001 (one kind's failure is reported; the next run retries it)
+            except Exception as error:  # one kind's failure is reported; the next run retries it
                 session.rollback()
                 report.errors.append(f"{kind.value}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 log.warning("purge.failed", kind=kind.value, error_type=type(error).__name__)
@@ -256,7 +259,7 @@ def _rowcount(result: Any) -> int:
 # --- which rows: each a keyset-limited SELECT over an index on the time column ------------------------------
 
 
-def _expired_keys(policy: RetentionPolicy, size: int) -> Select[Any]:
+def _expired_keys(policy: RetentionPolicy, size: int) -> Select[Any, Any]:
     return (
         select(IdempotencyKey.user_id, IdempotencyKey.key)
         .where(IdempotencyKey.expires_at <= db_now(-policy.idempotency_keys_s))
