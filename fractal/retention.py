@@ -200,7 +200,8 @@ def purge_history(
     postgres = is_postgres(session)
 
     def proceed() -> None:
-        if time.monotonic() >= deadline or (should_continue is not None and not should_continue()):
+        # The time bound counts once a batch has deleted something, so every run makes some progress.
+        if (report.total and time.monotonic() >= deadline) or (should_continue is not None and not should_continue()):
             raise _Stop
 
     def run(kind: PurgeKind, batch: Callable[[], int]) -> None:
@@ -309,9 +310,7 @@ def _terminated_heartbeats(policy: RetentionPolicy, size: int) -> Select[Any]:
 
 def _terminated_instances(policy: RetentionPolicy, size: int) -> Select[Any]:
     # Two probes, one per partial index on mandelboxes.instance_name (live ones; EXITED ones).
-    live = exists().where(
-        Mandelbox.instance_name == Instance.instance_name, Mandelbox.status != MandelboxStatus.EXITED
-    )
+    live = exists().where(Mandelbox.instance_name == Instance.instance_name, Mandelbox.status != MandelboxStatus.EXITED)
     ended = exists().where(
         Mandelbox.instance_name == Instance.instance_name, Mandelbox.status == MandelboxStatus.EXITED
     )
@@ -386,9 +385,7 @@ def _log_upload_batch(
         objects.delete([row.key for row in rows])
         ids = [row.id for row in rows]
         return _rowcount(
-            session.execute(
-                delete(LogUpload).where(LogUpload.id.in_(ids)).execution_options(synchronize_session=False)
-            )
+            session.execute(delete(LogUpload).where(LogUpload.id.in_(ids)).execution_options(synchronize_session=False))
         )
 
     return batch
