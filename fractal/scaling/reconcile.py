@@ -6,7 +6,7 @@ Safety rules the pass keeps:
 - An instance row exists (PRE_CONNECTION, provider id ``pending:<name>``) and is committed *before* the cloud is
   asked to launch it, so a crash mid-launch leaves a row the next pass finds and cleans up.
 - A row becomes TERMINATED only when the cloud's ``describe`` says the host is terminated or unknown; an AWS error
-  leaves rows TERMINATING for the next pass. Nothing is ever deleted.
+  leaves rows TERMINATING for the next pass. Nothing is deleted but history past its retention (the purge).
 - Every statement is set-based: the number of statements per pass does not grow with the number of instances.
 - When asked (``purge``, every ``FRACTAL_PURGE_INTERVAL_S`` by the loop), the pass ends by purging history past its
   retention (``fractal.retention``), in short batches, while its lease still holds, within a time bound.
