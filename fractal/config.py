@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     # Heartbeat rows of TERMINATED hosts, and (with their last mandelbox gone) the instance rows themselves.
     retention_heartbeats_days: float | None = Field(default=None, gt=0)
     retention_instances_days: float | None = Field(default=None, gt=0)
-    retention_idempotency_keys_hours: float = Field(default=24, ge=0)
+    # Expired idempotency keys are never replayed; by default they go as soon as they expire (assign also drops a few).
+    retention_idempotency_keys_hours: float = Field(default=0, ge=0)
     # Whether a purged log-upload row's object is deleted from the bucket too (off: a bucket lifecycle rule does).
     retention_delete_log_objects: bool = True
     # The scaler purges at most this often (0: never on its own; `./commands purge` still works), in batches of
@@ -169,6 +170,7 @@ class Settings(BaseSettings):
     purge_interval_s: float = Field(default=600, ge=0)
     purge_batch_size: int = Field(default=2_000, ge=1, le=100_000)
     purge_max_s: float = Field(default=20, gt=0)
+
     cache_ttl_s: int = Field(default=30, ge=0)
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
 

@@ -2,8 +2,8 @@
 
 What is purged, in this order (children before the rows they reference, so no foreign key ever blocks a batch):
 
-- ``idempotency_keys``: keys expired more than ``FRACTAL_RETENTION_IDEMPOTENCY_KEYS_HOURS`` ago (an expired key is
-  never replayed anyway; assign also drops a few expired keys as it goes).
+- ``idempotency_keys``: keys expired more than ``FRACTAL_RETENTION_IDEMPOTENCY_KEYS_HOURS`` ago (default 0: as soon
+  as they expire; an expired key is never replayed, and assign also drops a few expired keys as it goes).
 - ``events``: audit events older than their retention (no foreign keys point at them or from them).
 - ``log_uploads``: log rows older than their retention, with their objects deleted from the bucket first when
   ``FRACTAL_RETENTION_DELETE_LOG_OBJECTS`` is on (otherwise a bucket lifecycle rule is expected to expire them).

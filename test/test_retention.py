@@ -153,10 +153,11 @@ def test_old_history_goes_young_and_live_rows_stay(
         }
 
     batches: list[tuple[PurgeKind, int]] = []
+    grace = _settings(settings, retention_idempotency_keys_hours=1.5)  # a key expired an hour ago stays
     with committed_factory() as session:
         report = purge_history(
             session,
-            settings=settings,
+            settings=grace,
             log_objects=S3LogObjects(BUCKET, s3),
             batch_size=3,
             on_batch=lambda kind, n: batches.append((kind, n)),
@@ -192,7 +193,7 @@ def test_old_history_goes_young_and_live_rows_stay(
 
     # Nothing is left past its retention: a second run deletes nothing.
     with committed_factory() as session:
-        again = purge_history(session, settings=settings, log_objects=S3LogObjects(BUCKET, s3))
+        again = purge_history(session, settings=grace, log_objects=S3LogObjects(BUCKET, s3))
     assert again.total == 0
 
 
