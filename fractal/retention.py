@@ -26,10 +26,10 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
-from sqlalchemy import Delete, Select, delete, exists, select, tuple_
+from sqlalchemy import ColumnElement, Delete, Select, any_, delete, exists, func, literal_column, select, tuple_
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
@@ -340,27 +340,40 @@ _LOCKED_TABLE: dict[PurgeKind, Any] = {
 
 
 def _delete_for(kind: PurgeKind, keys: Select[Any], *, postgres: bool) -> Delete:
-    """``DELETE ... WHERE key IN (keys)``; on Postgres the keys' rows are locked SKIP LOCKED, so a row a request
-    holds (an instance being assigned to, a key being replayed) is left for a later batch, never waited for."""
+    """``DELETE ... WHERE key IN (keys)``. On Postgres the keys' rows are locked SKIP LOCKED, so a row a request
+    holds (an instance being assigned to, a key being replayed) is left for a later batch, never waited for, and
+    the keys are matched as ``key = ANY(ARRAY(keys))``: a primary-key lookup per row, where ``IN (subquery)`` may be
+    planned as a hash join over the whole table. Idempotency keys (a two-column key) are matched by ``ctid``: their
+    rows are only ever inserted and deleted, never updated, so a locked row's ctid is the row the batch chose."""
     if postgres:
-        keys = keys.with_for_update(skip_locked=True, of=_LOCKED_TABLE[kind])
+        keys = keys.with_for_update(skip_locked=True, of=_LOCKED_TABLE[kind]).correlate(None)
+
+    def matching(column: Any) -> ColumnElement[bool]:
+        if not postgres:
+            return cast(ColumnElement[bool], column.in_(keys))
+        return cast(ColumnElement[bool], column == any_(func.array(keys.scalar_subquery())))
+
     statement: Delete
     if kind is PurgeKind.IDEMPOTENCY_KEYS:
-        statement = delete(IdempotencyKey).where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(keys))
+        if postgres:
+            keys = keys.with_only_columns(literal_column("idempotency_keys.ctid"))
+            statement = delete(IdempotencyKey).where(matching(literal_column("ctid")))
+        else:
+            statement = delete(IdempotencyKey).where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(keys))
     elif kind is PurgeKind.EVENTS:
-        statement = delete(Event).where(Event.id.in_(keys))
+        statement = delete(Event).where(matching(Event.id))
     elif kind is PurgeKind.LOG_UPLOADS:
-        statement = delete(LogUpload).where(LogUpload.id.in_(keys))
+        statement = delete(LogUpload).where(matching(LogUpload.id))
     elif kind is PurgeKind.MANDELBOXES:
         # Re-checked on the locked row version: only an EXITED box goes.
         statement = delete(Mandelbox).where(
-            Mandelbox.mandelbox_id.in_(keys), Mandelbox.status == MandelboxStatus.EXITED
+            matching(Mandelbox.mandelbox_id), Mandelbox.status == MandelboxStatus.EXITED
         )
     elif kind is PurgeKind.HEARTBEATS:
-        statement = delete(Heartbeat).where(Heartbeat.instance_name.in_(keys))
+        statement = delete(Heartbeat).where(matching(Heartbeat.instance_name))
     else:
         statement = delete(Instance).where(
-            Instance.instance_name.in_(keys), Instance.status == InstanceStatus.TERMINATED
+            matching(Instance.instance_name), Instance.status == InstanceStatus.TERMINATED
         )
     return statement.execution_options(synchronize_session=False)
 
