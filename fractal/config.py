@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     purge_interval_s: float = Field(default=600, ge=0)
     purge_batch_size: int = Field(default=2_000, ge=1, le=100_000)
     purge_max_s: float = Field(default=20, gt=0)
+    # A pause after each full batch, so a long purge leaves the database room for requests (0: none).
+    purge_pause_ms: int = Field(default=50, ge=0, le=10_000)
 
     cache_ttl_s: int = Field(default=30, ge=0)
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)

@@ -18,6 +18,7 @@ UPDATE SKIP LOCKED)`` on an index over the time column, so a batch never scans a
 request holds, holds its locks for milliseconds and carries no session state (it works through PgBouncer's
 transaction pooling). Every cut-off is the database's clock (``db_now``), never this process's. A run stops after
 ``FRACTAL_PURGE_MAX_S`` or when ``should_continue`` says so (the scaler's lease was lost); the next run goes on.
+After every full batch it pauses ``FRACTAL_PURGE_PAUSE_MS``, so a long purge leaves the database room for requests.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def purge_history(
     report = PurgeReport()
     started = time.perf_counter()
     postgres = is_postgres(session)
+    pause_s = settings.purge_pause_ms / 1000
 
     def proceed() -> None:
         # The time bound counts once a batch has deleted something, so every run makes some progress.
@@ -215,6 +217,8 @@ def purge_history(
                 on_batch(kind, count)
             if count < size:
                 return
+            if pause_s:
+                time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
 
     def statement(kind: PurgeKind, keys: Select[Any]) -> Callable[[], int]:
         def batch() -> int:
