@@ -148,6 +148,8 @@ class PurgeReport:
     purged: dict[str, int] = field(default_factory=lambda: {kind.value: 0 for kind in PurgeKind})
     batches: int = 0
     duration_s: float = 0.0
+    # The longest one batch took (its statements and commit): how long its row locks were held at most.
+    slowest_batch_s: float = 0.0
     complete: bool = True
     errors: list[str] = field(default_factory=list)
 
@@ -161,6 +163,7 @@ class PurgeReport:
             "total": self.total,
             "batches": self.batches,
             "duration_s": round(self.duration_s, 4),
+            "slowest_batch_s": round(self.slowest_batch_s, 4),
             "complete": self.complete,
             "errors": list(self.errors),
         }
@@ -209,8 +212,10 @@ def purge_history(
     def run(kind: PurgeKind, batch: Callable[[], int]) -> None:
         while True:
             proceed()
+            began = time.perf_counter()
             count = batch()
             session.commit()
+            report.slowest_batch_s = max(report.slowest_batch_s, time.perf_counter() - began)
             report.batches += 1
             report.purged[kind.value] += count
             if count and on_batch is not None:
