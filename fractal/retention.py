@@ -46,6 +46,7 @@ from fractal.models import (
     Mandelbox,
     MandelboxStatus,
 )
+from fractal.observability import redact_text
 
 __all__ = [
     "DAY_S",
@@ -252,7 +253,8 @@ def purge_history(
                 raise
             except Exception as error:  # one kind's failure is reported; the next run retries it
                 session.rollback()
-                report.errors.append(f"{kind.value}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                first = (str(error).strip().splitlines() or [""])[0]
+                report.errors.append(f"{kind.value}: {type(error).__name__}: {redact_text(first)[:200]}")
                 log.warning("purge.failed", kind=kind.value, error_type=type(error).__name__)
     except _Stop:
         session.rollback()

@@ -465,3 +465,23 @@ def test_the_purge_works_on_sqlite_too(tmp_path: Path, settings: Settings) -> No
             assert list(session.scalars(select(Instance.instance_name))) == ["gone"]
     finally:
         engine.dispose()
+
+
+def test_a_purge_stops_at_once_when_its_lease_is_lost(
+    committed_factory: SessionFactory, settings: Settings, engine: Engine
+) -> None:
+    """The scaler passes "my lease still holds" as ``should_continue``: once it says no, not one more batch."""
+    _seed_bulk_history(engine, events=1_000, boxes=0)
+    asked: list[int] = []
+
+    def lease_holds() -> bool:
+        asked.append(1)
+        return len(asked) <= 3  # three batches, then the lease is gone
+
+    with committed_factory() as session:
+        report = purge_history(session, settings=_settings(settings, purge_pause_ms=0), batch_size=100,
+                               should_continue=lease_holds)  # fmt: skip
+    assert not report.complete
+    # One batch of idempotency keys (none), then two of events: 200 rows, not one more.
+    assert report.purged["events"] == 200 and report.batches == 3
+    assert _counts(committed_factory)["events"] == 800
