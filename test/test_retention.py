@@ -479,8 +479,9 @@ def test_a_purge_stops_at_once_when_its_lease_is_lost(
         return len(asked) <= 3  # three batches, then the lease is gone
 
     with committed_factory() as session:
-        report = purge_history(session, settings=_settings(settings, purge_pause_ms=0), batch_size=100,
-                               should_continue=lease_holds)  # fmt: skip
+        report = purge_history(
+            session, settings=_settings(settings, purge_pause_ms=0), batch_size=100, should_continue=lease_holds
+        )
     assert not report.complete
     # One batch of idempotency keys (none), then two of events: 200 rows, not one more.
     assert report.purged["events"] == 200 and report.batches == 3
