@@ -13,6 +13,9 @@ replica at once (delete-on-change would let such a reader re-cache stale data).
 Values are JSON in Redis, never pickle: unpickling what Redis holds would turn write access to Redis into code
 execution in every API process. An entry that is not ours (a pickle, garbage) reads as a miss.
 
+On a Redis Cluster the counter and the entries of one namespace share a slot (the namespace is a hash tag,
+``cache:{images}:gen``), so that MGET is one command on one node; different namespaces spread over the masters.
+
 A Redis outage never fails a request: the cache is bypassed (the loader reads the database) and, for a few
 seconds after a failure, not even tried, so a dead Redis costs one failed round trip, not one per lookup.
 """
@@ -27,12 +30,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from cachelib.serializers import BaseRedisSerializer
 
+from fractal.redis_client import hash_tag
+
 if TYPE_CHECKING:
-    import redis
     from cachelib import BaseCache
     from flask import Flask
 
     from fractal.config import Settings
+    from fractal.redis_client import RedisClient
 
 log = structlog.get_logger(__name__)
 
@@ -83,11 +88,11 @@ class DataCache:
         backend = self._available()
         if backend is None:
             return load()
-        key = f"{namespace}:{name}"
+        key = f"{hash_tag(namespace)}:{name}"
         try:
             # One round trip: the namespace's generation and the entry, which records the generation it was
             # loaded under. An entry from an older generation is stale, however recently it was written.
-            raw_generation, entry = backend.get_many(f"{namespace}:gen", key)
+            raw_generation, entry = backend.get_many(_generation_key(namespace), key)
         except Exception as exc:  # any backend failure means "bypass", never a failed request
             self._failed("cache_read_failed", exc)
             return load()
@@ -108,7 +113,7 @@ class DataCache:
         if backend is None:
             return True
         try:
-            if backend.inc(f"{namespace}:gen") is None:
+            if backend.inc(_generation_key(namespace)) is None:
                 raise RuntimeError("generation counter not incremented")
         except Exception as exc:
             # Other replicas may serve the old value until the TTL ends; nothing more can be done now.
@@ -127,7 +132,12 @@ class DataCache:
         self._skip_until = time.monotonic() + OUTAGE_BACKOFF_S
 
 
-def init_cache(app: Flask, settings: Settings, redis_client: redis.Redis[bytes] | None) -> DataCache:
+def _generation_key(namespace: str) -> str:
+    """The namespace's generation counter; the hash tag puts it in the slot of the namespace's entries."""
+    return f"{hash_tag(namespace)}:gen"
+
+
+def init_cache(app: Flask, settings: Settings, redis_client: RedisClient | None) -> DataCache:
     """Flask-Caching for ``app``: RedisCache on the app's Redis client when configured, else SimpleCache."""
     from flask_caching import Cache
 

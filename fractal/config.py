@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,70 @@ def normalise_database_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+# REDIS_URL forms: one server (redis-py's from_url) or a Redis Cluster (every listed node can seed the topology).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_CLUSTER_SCHEME = "redis+cluster"
+REDIS_CLUSTER_FORM = "redis+cluster://[user:password@]host:port[,host:port...]"
+
+
+@dataclass(frozen=True)
+class RedisClusterUrl:
+    """A parsed ``redis+cluster://`` URL: the startup nodes and the credentials they share."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+
+def is_redis_cluster_url(url: str) -> bool:
+    return url.lower().startswith(REDIS_CLUSTER_SCHEME + "://")
+
+
+def parse_redis_cluster_url(url: str) -> RedisClusterUrl:
+    """The nodes and credentials of a ``redis+cluster://`` URL (Flask-Limiter's grammar); ValueError says what is
+    wrong without repeating the password."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme.lower() != REDIS_CLUSTER_SCHEME:
+        raise ValueError(f"a Redis Cluster URL is {REDIS_CLUSTER_FORM}")
+    credentials, _, locations = parsed.netloc.rpartition("@")
+    if parsed.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has only database 0; write {REDIS_CLUSTER_FORM}")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"a Redis Cluster URL takes no query or fragment; write {REDIS_CLUSTER_FORM}")
+    nodes: list[tuple[str, int]] = []
+    for location in locations.split(","):
+        location = location.strip()
+        try:
+            node = urllib.parse.urlsplit(f"//{location}")
+            host, port = node.hostname, node.port
+        except ValueError:
+            host = port = None
+        if not location or not host or port is None or node.username is not None or port == 0:
+            raise ValueError(f"{location!r} is not host:port (with a port); write {REDIS_CLUSTER_FORM}")
+        nodes.append((host, port))
+    username = password = None
+    if credentials:
+        user, has_password, secret = credentials.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(secret) if has_password else None
+    return RedisClusterUrl(nodes=tuple(nodes), username=username, password=password)
+
+
+def validate_redis_url(url: str | None) -> str | None:
+    """Refuse a REDIS_URL that no Redis client would understand, at start-up rather than on first use."""
+    if url is None or not url.strip():
+        return None
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == REDIS_CLUSTER_SCHEME:
+        parse_redis_cluster_url(url)
+    elif scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"unknown scheme {scheme + '://' if scheme else '(none)'}; use redis://host:port/db, rediss:// (TLS), "
+            f"unix:///path or {REDIS_CLUSTER_FORM}"
+        )
     return url
 
 
@@ -202,6 +268,11 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str | None) -> str | None:
+        return validate_redis_url(value)
 
     @field_validator("app")
     @classmethod

@@ -117,7 +117,7 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
         engine=engine,
         redis=redis_client,
     )
-    init_rate_limits(app, settings)
+    init_rate_limits(app, settings, redis_client)
     return state
 
 

@@ -2,7 +2,8 @@
 
 With ``REDIS_URL`` a nudge is one element on a Redis list (LPUSH, trimmed to one so nudges coalesce) and a
 waiter BLPOPs it, so a nudge from any API replica wakes one scaler process, and a nudge sent while no scaler
-is waiting is kept until the next wait. Without Redis (or while it is down) an in-process event does the same
+is waiting is kept until the next wait. On a Redis Cluster the nudge is one key, so its pipeline and BLPOP run
+on the one master that owns its slot. Without Redis (or while it is down) an in-process event does the same
 for a scaler running in the same process. Nudging never raises and never blocks a request for long.
 """
 
@@ -13,11 +14,10 @@ import threading
 import time
 from typing import Protocol
 
-import redis
 import structlog
 
 from fractal.config import Settings
-from fractal.redis_client import REDIS_CONNECT_TIMEOUT_S
+from fractal.redis_client import REDIS_ERRORS, connect
 
 log = structlog.get_logger(__name__)
 
@@ -61,10 +61,8 @@ class RedisNudge:
     def __init__(self, url: str, *, key: str) -> None:
         self.key = key
         # Nudges go through a fast-failing client; waits through one whose read timeout exceeds a BLPOP chunk.
-        self._sender = redis.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=0.5)
-        self._waiter = redis.Redis.from_url(
-            url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=MAX_BLOCK_S + 2
-        )
+        self._sender = connect(url)
+        self._waiter = connect(url, socket_timeout=MAX_BLOCK_S + 2)
         self._local = LocalNudge()
 
     def nudge(self, *_context: object) -> None:
@@ -75,7 +73,7 @@ class RedisNudge:
             pipe.ltrim(self.key, 0, 0)
             pipe.expire(self.key, NUDGE_TTL_S)
             pipe.execute()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("scaler_nudge_failed", error_type=type(exc).__name__)
 
     def wait(self, timeout_s: float) -> bool:
@@ -92,12 +90,12 @@ class RedisNudge:
                 if self._waiter.blpop([self.key], timeout=min(remaining, MAX_BLOCK_S)) is not None:
                     self._local.wait(0)
                     return True
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("scaler_nudge_wait_failed", error_type=type(exc).__name__)
                 return self._local.wait(deadline - time.monotonic())
 
     def _drain(self) -> None:
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(*REDIS_ERRORS):
             self._sender.delete(self.key)
 
 

@@ -9,6 +9,11 @@ Redis unreachable: the limiter falls back to per-process in-memory counters (log
 re-checking Redis with backoff), and any other storage error is logged and swallowed: limits fail open,
 requests never fail because of them.
 
+On a Redis Cluster (``REDIS_URL=redis+cluster://…``) the limits live in the cluster through the app's own lazily
+connecting cluster client (limits' Redis Cluster storage would read the topology while the app is built, so an
+app could not start with the cluster down). Every counter is one key and one Lua script on it, so limits spread
+over the masters with no hash tag; the storage counts as down when any master does not answer.
+
 Behind a reverse proxy the client address is ``request.remote_addr`` as fixed by the WSGI server or
 werkzeug's ProxyFix; without that every client shares the proxy's address.
 """
@@ -24,10 +29,11 @@ from typing import Any, TypeVar, cast
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded, RouteLimit
 from limits import parse as parse_limit
+from limits.storage import RedisClusterStorage, Storage
 
 from fractal.config import Settings
 from fractal.errors import RateLimitedError, UnauthorizedError, error_response
-from fractal.redis_client import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
+from fractal.redis_client import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, LazyRedisCluster, RedisClient
 from fractal.web import settings
 
 # A claimed instance name longer than the column cannot exist: not worth a key of its own.
@@ -61,6 +67,24 @@ class FractalLimiter(Limiter):
         super().init_app(app)
 
 
+# The storage scheme under which the app hands limits its own cluster client (never seen in any setting).
+CLUSTER_CLIENT_SCHEME = "fractal+redis+cluster"
+
+
+class ClusterClientStorage(RedisClusterStorage):
+    """limits' Redis Cluster storage on a :class:`LazyRedisCluster` the app built (so nothing connects yet)."""
+
+    STORAGE_SCHEME = [CLUSTER_CLIENT_SCHEME]
+
+    def __init__(self, uri: str, *, client: LazyRedisCluster, key_prefix: str, **_options: Any) -> None:
+        Storage.__init__(self, uri)
+        self.key_prefix = key_prefix
+        self.target_server = "redis"
+        self.dependency = self.dependencies["redis"].module
+        self.storage = client  # registering the Lua scripts below does not connect either
+        self.initialize_storage(uri)
+
+
 # Headers on every answer would cost two more Redis round trips per request (the window's count and TTL), and
 # the limiter would overwrite other answers' Retry-After (the 503 NO_INSTANCE_AVAILABLE one): only refusals
 # carry rate-limit headers (Retry-After, X-RateLimit-Limit), written by the 429 handler below.
@@ -73,19 +97,23 @@ limiter = FractalLimiter(
 )
 
 
-def init_rate_limits(app: Flask, app_settings: Settings) -> None:
-    """Bind :data:`limiter` to ``app``: Redis storage (under the key prefix) or memory, and the 429 handler."""
+def init_rate_limits(app: Flask, app_settings: Settings, redis_client: RedisClient | None = None) -> None:
+    """Bind :data:`limiter` to ``app``: Redis storage (under the key prefix) or memory, and the 429 handler.
+
+    On a cluster the limits use ``redis_client`` (the app's :class:`LazyRedisCluster`); on one server limits builds
+    its own client from the URL."""
+    uri = app_settings.redis_url or "memory://"
     options: dict[str, Any] = {}
-    if app_settings.redis_url:
+    if isinstance(redis_client, LazyRedisCluster):
+        uri = f"{CLUSTER_CLIENT_SCHEME}://"
+        options = {"client": redis_client, "key_prefix": f"{app_settings.redis_prefix}limits"}
+    elif app_settings.redis_url:
         options = {
             "key_prefix": f"{app_settings.redis_prefix}limits",
             "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
             "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
         }
-    app.config.update(
-        RATELIMIT_STORAGE_URI=app_settings.redis_url or "memory://",
-        RATELIMIT_STORAGE_OPTIONS=options,
-    )
+    app.config.update(RATELIMIT_STORAGE_URI=uri, RATELIMIT_STORAGE_OPTIONS=options)
     limiter.init_app(app)
     app.register_error_handler(RateLimitExceeded, _rate_limited)
 

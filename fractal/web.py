@@ -24,9 +24,8 @@ from fractal.errors import NotFoundError
 from fractal.nudge import Nudge
 
 if TYPE_CHECKING:
-    import redis
-
     from fractal.mail.backends import MailBackend
+    from fractal.redis_client import RedisClient
 
 EXTENSION_KEY = "fractal"
 
@@ -42,7 +41,7 @@ class FractalState:
     cache: DataCache
     nudge: Nudge  # wakes the scaler when assign runs out of room
     engine: Engine | None = None  # None when the caller injected its own session factory (tests)
-    redis: redis.Redis[bytes] | None = None  # /readyz pings it
+    redis: RedisClient | None = None  # /readyz pings it (every master of a cluster)
     host_secrets: HostSecretDirectory = field(default_factory=HostSecretDirectory)
     # Built on first use by the routes that need them (so an app that never mails builds no mail client).
     mail_backend: MailBackend | None = None

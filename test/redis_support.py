@@ -1,21 +1,35 @@
-"""Helpers for tests on real Redis: per-test key prefixes, throwaway servers, app replicas in other processes."""
+"""Helpers for tests on real Redis: per-test key prefixes, throwaway servers and clusters, app replicas in other
+processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
+from cachelib import RedisCache
 
+from fractal.cache import DataCache
+from fractal.database import SessionFactory
+from fractal.images import IMAGES_CACHE_NAMESPACE
+from fractal.models import Image, Instance, InstanceStatus
+from fractal.redis_client import connect
 from test.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +94,104 @@ def throwaway_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@dataclass
+class ThrowawayCluster:
+    """A Redis Cluster of our own: its ``redis+cluster://`` URL, its masters' ports and their processes."""
+
+    url: str
+    ports: list[int]
+    processes: list[subprocess.Popen[bytes]]
+
+    def node(self, port: int) -> redis.Redis[bytes]:
+        """A plain client on one master (to look at what that node holds)."""
+        return redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=1)
+
+    def state(self, port: int) -> str:
+        """cluster_state as ``port`` sees it (``ok`` or ``fail``)."""
+        client = self.node(port)
+        try:
+            return str(client.cluster("info").get("cluster_state"))
+        finally:
+            client.close()
+
+    def wait_for_state(self, wanted: str, *, ports: list[int] | None = None, timeout_s: float = 15) -> None:
+        deadline = time.monotonic() + timeout_s
+        for port in ports or self.ports:
+            while self.state(port) != wanted:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {port} did not reach cluster_state:{wanted}")
+                time.sleep(0.05)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@contextmanager
+def throwaway_redis_cluster(*, masters: int = 3, node_timeout_ms: int = 1000) -> Iterator[ThrowawayCluster]:
+    """``masters`` cluster-enabled redis-servers on loopback joined by ``redis-cli --cluster create`` (no replicas);
+    yields once every node says cluster_state:ok. A short node timeout lets a stopped master fail the cluster soon.
+    Every server is stopped by pid afterwards."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("redis-server / redis-cli are not installed")
+    workdir = tempfile.mkdtemp(prefix="fractal-redis-cluster-")
+    ports = [_cluster_port() for _ in range(masters)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            processes.append(
+                subprocess.Popen(
+                    [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                     "--cluster-config-file", f"{workdir}/nodes-{port}.conf",
+                     "--cluster-node-timeout", str(node_timeout_ms), "--save", "", "--appendonly", "no",
+                     "--dir", workdir, "--daemonize", "no"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        cluster = ThrowawayCluster(
+            url="redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports), ports=ports, processes=processes
+        )
+        deadline = time.monotonic() + 10
+        for port in ports:
+            client = cluster.node(port)
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            client.close()
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )  # fmt: skip
+        cluster.wait_for_state("ok")
+        yield cluster
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)  # a test may have left one stopped
+            stop_process(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextmanager
 def app_replica(env: dict[str, str], *, log_path: Path) -> Iterator[str]:
     """Start test/serve_app.py in another process with ``env``; yields its base URL; stopped by pid."""
@@ -97,3 +209,59 @@ def app_replica(env: dict[str, str], *, log_path: Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{int(line)}"
         finally:
             stop_process(process)
+
+
+def call(
+    base: str, method: str, path: str, *, token: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """One JSON request to a replica: (status, headers, body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read() or b"null")
+
+
+def seed_shared_fleet(factory: SessionFactory, *, redis_url: str, prefix: str) -> None:
+    """Committed rows replicas can see: an active image and one roomy ACTIVE instance (``i-shared``, 50 slots) in
+    us-east-1. Rows written behind the API's back are invalidated by hand (on ``redis_url``, one server or a
+    cluster), as an operator script would have to."""
+    with factory() as session:
+        session.add(
+            Image(
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                active=True,
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=50,
+            )
+        )
+        session.add(
+            Instance(
+                instance_name="i-shared",
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                instance_type="g4dn.xlarge",
+                ip="10.0.0.9",
+                mandelbox_capacity=50,
+                live_mandelboxes=0,
+                status=InstanceStatus.ACTIVE,
+                host_secret_hash="0" * 64,
+            )
+        )
+        session.commit()
+    client = connect(redis_url, socket_timeout=2)
+    try:
+        cache = DataCache(RedisCache(host=client, key_prefix=f"{prefix}cache:"), ttl_s=300)
+        assert cache.invalidate(IMAGES_CACHE_NAMESPACE)
+    finally:
+        client.close()

@@ -152,10 +152,10 @@ def test_cached_values_are_json_and_a_planted_pickle_is_never_loaded(redis_setti
     prefix = f"{redis_settings.redis_prefix}cache:"
     cache = DataCache(RedisCache(host=client, key_prefix=prefix), ttl_s=60)
     assert cache.get_or_load("ns", "v", lambda: {"regions": ["us-east-1"]}) == {"regions": ["us-east-1"]}
-    stored = client.get(f"{prefix}ns:v")
+    stored = client.get(f"{prefix}{{ns}}:v")
     assert stored.startswith(b"j") and json.loads(stored[1:]) == [0, {"regions": ["us-east-1"]}]
 
     marker = tmp_path / "pwned"
-    client.set(f"{prefix}ns:v", b"!" + pickle.dumps(_Explodes(str(marker))))
+    client.set(f"{prefix}{{ns}}:v", b"!" + pickle.dumps(_Explodes(str(marker))))
     assert cache.get_or_load("ns", "v", lambda: {"regions": ["eu-west-1"]}) == {"regions": ["eu-west-1"]}
     assert not marker.exists(), "the cache unpickled a value from Redis"

@@ -3,46 +3,28 @@ idempotent retries answered by the other replica, and scaler nudges crossing pro
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
-from cachelib import RedisCache
 from sqlalchemy import func, select
 
 from fractal.auth.dev_keys import DevKeyPair
-from fractal.cache import DataCache
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.images import IMAGES_CACHE_NAMESPACE
-from fractal.models import Image, Instance, InstanceStatus, Mandelbox
+from fractal.models import Instance, InstanceStatus, Mandelbox
 from fractal.nudge import build_nudge
-from test.redis_support import REDIS_SERVER_URL, app_replica, delete_prefixed, unique_prefix
+from test.redis_support import (
+    REDIS_SERVER_URL,
+    app_replica,
+    call,
+    delete_prefixed,
+    seed_shared_fleet,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.slow
 ASSIGN_LIMIT = 3
-
-
-def call(
-    base: str, method: str, path: str, *, token: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        base + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read() or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -76,37 +58,7 @@ def fleet(committed_factory: SessionFactory, replicas: tuple[str, str, str]) -> 
 
     Rows written behind the API's back are invalidated by hand, as an operator script would have to.
     """
-    with committed_factory() as session:
-        session.add(
-            Image(
-                region="us-east-1",
-                client_commit_hash="abc123",
-                ami_id="ami-1",
-                active=True,
-                instance_type="g4dn.xlarge",
-                mandelbox_capacity=50,
-            )
-        )
-        session.add(
-            Instance(
-                instance_name="i-shared",
-                region="us-east-1",
-                client_commit_hash="abc123",
-                ami_id="ami-1",
-                instance_type="g4dn.xlarge",
-                ip="10.0.0.9",
-                mandelbox_capacity=50,
-                live_mandelboxes=0,
-                status=InstanceStatus.ACTIVE,
-                host_secret_hash="0" * 64,
-            )
-        )
-        session.commit()
-    client = redis.Redis.from_url(REDIS_SERVER_URL)
-    assert DataCache(RedisCache(host=client, key_prefix=f"{replicas[2]}cache:"), ttl_s=300).invalidate(
-        IMAGES_CACHE_NAMESPACE
-    )
-    client.close()
+    seed_shared_fleet(committed_factory, redis_url=REDIS_SERVER_URL, prefix=replicas[2])
     return committed_factory
 
 

@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from fractal.auth.dev_keys import generate_keypair
-from fractal.config import DEV_KEY_MARKER, Settings, UnsafeSettingsError, normalise_database_url
+from fractal.config import (
+    DEV_KEY_MARKER,
+    RedisClusterUrl,
+    Settings,
+    UnsafeSettingsError,
+    normalise_database_url,
+    parse_redis_cluster_url,
+)
 
 SAFE_PRODUCTION = {
     "env": "production",
@@ -162,3 +169,53 @@ def test_the_safe_production_environment_starts() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis+cluster://10.0.0.1:7000", RedisClusterUrl(nodes=(("10.0.0.1", 7000),))),
+        (
+            "redis+cluster://cache-a:6379,cache-b:6380/",
+            RedisClusterUrl(nodes=(("cache-a", 6379), ("cache-b", 6380))),
+        ),
+        ("redis+cluster://:p%40ss@h:1/0", RedisClusterUrl(nodes=(("h", 1),), password="p@ss")),
+        ("redis+cluster://fractal:pw@h:1,[::1]:2", RedisClusterUrl((("h", 1), ("::1", 2)), "fractal", "pw")),
+    ],
+)
+def test_redis_cluster_urls_name_their_nodes(url: str, expected: RedisClusterUrl) -> None:
+    assert parse_redis_cluster_url(url) == expected
+    assert Settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://cache-a", "'cache-a' is not host:port"),
+        ("redis+cluster://", "is not host:port"),
+        ("redis+cluster://a:1,,b:2", "'' is not host:port"),
+        ("redis+cluster://a:port", "'a:port' is not host:port"),
+        ("redis+cluster://a:99999", "is not host:port"),
+        ("redis+cluster://a:1/2", "only database 0"),
+        ("redis+cluster://a:1?read_from_replicas=1", "no query"),
+        ("redis-cluster://a:1,b:2", "unknown scheme"),
+        ("cache-a:6379", "unknown scheme"),
+    ],
+)
+def test_bad_redis_urls_are_refused_naming_the_form(url: str, says: str) -> None:
+    with pytest.raises(ValueError, match="redis_url") as refused:
+        Settings(redis_url=url)
+    assert says in str(refused.value) and "redis+cluster://[user:password@]host:port[,host:port...]" in str(
+        refused.value
+    )
+
+
+def test_a_bad_cluster_url_stops_start_up_naming_the_variable_without_the_password() -> None:
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "redis+cluster://:a-real-password@cache-a:6379,cache-b"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "REDIS_URL" in result.stderr and "'cache-b' is not host:port" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "a-real-password" not in result.stderr
