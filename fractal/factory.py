@@ -17,6 +17,7 @@ from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import NotFoundError, register_error_handlers
+from fractal.health.service import check_readiness
 from fractal.health.views import health_blueprint
 from fractal.metrics import register_metrics
 from fractal.nudge import build_nudge
@@ -57,13 +58,24 @@ def create_app(
     install_request_guards(app)
     register_request_context(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
-    register_metrics(app, operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served))
+    register_metrics(
+        app,
+        operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served),
+        readiness=lambda: readiness_checks(app),
+        default_target_free=settings.target_free_mandelboxes,
+    )
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)
     app.extensions[EXTENSION_KEY] = state
     trust_proxies(app, settings.trusted_proxies)
     return app
+
+
+def readiness_checks(app: APIFlask) -> dict[str, str]:
+    """What /readyz checks, for the admin API's ``fractal_dependency_ready`` gauge (run at scrape time)."""
+    current: FractalState = app.extensions[EXTENSION_KEY]
+    return check_readiness(current.session_factory, redis_client=current.redis).checks
 
 
 def trust_proxies(app: APIFlask, count: int) -> None:
