@@ -57,7 +57,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 from sqlalchemy import func, select
 
 from fractal.database import SessionFactory
-from fractal.errors import FractalError
+from fractal.errors import ErrorCode, FractalError
 from fractal.models import Image, Instance, InstanceStatus
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,13 @@ RECONCILE_REGION_ERRORS = Counter(
     ["region", "operation"],
     registry=None,
 )
+# Series that alerts take the rate of exist from the start at 0, so the first refusal or lost host is an increase
+# (a counter series that appears already at 1 shows none to rate() and increase()).
+for _result in (ASSIGNED, str(ErrorCode.NO_INSTANCE_AVAILABLE)):
+    ASSIGNMENTS.labels(result=_result)
+for _action in ("launch", "drain", "terminate", "lost"):
+    RECONCILE_ACTIONS.labels(action=_action)
+
 PROCESS_METRICS: tuple[Collector, ...] = (
     ASSIGNMENTS,
     RECONCILE_DURATION,

@@ -199,3 +199,9 @@ def test_dependency_readiness_is_exported(make_app: Callable[..., APIFlask], set
     assert value(samples, "fractal_dependency_ready", dependency="database") == 0
     assert ("fractal_dependency_ready", (("dependency", "redis"),)) in samples
     assert value(samples, "fractal_dependency_ready", dependency="redis") == 0
+
+
+def test_the_series_alerts_rate_exist_at_zero_before_anything_happens(admin_client: Any) -> None:
+    samples = scrape(admin_client)
+    assert ("fractal_assignments_total", (("result", "NO_INSTANCE_AVAILABLE"),)) in samples
+    assert ("fractal_reconcile_actions_total", (("action", "lost"),)) in samples
