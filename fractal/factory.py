@@ -9,7 +9,7 @@ from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from fractal.api_docs import configure_docs
+from fractal.api_docs import configure_docs, error_code_schema, error_schema
 from fractal.auth.tokens import build_verifier
 from fractal.blueprints import OPERATOR_BLUEPRINTS
 from fractal.cache import init_cache
@@ -147,25 +147,17 @@ def register_commands(app: APIFlask) -> None:
     register_cli(app)
 
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {
-        "error": {"type": "string", "description": "Machine-readable code (ErrorCode)"},
-        "message": {"type": "string"},
-        "details": {},
-    },
-}
-
-
 def register_spec_processor(app: APIFlask) -> None:
-    """Document the one error shape on every 4xx/5xx answer and mark JSON request bodies as required."""
+    """Document the one error shape (its code an enum of every ErrorCode) on every 4xx/5xx answer and mark JSON
+    request bodies as required."""
 
     @app.spec_processor
     def _document_errors(spec: dict[str, Any] | str) -> dict[str, Any] | str:
         if isinstance(spec, str):
             return spec
-        spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = error_schema()
+        schemas["ErrorCode"] = error_code_schema()
         error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         for path_item in spec.get("paths", {}).values():
             for operation in path_item.values():
