@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,12 @@ import yaml
 from apiflask import APIFlask
 from prometheus_client.parser import text_string_to_metric_families
 
+from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
+from fractal.config import DEV_PRIVATE_KEY_PATH, DEV_PUBLIC_KEY_PATH
 from fractal.metrics import PROCESS_METRICS
 from test.factories import Factories
+from test.processes import Stack, http_get
+from test.test_fleet_page import Admin
 from test.test_packaging import template_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +179,25 @@ def test_compose_runs_prometheus_on_this_config_and_scrapes_every_role() -> None
     assert re.search(r"GUNICORN_BIND=\S+:8000\b", (ROOT / "Dockerfile").read_text())  # the APIs' port inside
     jobs = {rule_job for rule in rules() for rule_job in re.findall(r'job=~"([^"]+)"', rule["expr"])}
     assert all(re.fullmatch(pattern, job) for pattern in jobs for job in targets)
+
+
+def test_the_running_stack_exports_every_metric_the_rules_use(three_shells: Stack) -> None:
+    """Under gunicorn (multiprocess metrics) too: the admin API's /metrics and the public API's metrics port."""
+    keys = ensure_dev_keypair(ROOT / DEV_PRIVATE_KEY_PATH, ROOT / DEV_PUBLIC_KEY_PATH)
+    admin = Admin(three_shells, mint_token(keys.private_pem, user_id="monitoring-test", admin=True))
+    suffix = uuid.uuid4().hex[:6]
+    region, commit = f"mon-{suffix}-1", f"mon{suffix}"
+    image = {"ami_id": "ami-mon", "active": True, "instance_type": "local.sim", "mandelbox_capacity": 2}
+    assert admin.call("PUT", f"/admin/images/{region}/{commit}", json=image).status_code in (200, 201)
+    admin.register(f"mon-host-{suffix}", region, commit, capacity=2, handshake=True)
+    scraped: set[str] = set()
+    for url in (three_shells.admin.url + "/metrics", f"http://127.0.0.1:{three_shells.public_metrics_port}/metrics"):
+        status, body = http_get(url)
+        assert status == 200, url
+        for family in text_string_to_metric_families(body.decode()):
+            scraped.update(sample.name for sample in family.samples)
+    used = {name for rule in rules() for name in METRIC.findall(rule["expr"])}
+    assert used - scraped == set()
+    assert f'fractal_target_free_mandelboxes{{client_commit_hash="{commit}",region="{region}"}}' in http_get(
+        three_shells.admin.url + "/metrics"
+    )[1].decode()
