@@ -11,7 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-# requirements.lock pins every runtime dependency with its hashes (pip-compile; `./commands lock` regenerates it):
+# requirements.lock pins every runtime dependency with its hashes (uv, universal; `./commands lock` regenerates it):
 # pip refuses any file whose hash is not listed, and nothing unlisted is installed.
 COPY requirements.lock ./
 RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock

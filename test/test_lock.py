@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.markers import default_environment
+from packaging.markers import Marker, default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -20,15 +20,27 @@ from test.test_packaging import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
-ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?:\s*\\\n\s*--hash=sha256:[0-9a-f]{64})+)", re.MULTILINE)
+ENTRY = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)(?: ; ([^\\\n]+?))?((?:\s*\\\n\s*--hash=sha256:[0-9a-f]{64})+)", re.MULTILINE
+)
+# Where the lock must hold: this interpreter, and the image's Debian base (bookworm's python3 is 3.11.2, which
+# needs what a newer 3.11 does not, e.g. redis's async-timeout below 3.11.3).
+ENVIRONMENTS = {
+    "this interpreter": dict(default_environment()),
+    "debian bookworm python3": {**default_environment(), "python_version": "3.11", "python_full_version": "3.11.2"},
+}
 
 
-def locked() -> dict[str, tuple[Version, list[str]]]:
+def locked(environment: dict[str, str] | None = None) -> dict[str, tuple[Version, list[str]]]:
+    """name → (version, hashes); given an environment, only the entries whose marker holds there."""
     text = LOCK.read_text()
     entries = {
         canonicalize_name(name): (Version(version), re.findall(r"sha256:([0-9a-f]{64})", hashes))
-        for name, version, hashes in ENTRY.findall(text)
+        for name, version, marker, hashes in ENTRY.findall(text)
+        if environment is None or not marker or Marker(marker).evaluate(environment)
     }
+    if environment is not None:
+        return entries
     requirement_lines = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
     assert len(requirement_lines) == len(entries), "every requirement line is name==version with hashes"
     return entries
@@ -39,8 +51,9 @@ def runtime_requirements() -> list[Requirement]:
     return [Requirement(line) for line in project["dependencies"]]
 
 
-def closure(requirements: list[Requirement]) -> set[str]:
-    """The installed distributions these requirements pull in (markers evaluated here, extras followed)."""
+def closure(requirements: list[Requirement], environment: dict[str, str]) -> set[str]:
+    """The distributions these requirements pull in (markers evaluated in ``environment``, extras followed; the
+    requirements of a distribution not installed here are not followed)."""
     seen: set[str] = set()
     todo = [(requirement, frozenset(requirement.extras)) for requirement in requirements]
     while todo:
@@ -50,9 +63,13 @@ def closure(requirements: list[Requirement]) -> set[str]:
         if key in seen:
             continue
         seen.add(key)
-        for line in metadata.requires(name) or []:
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            requires = []
+        for line in requires:
             child = Requirement(line)
-            environments = [{**default_environment(), "extra": extra} for extra in ("", *extras)]
+            environments = [{**environment, "extra": extra} for extra in ("", *extras)]
             if child.marker is None or any(child.marker.evaluate(env) for env in environments):
                 todo.append((child, frozenset(child.extras)))
     return {key.split("[")[0] for key in seen}
@@ -77,15 +94,22 @@ def test_the_lock_satisfies_every_runtime_pin_of_pyproject() -> None:
         )
 
 
-def test_the_lock_holds_exactly_what_the_runtime_dependencies_pull_in() -> None:
-    wanted = closure(runtime_requirements())
-    entries = set(locked())
+@pytest.mark.parametrize("where", sorted(ENVIRONMENTS))
+def test_the_lock_holds_exactly_what_the_runtime_dependencies_pull_in(where: str) -> None:
+    environment = ENVIRONMENTS[where]
+    wanted = closure([r for r in runtime_requirements() if not r.marker or r.marker.evaluate(environment)], environment)
+    entries = set(locked(environment))
     assert entries == wanted, f"missing: {sorted(wanted - entries)}, extra: {sorted(entries - wanted)}"
+
+
+def test_the_image_base_gets_what_redis_needs_below_3_11_3() -> None:
+    assert "async-timeout" in locked(ENVIRONMENTS["debian bookworm python3"])
+    assert "async-timeout" not in locked({**default_environment(), "python_full_version": "3.11.9"})
 
 
 def test_the_dev_tooling_is_not_locked_into_the_image() -> None:
     entries = locked()
-    for tool in ("pytest", "ruff", "mypy", "moto", "playwright", "pip-tools"):
+    for tool in ("pytest", "ruff", "mypy", "moto", "playwright", "uv"):
         assert canonicalize_name(tool) not in entries, tool
 
 
@@ -102,7 +126,7 @@ def test_pip_accepts_the_locked_hashes(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(tmp_path.glob("*.whl"))) == len(locked())
+    assert len(list(tmp_path.glob("*.whl"))) == len(locked(ENVIRONMENTS["this interpreter"]))
 
 
 def test_the_image_installs_the_lock_with_hashes_then_the_package_alone() -> None:
