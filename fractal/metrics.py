@@ -26,7 +26,7 @@ The alert rules and the Grafana dashboard in ``deploy/`` use these names only (`
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` switches the counters and histograms to multiprocess files so any
 worker's ``/metrics`` answers for all of them (gunicorn.conf.py sets this up). The fleet gauges are computed by
-whichever worker serves the scrape, with two cheap GROUP BY queries.
+whichever worker serves the scrape, with three cheap queries (two GROUP BYs and the active images).
 """
 
 from __future__ import annotations
