@@ -4,17 +4,23 @@
 # made from Debian's own packages.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-# --- build: resolve and install the package into a virtualenv (wheels only: nothing is compiled) ---
+# --- build: install the locked dependencies, then the package, into a virtualenv (wheels only: nothing compiled) ---
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md ./
+# requirements.lock pins every runtime dependency with its hashes (uv, universal; `./commands lock` regenerates it):
+# pip refuses any file whose hash is not listed, and nothing unlisted is installed.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock
+COPY pyproject.toml README.md LICENSE ./
 COPY fractal ./fractal
-# A real (non-editable) install: the package lands in site-packages; the migrations stay at /app (runtime stage).
-RUN /opt/venv/bin/pip install --only-binary=:all: . \
+# A real (non-editable) install of the package alone (its dependencies are all in place: `pip check` proves it);
+# the package lands in site-packages; the migrations stay at /app (runtime stage).
+RUN /opt/venv/bin/pip install --no-deps --only-binary=:all: . \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 # --- runtime: the virtualenv, the root shells and migrations; no compilers, no pip, no root ---

@@ -11,6 +11,7 @@ from fractal.log_uploads.views import admin_logs_blueprint, host_logs_blueprint,
 from fractal.mail.views import mail_admin_blueprint
 from fractal.newsletter.views import newsletter_blueprint
 from fractal.scaling.views import scaling_blueprint
+from fractal.ui.views import ui_blueprint
 
 PUBLIC_BLUEPRINTS: tuple[APIBlueprint, ...] = (public_blueprint, public_logs_blueprint, newsletter_blueprint)
 ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (
@@ -18,6 +19,7 @@ ADMIN_BLUEPRINTS: tuple[APIBlueprint, ...] = (
     scaling_blueprint,
     mail_admin_blueprint,
     admin_logs_blueprint,
+    ui_blueprint,  # the fleet page at /ui/ (static, out of the spec): the operators' app only
 )
 HOST_BLUEPRINTS: tuple[APIBlueprint, ...] = (host_blueprint, host_logs_blueprint)
 # An app serving any of these is the operators' (not reachable by users or hosts): it serves /metrics on its port.

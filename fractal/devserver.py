@@ -115,7 +115,7 @@ def print_welcome(settings: Settings, ports: dict[str, int], host: str) -> None:
         f"""
 Fractal is running ({settings.env}, database {settings.database_url.split("@")[-1]}).
   public API  {base["public"]}   docs {base["public"]}/docs
-  admin API   {base["admin"]}   docs {base["admin"]}/docs
+  admin API   {base["admin"]}   docs {base["admin"]}/docs   fleet page {base["admin"]}/ui/ (paste $ADMIN_TOKEN)
   host API    {base["host"]}   docs {base["host"]}/docs
   simulated hosts call {settings.host_api_url}
 

@@ -9,6 +9,7 @@ into a logged 500 that reveals nothing about internals.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
@@ -49,6 +50,93 @@ class ErrorCode(enum.StrEnum):
     # Refused by the HTTP server before the app (gunicorn's limits), in the same JSON shape.
     URI_TOO_LONG = "URI_TOO_LONG"
     HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
+
+
+@dataclass(frozen=True)
+class ErrorCodeDoc:
+    """What one code means to a client: the HTTP statuses it comes with and what to do about it."""
+
+    statuses: tuple[int, ...]
+    meaning: str
+
+
+# The documentation of every code: the specs' ErrorCode schema and docs/errors.md are built from this
+# (``python -m fractal.api_docs``); test/test_api_docs.py checks it covers every code and every status in use.
+ERROR_CODE_DOCS: dict[ErrorCode, ErrorCodeDoc] = {
+    ErrorCode.VALIDATION_ERROR: ErrorCodeDoc(
+        (400, 415, 417, 422, 501),
+        "The request is malformed or a field is invalid; `details` names the fields. 422 when it is well formed "
+        "but cannot be processed (an unknown mail template, missing arguments). Fix the request; do not retry it "
+        "as is.",
+    ),
+    ErrorCode.UNAUTHORIZED: ErrorCodeDoc(
+        (401,), "Missing, malformed, expired or wrongly signed credentials (user token, admin token or host secret)."
+    ),
+    ErrorCode.PAYMENT_REQUIRED: ErrorCodeDoc((402,), "The user has no active subscription; assignment is refused."),
+    ErrorCode.FORBIDDEN: ErrorCodeDoc(
+        (403,), "The credentials are valid but may not do this (a user token on the admin API, a narrower scope)."
+    ),
+    ErrorCode.NOT_FOUND: ErrorCodeDoc(
+        (404,), "No such route or resource, or one the caller may not see (another user's mandelbox)."
+    ),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorCodeDoc((405,), "The route exists but not with this HTTP method."),
+    ErrorCode.USER_ALREADY_ACTIVE: ErrorCodeDoc(
+        (409,), "The user already holds the maximum number of live mandelboxes; end one first."
+    ),
+    ErrorCode.COMMIT_HASH_MISMATCH: ErrorCodeDoc(
+        (409,),
+        "Instances with room exist in the requested regions, but none runs this client version: update the client.",
+    ),
+    ErrorCode.HOST_MISMATCH: ErrorCodeDoc(
+        (409,), "A handshake's client version differs from the one the instance was registered with."
+    ),
+    ErrorCode.INVALID_TRANSITION: ErrorCodeDoc(
+        (409,),
+        "The status change is not allowed from the current status (draining a TERMINATED host, a host reporting "
+        "RUNNING for an EXITED mandelbox); `details` says the current status where it helps.",
+    ),
+    ErrorCode.CONFLICT: ErrorCodeDoc((409,), "The request conflicts with what exists (a host name already taken)."),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorCodeDoc(
+        (413,), "The body is over the limit for this route; the connection is closed after the answer."
+    ),
+    ErrorCode.REGION_NOT_ENABLED: ErrorCodeDoc(
+        (422,), "None of the requested regions has an active image (`GET /regions` lists the enabled ones)."
+    ),
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: ErrorCodeDoc(
+        (422,), "This Idempotency-Key was used before with a different request body; use a new key."
+    ),
+    ErrorCode.INVALID_TOKEN: ErrorCodeDoc(
+        (400,), "A signed link token (newsletter confirmation or unsubscription) is invalid, tampered or expired."
+    ),
+    ErrorCode.RATE_LIMITED: ErrorCodeDoc(
+        (429,), "Too many requests from this user, address or host; retry after the `Retry-After` seconds."
+    ),
+    ErrorCode.NO_INSTANCE_AVAILABLE: ErrorCodeDoc(
+        (503,),
+        "No instance with room runs this client version in the requested regions right now; the scaler has been "
+        "nudged. Retry after the `Retry-After` seconds.",
+    ),
+    ErrorCode.DATABASE_UNAVAILABLE: ErrorCodeDoc(
+        (503,), "The database cannot be reached; nothing was stored. Retry after the `Retry-After` seconds."
+    ),
+    ErrorCode.DATABASE_BUSY: ErrorCodeDoc(
+        (503,),
+        "A lock or statement timeout, a deadlock, a serialization failure or an exhausted connection pool: the "
+        "transaction was rolled back and nothing was stored. Retry after the `Retry-After` seconds.",
+    ),
+    ErrorCode.SERVICE_UNAVAILABLE: ErrorCodeDoc(
+        (503,), "A dependency (the mail backend, object storage, a readiness check) is unavailable; retry later."
+    ),
+    ErrorCode.INTERNAL_ERROR: ErrorCodeDoc(
+        (500,), "An unexpected failure; it is logged with the request id, and the answer reveals nothing else."
+    ),
+    ErrorCode.URI_TOO_LONG: ErrorCodeDoc(
+        (414,), "The request line (path and query) is over the HTTP server's limit; refused before the app."
+    ),
+    ErrorCode.HEADERS_TOO_LARGE: ErrorCodeDoc(
+        (431,), "A request header is over the HTTP server's limit; refused before the app."
+    ),
+}
 
 
 class FractalError(Exception):

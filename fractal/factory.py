@@ -9,7 +9,7 @@ from apiflask import APIBlueprint, APIFlask
 from sqlalchemy import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from fractal.api_docs import configure_docs
+from fractal.api_docs import configure_docs, error_code_schema, error_schema
 from fractal.auth.tokens import build_verifier
 from fractal.blueprints import OPERATOR_BLUEPRINTS
 from fractal.cache import init_cache
@@ -17,6 +17,7 @@ from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import NotFoundError, register_error_handlers
+from fractal.health.service import check_readiness
 from fractal.health.views import health_blueprint
 from fractal.metrics import register_metrics
 from fractal.nudge import build_nudge
@@ -63,13 +64,24 @@ def create_app(
     install_request_guards(app)
     register_request_context(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
-    register_metrics(app, operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served))
+    register_metrics(
+        app,
+        operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served),
+        readiness=lambda: readiness_checks(app),
+        default_target_free=settings.target_free_mandelboxes,
+    )
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)
     app.extensions[EXTENSION_KEY] = state
     trust_proxies(app, settings.trusted_proxies)
     return app
+
+
+def readiness_checks(app: APIFlask) -> dict[str, str]:
+    """What /readyz checks, for the admin API's ``fractal_dependency_ready`` gauge (run at scrape time)."""
+    current: FractalState = app.extensions[EXTENSION_KEY]
+    return check_readiness(current.session_factory, redis_client=current.redis).checks
 
 
 def trust_proxies(app: APIFlask, count: int) -> None:
@@ -141,25 +153,17 @@ def register_commands(app: APIFlask) -> None:
     register_cli(app)
 
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {
-        "error": {"type": "string", "description": "Machine-readable code (ErrorCode)"},
-        "message": {"type": "string"},
-        "details": {},
-    },
-}
-
-
 def register_spec_processor(app: APIFlask) -> None:
-    """Document the one error shape on every 4xx/5xx answer and mark JSON request bodies as required."""
+    """Document the one error shape (its code an enum of every ErrorCode) on every 4xx/5xx answer and mark JSON
+    request bodies as required."""
 
     @app.spec_processor
     def _document_errors(spec: dict[str, Any] | str) -> dict[str, Any] | str:
         if isinstance(spec, str):
             return spec
-        spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = error_schema()
+        schemas["ErrorCode"] = error_code_schema()
         error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         for path_item in spec.get("paths", {}).values():
             for operation in path_item.values():

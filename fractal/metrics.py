@@ -9,7 +9,12 @@ Metric names (the contract for dashboards and alerts):
   refusal's error code (``NO_INSTANCE_AVAILABLE``, ``USER_ALREADY_ACTIVE``, ...).
 - ``fractal_mandelbox_capacity{region,client_commit_hash}``, ``fractal_mandelboxes_used{...}`` and
   ``fractal_free_mandelboxes{...}``: over ACTIVE instances, read from the database at scrape time.
+- ``fractal_target_free_mandelboxes{region,client_commit_hash}``: the free slots the scaler keeps for each active
+  image (its ``target_free``, else ``FRACTAL_TARGET_FREE_MANDELBOXES``); compare with ``fractal_free_mandelboxes``.
 - ``fractal_hosts{region,status}``: instances by status (TERMINATED excluded: it only grows).
+- ``fractal_fleet_metrics_up``: 1 when the fleet gauges could be read from the database.
+- ``fractal_dependency_ready{dependency}``: 1 when ``database`` / ``redis`` answers the admin API's readiness
+  check at scrape time, else 0 (what ``/readyz`` reports; Redis has no series when it is not configured).
 - ``fractal_reconcile_duration_seconds`` (histogram) and ``fractal_reconcile_actions_total{action}``: one
   observation per scaler pass and one count per action it took (``launch``, ``drain``, ``terminate``, ...).
 - ``fractal_reconcile_failures_total``: passes that failed as a whole (the database, a bug);
@@ -19,9 +24,11 @@ Metric names (the contract for dashboards and alerts):
 - ``fractal_purged_rows_total{kind}``: history rows the scaler's purge deleted past their retention (``events``,
   ``mandelboxes``, ``log_uploads``, ``heartbeats``, ``instances``, ``idempotency_keys``).
 
+The alert rules and the Grafana dashboard in ``deploy/`` use these names only (``test/test_deploy_monitoring.py``).
+
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` switches the counters and histograms to multiprocess files so any
 worker's ``/metrics`` answers for all of them (gunicorn.conf.py sets this up). The fleet gauges are computed by
-whichever worker serves the scrape, with two cheap GROUP BY queries.
+whichever worker serves the scrape, with three cheap queries (two GROUP BYs and the active images).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
@@ -52,8 +59,8 @@ from prometheus_flask_exporter import PrometheusMetrics
 from sqlalchemy import func, select
 
 from fractal.database import SessionFactory
-from fractal.errors import FractalError
-from fractal.models import Instance, InstanceStatus
+from fractal.errors import ErrorCode, FractalError
+from fractal.models import Image, Instance, InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,13 @@ PURGED_ROWS = Counter(
     ["kind"],
     registry=None,
 )
+# Series that alerts take the rate of exist from the start at 0, so the first refusal or lost host is an increase
+# (a counter series that appears already at 1 shows none to rate() and increase()).
+for _result in (ASSIGNED, str(ErrorCode.NO_INSTANCE_AVAILABLE)):
+    ASSIGNMENTS.labels(result=_result)
+for _action in ("launch", "drain", "terminate", "lost"):
+    RECONCILE_ACTIONS.labels(action=_action)
+
 PROCESS_METRICS: tuple[Collector, ...] = (
     ASSIGNMENTS,
     RECONCILE_DURATION,
@@ -175,8 +189,9 @@ def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
 class FleetCollector(Collector):
     """Capacity and hosts-by-status gauges, read from the database when Prometheus scrapes."""
 
-    def __init__(self, session_factory: Callable[[], SessionFactory]) -> None:
+    def __init__(self, session_factory: Callable[[], SessionFactory], *, default_target_free: int = 0) -> None:
         self._session_factory = session_factory
+        self._default_target_free = default_target_free
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["region", "client_commit_hash"]
@@ -187,6 +202,11 @@ class FleetCollector(Collector):
         free = GaugeMetricFamily("fractal_free_mandelboxes", "Free slots on ACTIVE instances.", labels=labels)
         hosts = GaugeMetricFamily(
             "fractal_hosts", "Instances by status (TERMINATED excluded).", labels=["region", "status"]
+        )
+        target = GaugeMetricFamily(
+            "fractal_target_free_mandelboxes",
+            "Free slots the scaler keeps for each active image (its target_free, else the default).",
+            labels=labels,
         )
         up = GaugeMetricFamily("fractal_fleet_metrics_up", "1 when the fleet gauges could be read from the database.")
         try:
@@ -206,6 +226,9 @@ class FleetCollector(Collector):
                     .where(Instance.status != InstanceStatus.TERMINATED)
                     .group_by(Instance.region, Instance.status)
                 ).all()
+                targets = session.execute(
+                    select(Image.region, Image.client_commit_hash, Image.target_free).where(Image.active.is_(True))
+                ).all()
         except Exception as exc:  # a scrape must never fail because the database is down; say so in a gauge
             log.warning("fleet metrics unavailable: database query failed (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -217,8 +240,32 @@ class FleetCollector(Collector):
             free.add_metric([region, commit], int((total or 0) - (live or 0)))
         for region, status, count in per_status:
             hosts.add_metric([region, str(status)], count)
+        for region, commit, target_free in targets:
+            target.add_metric([region, commit], self._default_target_free if target_free is None else target_free)
         up.add_metric([], 1)
-        yield from (capacity, used, free, hosts, up)
+        yield from (capacity, used, free, target, hosts, up)
+
+
+class ReadinessCollector(Collector):
+    """``fractal_dependency_ready{dependency}``: the readiness check (``/readyz``'s) run when Prometheus scrapes.
+
+    ``check`` answers ``{"database": "ok" | "unavailable", "redis": "ok" | "unavailable" | "not configured"}``;
+    a dependency that is not configured has no series.
+    """
+
+    def __init__(self, check: Callable[[], Mapping[str, str]]) -> None:
+        self._check = check
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "fractal_dependency_ready",
+            "1 when the dependency answered the readiness check at scrape time, else 0.",
+            labels=["dependency"],
+        )
+        for dependency, result in self._check().items():
+            if result != "not configured":
+                ready.add_metric([dependency], 1 if result == "ok" else 0)
+        yield ready
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:  # noqa: S104 (inside a container)
@@ -241,13 +288,20 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def register_metrics(app: APIFlask, *, operator_facing: bool) -> PrometheusMetrics:
+def register_metrics(
+    app: APIFlask,
+    *,
+    operator_facing: bool,
+    readiness: Callable[[], Mapping[str, str]] | None = None,
+    default_target_free: int = 0,
+) -> PrometheusMetrics:
     """Request metrics by route rule and the process metrics; the operators' app also serves them on /metrics.
 
     The public and host APIs face the internet: their port serves no /metrics (free capacity and error counts
     are not for everyone) and they run no fleet query. Their counters still reach Prometheus through
     ``FRACTAL_METRICS_PORT`` (gunicorn.conf.py serves every worker's there, off the public port). The admin API,
-    which only operators reach, serves /metrics with the fleet gauges.
+    which only operators reach, serves /metrics with the fleet gauges and, given ``readiness``, the dependencies'
+    readiness.
     """
     registry = CollectorRegistry()
     exporter = PrometheusMetrics(
@@ -262,9 +316,14 @@ def register_metrics(app: APIFlask, *, operator_facing: bool) -> PrometheusMetri
             registry.register(collector)
     if not operator_facing:
         return exporter
-    fleet = FleetCollector(lambda: cast(SessionFactory, app.extensions["fractal"].session_factory))
+    fleet = FleetCollector(
+        lambda: cast(SessionFactory, app.extensions["fractal"].session_factory),
+        default_target_free=default_target_free,
+    )
+    live: list[Collector] = [fleet, *([ReadinessCollector(readiness)] if readiness is not None else [])]
     if not multiprocess_mode():
-        registry.register(fleet)
+        for collector in live:
+            registry.register(collector)
 
     @app.get(METRICS_PATH)
     @app.doc(hide=True)  # Prometheus text format, not part of the JSON API
@@ -274,7 +333,8 @@ def register_metrics(app: APIFlask, *, operator_facing: bool) -> PrometheusMetri
             # Counters and histograms of every worker (ours and the exporter's) live in files; gauges are live.
             scrape = CollectorRegistry()
             MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
-            scrape.register(fleet)
+            for collector in live:
+                scrape.register(collector)
         return Response(generate_latest(scrape), mimetype=CONTENT_TYPE_LATEST)
 
     return exporter

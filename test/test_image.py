@@ -362,11 +362,15 @@ services:
 """
 
 
-def override_file(directory: Path, ports: dict[str, int]) -> Path:
+def override_file(directory: Path, ports: dict[str, int], metrics_ports: dict[str, int]) -> Path:
+    """Host networking: every role its own port, and the public and host APIs' metrics ports (9100 each on the
+    compose network) one each too."""
     blocks = []
     for role in ROLES:
         bind = f"127.0.0.1:{ports[role]}"
         extra = f'\n      FRACTAL_SCALER_METRICS_PORT: "{ports[role]}"' if role == "scaler" else ""
+        if role in metrics_ports:
+            extra += f'\n      FRACTAL_METRICS_PORT: "{metrics_ports[role]}"'
         blocks.append(
             f"  {role}:\n    network_mode: host\n    ports: !reset []\n    depends_on: !reset {{}}\n"
             f'    restart: "no"\n    environment:\n      GUNICORN_BIND: {bind}{extra}\n'
@@ -382,7 +386,8 @@ def test_docker_compose_up_runs_the_stack_from_the_template(
     began = time.monotonic()
     ports = {role: free_port() for role in ROLES}
     env_file = compose_env_file(tmp_path, empty_database, ports)
-    override = override_file(tmp_path, ports)
+    metrics_ports = {role: free_port() for role in ("public", "host")}
+    override = override_file(tmp_path, ports, metrics_ports)
     project = f"fractal-image-test-{uuid.uuid4().hex[:6]}"
     compose = [compose_binary(), "--project-name", project, "--project-directory", str(ROOT)]
     compose += ["--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
@@ -412,6 +417,11 @@ def test_docker_compose_up_runs_the_stack_from_the_template(
             assert current["Running"] and restarts(container) == 0, logs(container)
         for role in ("public", "admin", "host"):
             assert http_get(f"http://127.0.0.1:{ports[role]}/readyz")[0] == 200
+        # What deploy/prometheus/prometheus.yml scrapes: the admin API's /metrics, the others' metrics ports.
+        assert b"fractal_dependency_ready" in http_get(f"http://127.0.0.1:{ports['admin']}/metrics")[1]
+        for role, port in metrics_ports.items():
+            status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+            assert status == 200 and b"flask_http_request_duration_seconds" in body, role
         exec_token = run(*compose, "exec", "-T", "public", "flask", "--app", "app", "token", env=env)
         token = exec_token.stdout.strip().splitlines()[-1]
         request = urllib.request.Request(

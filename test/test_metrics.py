@@ -167,3 +167,41 @@ def test_a_reconcile_pass_through_the_admin_api_is_counted(
     assert value(after, name, action="launch") - before_launches == 2
     count = "fractal_reconcile_duration_seconds_count"
     assert value(after, count) - value(before, count) == 1
+
+
+def test_the_target_free_gauge_follows_active_images(make_app: Callable[..., APIFlask], factories: Factories) -> None:
+    factories.image(region="us-east-1", client_commit_hash="t1", target_free=3)
+    factories.image(region="us-east-1", client_commit_hash="t2")  # no override: the setting
+    factories.image(region="eu-west-1", client_commit_hash="t3", active=False, target_free=9)
+    samples = scrape(make_app("admin", target_free_mandelboxes=5).test_client())
+    target = "fractal_target_free_mandelboxes"
+    assert value(samples, target, region="us-east-1", client_commit_hash="t1") == 3
+    assert value(samples, target, region="us-east-1", client_commit_hash="t2") == 5
+    assert (target, (("client_commit_hash", "t3"), ("region", "eu-west-1"))) not in samples
+
+
+def test_dependency_readiness_is_exported(make_app: Callable[..., APIFlask], settings: Settings) -> None:
+    import os
+
+    redis_url = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    samples = scrape(make_app("admin", redis_url=redis_url).test_client())
+    assert value(samples, "fractal_dependency_ready", dependency="database") == 1
+    assert value(samples, "fractal_dependency_ready", dependency="redis") == 1
+    # Nothing listens on port 1: both are reported down, and the scrape still answers.
+    down = Settings(
+        **{
+            **settings.model_dump(),
+            "database_url": "postgresql://nobody:pw@127.0.0.1:1/none",
+            "redis_url": "redis://127.0.0.1:1/0",
+        }
+    )
+    samples = scrape(create_app(blueprints=ADMIN_BLUEPRINTS, settings=down).test_client())
+    assert value(samples, "fractal_dependency_ready", dependency="database") == 0
+    assert ("fractal_dependency_ready", (("dependency", "redis"),)) in samples
+    assert value(samples, "fractal_dependency_ready", dependency="redis") == 0
+
+
+def test_the_series_alerts_rate_exist_at_zero_before_anything_happens(admin_client: Any) -> None:
+    samples = scrape(admin_client)
+    assert ("fractal_assignments_total", (("result", "NO_INSTANCE_AVAILABLE"),)) in samples
+    assert ("fractal_reconcile_actions_total", (("action", "lost"),)) in samples

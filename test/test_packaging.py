@@ -130,7 +130,7 @@ def test_compose_without_a_real_env_file_stops_saying_what_to_do(tmp_path: Path)
 
 def test_compose_runs_every_role_with_health_checks_and_ordered_start(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "public", "admin", "host", "scaler"}
+    assert set(services) == {"postgres", "redis", "public", "admin", "host", "scaler", "prometheus"}
     for name in ("postgres", "redis", *API_SERVICES, "scaler"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
     # One image: built once (by `public`, with the base image as a build argument), run by every role.

@@ -168,6 +168,10 @@ def test_the_package_comes_from_the_wheel_and_the_layout_holds_no_source(install
     assert location.is_relative_to(installed.tmp)
     assert not (installed.app_dir / "fractal").exists()
     assert (location.parent / "mail" / "templates").is_dir()  # package data ships in the wheel
+    from fractal.ui.views import ASSET_FILES, PAGE
+
+    for name in [PAGE, *ASSET_FILES]:  # the fleet page's files too
+        assert (location.parent / "ui" / "static" / name).is_file(), name
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +227,9 @@ def test_every_role_starts_from_the_image_layout_and_three_replicas_migrate_once
             status, body = http_get(shell.url + "/readyz")
             assert status == 200 and json.loads(body)["checks"]["database"] == "ok", body
         assert b"fractal_" in wait_for_metrics(scaler, scaler_metrics)
+        admin = others[0]
+        for path in ("/ui/", "/ui/fleet.js", "/ui/fleet.css"):  # the fleet page, served from the wheel's data
+            assert http_get(admin.url + path)[0] == 200, path
         logs = [started.log_text() for started in [*publics, *others, scaler]]
         keys = {(installed.app_dir / "instance" / "dev_jwt_public.pem").read_text()}
         assert scaler.process.poll() is None, scaler.log_text()

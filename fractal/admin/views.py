@@ -59,7 +59,15 @@ def image_body(image: Image) -> dict[str, Any]:
 @admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(ImageFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(ImageListOut)
-@admin_blueprint.doc(summary="List images by region (paged)", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(
+    summary="List images by region (paged)",
+    description=(
+        "Every image (region, client version, AMI, instance type, capacity per host, target free slots), ordered "
+        "by region then creation; page with `limit` and `cursor`."
+    ),
+    security="UserToken",
+    responses=_AUTH,
+)
 def get_images(filters: ImageFilterIn) -> Any:
     page = list_images(db_session(), limit=filters.limit, cursor=filters.cursor)
     return {"images": [image_body(image) for image in page.items], "next_cursor": page.next_cursor}
@@ -70,7 +78,14 @@ def get_images(filters: ImageFilterIn) -> Any:
 @admin_blueprint.input(ImageIn, arg_name="body")
 @admin_blueprint.output(ImageOut)
 @admin_blueprint.doc(
-    summary="Create or update an image", security="UserToken", responses={**_AUTH, 400: "Validation error"}
+    summary="Create or update an image",
+    description=(
+        "Upserts the image of (region, client_commit_hash). An active image makes the scaler keep `target_free` "
+        "free slots (else the default) of that version in that region; deactivating it drains its hosts. The "
+        "region name must be valid for the configured cloud (400 otherwise). Recorded in the audit log."
+    ),
+    security="UserToken",
+    responses={**_AUTH, 400: "Validation error"},
 )
 def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
     validate_image_key(region, client_commit_hash, settings())
@@ -91,6 +106,10 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
 @admin_blueprint.output(InstanceListOut)
 @admin_blueprint.doc(
     summary="List instances with usage and last heartbeat, by region and name (paged)",
+    description=(
+        "Instances with status, live mandelboxes against capacity, address and last heartbeat; filter by `region`"
+        " and `status`, page with `limit` and `cursor`."
+    ),
     security="UserToken",
     responses=_AUTH,
 )
@@ -105,7 +124,15 @@ def get_instances(filters: InstanceFilterIn) -> Any:
 @admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(MandelboxFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(MandelboxListOut)
-@admin_blueprint.doc(summary="List mandelboxes, newest first (paged)", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(
+    summary="List mandelboxes, newest first (paged)",
+    description=(
+        "Mandelboxes with their user, host and status; filter by `user_id`, `status` or `instance_name`, page "
+        "with `limit` and `cursor`."
+    ),
+    security="UserToken",
+    responses=_AUTH,
+)
 def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
     page = list_mandelbox_views(
         db_session(),
@@ -124,6 +151,11 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
 @admin_blueprint.output(InstanceCreatedOut, status_code=201)
 @admin_blueprint.doc(
     summary="Register a host by hand (answers its secret once)",
+    description=(
+        "Creates a PRE_CONNECTION instance for a host the scaler did not launch and answers its host secret, "
+        "shown only here (stored as a digest). The host then shakes hands on the host API with that secret. A "
+        "taken name is 409 `CONFLICT`."
+    ),
     security="UserToken",
     responses={**_AUTH, 400: "Validation error", 409: "CONFLICT: the name is taken"},
 )
@@ -136,6 +168,11 @@ def post_instance(body: InstanceIn) -> Any:
 @admin_blueprint.output(InstanceView)
 @admin_blueprint.doc(
     summary="Drain an instance: no new assignments; terminated once empty",
+    description=(
+        "ACTIVE or PRE_CONNECTION becomes DRAINING (draining one already DRAINING answers it unchanged). Once the"
+        " statement returns no assignment lands on the host; its live mandelboxes keep running and the scaler "
+        "terminates it when it is empty. Other statuses are 409 `INVALID_TRANSITION`."
+    ),
     security="UserToken",
     responses={**_AUTH, 404: "Not found", 409: "INVALID_TRANSITION"},
 )
@@ -163,7 +200,15 @@ def event_body(event: Event) -> dict[str, Any]:
 @admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(EventFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(EventListOut)
-@admin_blueprint.doc(summary="Audit events, newest first (paged)", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(
+    summary="Audit events, newest first (paged)",
+    description=(
+        "The audit log: every status change, registration, image change and scaler decision with its actor and "
+        "detail, newest first by id; page with `limit` and `cursor`."
+    ),
+    security="UserToken",
+    responses=_AUTH,
+)
 def get_events(filters: EventFilterIn) -> Any:
     page = list_events(db_session(), limit=filters.limit, cursor=filters.cursor)
     return {"events": [event_body(event) for event in page.items], "next_cursor": page.next_cursor}

@@ -50,7 +50,15 @@ def _is_idempotent_replay() -> bool:
 
 @public_blueprint.get("/regions")
 @public_blueprint.output(RegionsOut)
-@public_blueprint.doc(summary="Enabled regions", security="UserToken", responses={401: "Unauthorized"})
+@public_blueprint.doc(
+    summary="Enabled regions",
+    description=(
+        "The regions a client may ask for, sorted: those with an active image. Cached briefly; an unknown region "
+        "is simply not listed."
+    ),
+    security="UserToken",
+    responses={401: "Unauthorized"},
+)
 @user_required
 def list_regions() -> dict[str, Any]:
     return {"regions": enabled_regions(db_session(), cache=state().cache)}
@@ -62,6 +70,13 @@ def list_regions() -> dict[str, Any]:
 @public_blueprint.output(AssignOut, status_code=201)
 @public_blueprint.doc(
     summary="Assign a mandelbox",
+    description=(
+        "Picks the fullest ACTIVE instance with room that runs exactly `client_commit_hash`, trying the requested"
+        " regions nearest first, and allocates a mandelbox there in one transaction. The client connects to `ip`;"
+        " the mandelbox is released if the host does not claim it within the connect timeout. `Idempotency-Key` "
+        "makes a retry answer exactly the first 201 (header `Idempotent-Replayed: true`). 503 "
+        "`NO_INSTANCE_AVAILABLE` and 429 carry `Retry-After`."
+    ),
     security="UserToken",
     responses={
         400: "Validation error",
@@ -97,7 +112,15 @@ def assign(body: AssignIn) -> Any:
 
 @public_blueprint.get("/mandelbox/<mandelbox_id>")
 @public_blueprint.output(MandelboxOut)
-@public_blueprint.doc(summary="The owner's view of a mandelbox", security="UserToken", responses=_ERRORS)
+@public_blueprint.doc(
+    summary="The owner's view of a mandelbox",
+    description=(
+        "Status, region, host address and timestamps of one of the caller's mandelboxes. Another user's id is "
+        "404, exactly like an unknown one."
+    ),
+    security="UserToken",
+    responses=_ERRORS,
+)
 @user_required
 def get_mandelbox(mandelbox_id: str) -> Any:
     view = service.get_mandelbox_for_user(
@@ -108,7 +131,15 @@ def get_mandelbox(mandelbox_id: str) -> Any:
 
 @public_blueprint.delete("/mandelbox/<mandelbox_id>")
 @public_blueprint.output(MandelboxOut, status_code=202)
-@public_blueprint.doc(summary="End a mandelbox (becomes DYING)", security="UserToken", responses=_ERRORS)
+@public_blueprint.doc(
+    summary="End a mandelbox (becomes DYING)",
+    description=(
+        "Moves a live mandelbox of the caller's to DYING; its host is told to stop it in its next heartbeat "
+        "answer and reports EXITED, which frees the slot. 202; ending an already ended one is not an error."
+    ),
+    security="UserToken",
+    responses=_ERRORS,
+)
 @user_required
 def delete_mandelbox(mandelbox_id: str) -> Any:
     view = service.delete_mandelbox_for_user(

@@ -40,6 +40,12 @@ def _cap_heartbeat_body() -> None:
 @host_blueprint.output(HandshakeOut)
 @host_blueprint.doc(
     summary="A host announces itself (PRE_CONNECTION becomes ACTIVE)",
+    description=(
+        "The host presents its secret with its name, address, client version and capacity. PRE_CONNECTION becomes"
+        " ACTIVE; a restarted ACTIVE or DRAINING host keeps its status. A different client version is 409 "
+        "`HOST_MISMATCH`, a LOST or TERMINATING host 409 `INVALID_TRANSITION`; repeated failed handshakes are "
+        "rate limited (429)."
+    ),
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 409: "HOST_MISMATCH or INVALID_TRANSITION", 429: "Rate limited"},
 )
@@ -62,6 +68,11 @@ def handshake(body: HandshakeIn) -> Any:
 @host_blueprint.output(HeartbeatOut)
 @host_blueprint.doc(
     summary="A host is alive; answers its status and which mandelboxes to stop",
+    description=(
+        "Records the heartbeat (its own table, never locking instance rows) with the host's mandelboxes and "
+        "metrics, and answers the host's status (DRAINING: take no new work, shut down when empty), the heartbeat"
+        " interval and the mandelboxes users ended."
+    ),
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 413: "Body too large"},
 )
@@ -81,6 +92,10 @@ def heartbeat(body: HeartbeatIn) -> Any:
 @host_blueprint.output(HostMandelboxOut)
 @host_blueprint.doc(
     summary="Check a connecting client's mandelbox (404 unless it is on this instance)",
+    description=(
+        "Lets the host verify a connecting client: the mandelbox's user, session and status, only for mandelboxes"
+        " on the calling host."
+    ),
     security="HostSecret",
     responses={**_AUTH, 404: "Not found"},
 )
@@ -98,6 +113,11 @@ def get_mandelbox(mandelbox_id: str) -> Any:
 @host_blueprint.output(HostMandelboxOut)
 @host_blueprint.doc(
     summary="Report a mandelbox's status (EXITED frees its slot)",
+    description=(
+        "Moves one of the host's mandelboxes along its lifecycle (ALLOCATED → CONNECTING → RUNNING → DYING → "
+        "EXITED, EXITED from any live status); repeating the current status is a no-op, anything else 409 "
+        "`INVALID_TRANSITION`. EXITED frees the slot at once."
+    ),
     security="HostSecret",
     responses={**_AUTH, 400: "Validation error", 404: "Not found", 409: "INVALID_TRANSITION"},
 )

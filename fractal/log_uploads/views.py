@@ -79,7 +79,13 @@ log_upload_limit = limiter.limit(lambda: settings().log_upload_rate_limit, key_f
 @host_logs_blueprint.put("/mandelboxes/<mandelbox_id>/logs")
 @host_logs_blueprint.output(LogStoredOut, status_code=201)
 @host_logs_blueprint.doc(
-    summary="Upload a mandelbox's protocol log (host)", security="HostSecret", responses=_UPLOAD_RESPONSES
+    summary="Upload a mandelbox's protocol log (host)",
+    description=(
+        "The host's protocol log for one of its own mandelboxes (raw body, optionally gzip), stored in the log "
+        "bucket; answers the object key and size."
+    ),
+    security="HostSecret",
+    responses=_UPLOAD_RESPONSES,
 )
 @host_required
 @log_upload_limit
@@ -98,7 +104,13 @@ def put_host_log(mandelbox_id: str) -> Any:
 @public_logs_blueprint.put("/mandelbox/<mandelbox_id>/logs")
 @public_logs_blueprint.output(LogStoredOut, status_code=201)
 @public_logs_blueprint.doc(
-    summary="Upload the client's log for your mandelbox", security="UserToken", responses=_UPLOAD_RESPONSES
+    summary="Upload the client's log for your mandelbox",
+    description=(
+        "The raw request body (optionally gzip-encoded) is stored in the log bucket for the caller's mandelbox; "
+        "answers the object key and size. Bodies above the upload limit are 413."
+    ),
+    security="UserToken",
+    responses=_UPLOAD_RESPONSES,
 )
 @user_required
 @log_upload_limit
@@ -118,6 +130,10 @@ def put_client_log(mandelbox_id: str) -> Any:
 @admin_logs_blueprint.output(LogListOut)
 @admin_logs_blueprint.doc(
     summary="A mandelbox's logs with short-lived download URLs",
+    description=(
+        "The client and host logs uploaded for a mandelbox, each with a presigned download URL valid for 5 "
+        "minutes."
+    ),
     security="UserToken",
     responses={401: "Unauthorized", 403: "Forbidden", 404: "Not found"},
 )

@@ -19,7 +19,12 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
 
 @mail_admin_blueprint.get("/mail/templates")
 @mail_admin_blueprint.output(TemplateListOut)
-@mail_admin_blueprint.doc(summary="Mail templates shipped in the package", security="UserToken", responses=_AUTH)
+@mail_admin_blueprint.doc(
+    summary="Mail templates shipped in the package",
+    description="The templates `POST /admin/mail` can send, with their subjects and required arguments.",
+    security="UserToken",
+    responses=_AUTH,
+)
 @admin_required(ApiScope.ADMIN_READ)
 def get_templates() -> Any:
     return {
@@ -41,6 +46,10 @@ def get_templates() -> Any:
 @mail_admin_blueprint.output(MailSentOut, status_code=202)
 @mail_admin_blueprint.doc(
     summary="Send a templated mail",
+    description=(
+        "Renders a shipped template with the given arguments and sends it through the configured mail backend; "
+        "answers the message id (202). An unknown template or missing arguments are 422 naming them."
+    ),
     security="UserToken",
     responses={
         **_AUTH,

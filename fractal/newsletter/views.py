@@ -20,6 +20,11 @@ newsletter_blueprint = APIBlueprint("newsletter", __name__, tag="Newsletter", ur
 @newsletter_blueprint.output(EmptyOut, status_code=202)
 @newsletter_blueprint.doc(
     summary="Subscribe (sends a confirmation mail; same answer for known and unknown addresses)",
+    description=(
+        "Double opt-in: stores a pending subscription and mails a confirmation link. The answer is the same "
+        "whether or not the address is known, so it reveals nothing about who subscribed. Rate limited per client"
+        " address."
+    ),
     responses={400: "Validation error", 429: "Rate limited", 503: "Mail backend unavailable"},
 )
 @newsletter_rate_limit
@@ -39,7 +44,14 @@ def subscribe(body: SubscribeIn) -> Any:
 @newsletter_blueprint.get("/confirm")
 @newsletter_blueprint.input(TokenQueryIn, location="query", arg_name="query")
 @newsletter_blueprint.output(SubscriptionStateOut)
-@newsletter_blueprint.doc(summary="Confirm a subscription with the mailed link", responses={400: "Invalid token"})
+@newsletter_blueprint.doc(
+    summary="Confirm a subscription with the mailed link",
+    description=(
+        "The signed token from the confirmation mail activates the subscription. An expired, tampered or unknown "
+        "token is 400 `INVALID_TOKEN`."
+    ),
+    responses={400: "Invalid token"},
+)
 def confirm(query: TokenQueryIn) -> Any:
     subscription = service.confirm_newsletter(
         db_session(), token=query.token, secret_key=settings().secret_key.get_secret_value()
@@ -51,7 +63,12 @@ def confirm(query: TokenQueryIn) -> Any:
 @newsletter_blueprint.input(TokenIn, arg_name="body")
 @newsletter_blueprint.output(SubscriptionStateOut)
 @newsletter_blueprint.doc(
-    summary="Unsubscribe with the token from any newsletter mail", responses={400: "Invalid token"}
+    summary="Unsubscribe with the token from any newsletter mail",
+    description=(
+        "The signed token included in every newsletter mail ends the subscription. An invalid token is 400 "
+        "`INVALID_TOKEN`."
+    ),
+    responses={400: "Invalid token"},
 )
 def unsubscribe(body: TokenIn) -> Any:
     service.unsubscribe_newsletter(db_session(), token=body.token, secret_key=settings().secret_key.get_secret_value())

@@ -36,7 +36,15 @@ def post_reconcile() -> Any:
 
 @scaling_blueprint.get("/capacity")
 @scaling_blueprint.output(CapacityListOut)
-@scaling_blueprint.doc(summary="Capacity per region and client version", security="UserToken", responses=_AUTH)
+@scaling_blueprint.doc(
+    summary="Capacity per region and client version",
+    description=(
+        "One row per (region, client version) that has an image or a live host: instances by status, slots on "
+        "ACTIVE and booting hosts, used, free and the target the scaler keeps free."
+    ),
+    security="UserToken",
+    responses=_AUTH,
+)
 @admin_required(ApiScope.ADMIN_READ)
 def get_capacity() -> Any:
     rows = list_capacity(db_session(), default_target_free=settings().target_free_mandelboxes)
