@@ -220,7 +220,11 @@ def get_events(filters: EventFilterIn) -> Any:
 @admin_blueprint.output(ApiKeyCreatedOut, status_code=201)
 @admin_blueprint.doc(
     summary="Create an API key (answered once)",
-    description="A key cannot grant a scope its creator (an API key) does not hold: 403.",
+    description=(
+        "Creates a key for automation with a name, scopes (`admin:read`, `admin:write`, `images:write`) and an "
+        "optional expiry. The answer carries the key itself, once: only its digest is stored. A key cannot grant a "
+        "scope its creator (an API key) does not hold: 403 `FORBIDDEN`."
+    ),
     security="UserToken",
     responses={**_AUTH, 400: "Validation error"},
 )
@@ -240,7 +244,15 @@ def post_api_key(body: ApiKeyIn) -> Any:
 @admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(ApiKeyFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(ApiKeyListOut)
-@admin_blueprint.doc(summary="API keys by name (paged; revoked ones too)", security="UserToken", responses=_AUTH)
+@admin_blueprint.doc(
+    summary="API keys by name (paged; revoked ones too)",
+    description=(
+        "Every key with its scopes, expiry, `last_used_at` (written at most once a minute) and `revoked_at`; never "
+        "the key or its digest. Paged with `limit` and `cursor`."
+    ),
+    security="UserToken",
+    responses=_AUTH,
+)
 def get_api_keys(filters: ApiKeyFilterIn) -> Any:
     page = api_keys.list_api_keys(db_session(), limit=filters.limit, cursor=filters.cursor)
     return {"api_keys": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
@@ -251,6 +263,10 @@ def get_api_keys(filters: ApiKeyFilterIn) -> Any:
 @admin_blueprint.output(ApiKeyOut)
 @admin_blueprint.doc(
     summary="Revoke an API key (at once; revoking again changes nothing)",
+    description=(
+        "The key is refused with 401 from the next request on, on every replica; the revocation is an audit "
+        "event. An unknown id is 404 `NOT_FOUND`."
+    ),
     security="UserToken",
     responses={**_AUTH, 404: "Not found"},
 )
