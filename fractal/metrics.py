@@ -10,6 +10,8 @@ Metric names (the contract for dashboards and alerts):
 - ``fractal_mandelbox_capacity{region,client_commit_hash}``, ``fractal_mandelboxes_used{...}`` and
   ``fractal_free_mandelboxes{...}``: over ACTIVE instances, read from the database at scrape time.
 - ``fractal_hosts{region,status}``: instances by status (TERMINATED excluded: it only grows).
+- ``fractal_buffer_target_free{region,client_commit_hash,reason}``: the free-slot target of each active image and
+  why (``static``, ``demand``, ``floor``, ``ceiling``, ``schedule``; see the image's ``buffer_policy``).
 - ``fractal_reconcile_duration_seconds`` (histogram) and ``fractal_reconcile_actions_total{action}``: one
   observation per scaler pass and one count per action it took (``launch``, ``drain``, ``terminate``, ...).
 - ``fractal_reconcile_failures_total``: passes that failed as a whole (the database, a bug);
@@ -156,8 +158,11 @@ def record_reconcile(duration_s: float, actions: dict[str, int]) -> None:
 class FleetCollector(Collector):
     """Capacity and hosts-by-status gauges, read from the database when Prometheus scrapes."""
 
-    def __init__(self, session_factory: Callable[[], SessionFactory]) -> None:
+    def __init__(
+        self, session_factory: Callable[[], SessionFactory], default_target_free: Callable[[], int] | None = None
+    ) -> None:
         self._session_factory = session_factory
+        self._default_target_free = default_target_free
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["region", "client_commit_hash"]
@@ -170,6 +175,13 @@ class FleetCollector(Collector):
             "fractal_hosts", "Instances by status (TERMINATED excluded).", labels=["region", "status"]
         )
         up = GaugeMetricFamily("fractal_fleet_metrics_up", "1 when the fleet gauges could be read from the database.")
+        target = GaugeMetricFamily(
+            "fractal_buffer_target_free",
+            "The free-slot target the scaler gives each active image, labelled with why (static, demand, floor, "
+            "ceiling, schedule).",
+            labels=[*labels, "reason"],
+        )
+        decisions: dict[tuple[str, str], Any] = {}
         try:
             with self._session_factory()() as session:
                 per_version = session.execute(
@@ -187,6 +199,10 @@ class FleetCollector(Collector):
                     .where(Instance.status != InstanceStatus.TERMINATED)
                     .group_by(Instance.region, Instance.status)
                 ).all()
+                if self._default_target_free is not None:
+                    from fractal.scaling.capacity import image_targets  # the scaler's own decision (no cycle)
+
+                    decisions = image_targets(session, default_target_free=self._default_target_free())
         except Exception as exc:  # a scrape must never fail because the database is down; say so in a gauge
             log.warning("fleet metrics unavailable: database query failed (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -198,8 +214,10 @@ class FleetCollector(Collector):
             free.add_metric([region, commit], int((total or 0) - (live or 0)))
         for region, status, count in per_status:
             hosts.add_metric([region, str(status)], count)
+        for (region, commit), decision in sorted(decisions.items()):
+            target.add_metric([region, commit, decision.reason], decision.target)
         up.add_metric([], 1)
-        yield from (capacity, used, free, hosts, up)
+        yield from (capacity, used, free, hosts, target, up)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> WSGIServer:  # noqa: S104 (inside a container)
@@ -243,7 +261,10 @@ def register_metrics(app: APIFlask, *, operator_facing: bool) -> PrometheusMetri
             registry.register(collector)
     if not operator_facing:
         return exporter
-    fleet = FleetCollector(lambda: cast(SessionFactory, app.extensions["fractal"].session_factory))
+    fleet = FleetCollector(
+        lambda: cast(SessionFactory, app.extensions["fractal"].session_factory),
+        lambda: int(app.extensions["fractal"].settings.target_free_mandelboxes),
+    )
     if not multiprocess_mode():
         registry.register(fleet)
 

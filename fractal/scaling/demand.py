@@ -1,0 +1,76 @@
+"""What demand-aware buffers measure, read from the audit log: who asked for a mandelbox lately, and how long a
+launch takes to become ACTIVE. Two bounded reads per pass, only for images whose buffer policy needs them."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fractal.events import EventKind
+from fractal.models import Event, Instance
+
+# Launch lead times are the median over the region's launches that became ACTIVE within this long.
+LEAD_TIME_WINDOW_S = 6 * 3600.0
+LEAD_TIME_SAMPLES = 50
+
+
+def recent_arrivals(
+    session: Session, *, now: datetime, window_s: float, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """Distinct users per (region, client_commit_hash) who were given a mandelbox or refused one (their first
+    region) since ``now - window_s``: the demand, served or not, each user once however often they retried."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    cutoff = now - timedelta(seconds=window_s)
+    users: dict[tuple[str, str], set[str]] = defaultdict(set)
+    rows = session.execute(
+        select(Event.kind, Event.actor, Event.detail, Instance.region, Instance.client_commit_hash)
+        .outerjoin(Instance, Instance.instance_name == Event.instance_name)
+        .where(
+            Event.created_at > cutoff,
+            Event.created_at <= now,
+            Event.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]),
+        )
+    )
+    for kind, actor, detail, region, commit in rows:
+        if kind == EventKind.ASSIGNMENT_REFUSED:
+            asked = (detail or {}).get("regions") or []
+            if not asked:
+                continue
+            key = (str(asked[0]), str((detail or {}).get("client_commit_hash")))
+        else:
+            key = (region, commit)
+        if key in wanted:
+            users[key].add(actor)
+    return {key: len(users.get(key, ())) for key in wanted}
+
+
+def launch_lead_times(session: Session, *, now: datetime, regions: Iterable[str]) -> dict[str, float]:
+    """Median seconds from launch (the row's creation) to ACTIVE (its activation event) per region, over the
+    newest activations of the last LEAD_TIME_WINDOW_S; regions without one are absent."""
+    wanted = sorted(set(regions))
+    if not wanted:
+        return {}
+    cutoff = now - timedelta(seconds=LEAD_TIME_WINDOW_S)
+    samples: dict[str, list[float]] = defaultdict(list)
+    rows = session.execute(
+        select(Instance.region, Instance.created_at, Event.created_at)
+        .join(Instance, Instance.instance_name == Event.instance_name)
+        .where(
+            Event.kind == str(EventKind.INSTANCE_ACTIVATED),
+            Event.created_at > cutoff,
+            Event.created_at <= now,
+            Instance.region.in_(wanted),
+        )
+        .order_by(Event.created_at.desc())
+    )
+    for region, launched_at, activated_at in rows:
+        if len(samples[region]) < LEAD_TIME_SAMPLES:
+            samples[region].append(max(0.0, (activated_at - launched_at).total_seconds()))
+    return {region: statistics.median(values) for region, values in samples.items() if values}
