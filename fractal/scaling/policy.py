@@ -96,6 +96,7 @@ class ImageTarget:
     target_free: int | None = None
     buffer_policy: BufferPolicy | None = None
     demand: DemandStats | None = None
+    waiting: int = 0  # users refused for lack of room just now and retrying: they need slots beyond the target
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,8 @@ def plan_fleet(
 ) -> FleetPlan:
     """Launches and drains that bring every active image to its free-slot target.
 
-    Per active image (region, version): launch ceil(deficit / capacity) hosts, never beyond the per-region maximum
+    Per active image (region, version): free slots less the users waiting after a 503; launch
+    ceil(deficit / capacity) hosts, never beyond the per-region maximum
     (occupied machines of every version count, launches planned earlier in this pass too); drain spare empty hosts
     after the cool-down. Every ACTIVE or PRE_CONNECTION host whose version has no active image in its region drains.
     """
@@ -301,7 +303,8 @@ def plan_fleet(
         decision = decide_target(image, default_target_free, now=now)
         targets[key] = decision
         target = decision.target
-        free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash)
+        # Users retrying after a 503 will take free slots (booting ones included) before anyone new: not spare.
+        free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash) - image.waiting
         wanted = instances_needed(free=free, target_free=target, capacity_per_instance=image.mandelbox_capacity)
         if wanted > 0:
             count = min(wanted, max(0, max_instances_per_region - occupied[image.region]))

@@ -13,7 +13,7 @@ Safety rules the pass keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,6 +28,7 @@ from fractal.config import Settings
 from fractal.database import SessionFactory, session_scope
 from fractal.scaling import steps
 from fractal.scaling.lease import SCALER_LEASE, LeaseToken, acquire_lease, holder_identity, release_lease
+from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.steps import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, RegionError, ScalerAction
 
 __all__ = [
@@ -79,6 +80,7 @@ def reconcile_fleet(
     settings: Settings,
     cloud: CloudProvider,
     now: datetime | None = None,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> ReconcileReport:
     """Run one scaler pass unless another replica is running one.
 
@@ -87,6 +89,7 @@ def reconcile_fleet(
         cloud: where hosts are launched, terminated and described.
         now: the pass's clock (tests move it forward); defaults to the database's clock, read once per pass, so
             every replica judges stored times by the same clock whatever its own says.
+        instance_namer: names new instances (the simulator's, reproducible); random suffixes when None.
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
@@ -102,7 +105,15 @@ def reconcile_fleet(
             return report
         report.ran = True
         try:
-            _run_pass(session, settings=settings, cloud=cloud, now=now, report=report, lease=lease)
+            _run_pass(
+                session,
+                settings=settings,
+                cloud=cloud,
+                now=now,
+                report=report,
+                lease=lease,
+                instance_namer=instance_namer,
+            )
         finally:
             session.rollback()  # a failed pass leaves its transaction aborted; the release needs a fresh one
             release_lease(session, lease)
@@ -133,6 +144,7 @@ def _run_pass(
     now: datetime,
     report: ReconcileReport,
     lease: LeaseToken,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> None:
     """The pipeline (see ``steps``), committing after the sweeps, after the database-only moves, and in launch."""
     report.actions += steps.sweep(session, settings=settings, now=now)
@@ -144,7 +156,9 @@ def _run_pass(
     report.actions += steps.terminate_drained(session, now=now)
     session.commit()
     for outcome in (
-        steps.launch(session, cloud, fleet_plan.launches, settings=settings, now=now, lease=lease),
+        steps.launch(
+            session, cloud, fleet_plan.launches, settings=settings, now=now, lease=lease, instance_namer=instance_namer
+        ),
         steps.terminate_in_cloud(session, cloud, now=now, lease=lease),
     ):
         report.actions += outcome.actions

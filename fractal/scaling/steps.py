@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +27,7 @@ from fractal.fleet.instances import NewInstance, insert_instances, move_instance
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
-from fractal.scaling.demand import launch_lead_times, recent_arrivals
+from fractal.scaling.demand import WAITING_WINDOW_S, launch_lead_times, recent_arrivals, waiting_users
 from fractal.scaling.lease import LeaseToken, check_lease, lease_holds
 from fractal.scaling.policy import (
     BufferKind,
@@ -189,8 +189,9 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
 
 
 def observe(session: Session, *, now: datetime | None = None) -> FleetSnapshot:
-    """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED, and
-    for images with a demand-aware buffer policy the recent arrivals and launch lead times (as of ``now``)."""
+    """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED; as of
+    ``now``, the users waiting after a 503 per image, and for images with a demand-aware buffer policy the recent
+    arrivals and launch lead times."""
     images = [
         ImageTarget(
             region=row.region,
@@ -216,6 +217,9 @@ def observe(session: Session, *, now: datetime | None = None) -> FleetSnapshot:
         )
     ]
     if now is not None:
+        waiting = waiting_users(session, now=now, window_s=WAITING_WINDOW_S)
+        if waiting:
+            images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
         images = _with_demand(session, images, now=now)
     instances = [
         InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
@@ -330,6 +334,7 @@ def launch(
     settings: Settings,
     now: datetime,
     lease: LeaseToken,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> CloudStepResult:
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
     cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
@@ -338,7 +343,7 @@ def launch(
     recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
     """
     result = CloudStepResult()
-    new = [_new_instance(p) for p in launches for _ in range(p.count)]
+    new = [_new_instance(p, instance_namer) for p in launches for _ in range(p.count)]
     if not new:
         return result
     host_secrets = insert_instances(session, new, now=now)
@@ -416,9 +421,10 @@ def launch(
     return result
 
 
-def _new_instance(plan: LaunchPlan) -> NewInstance:
-    """A row for one planned launch, marked pending until the cloud answers."""
-    name = f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
+def _new_instance(plan: LaunchPlan, namer: Callable[[LaunchPlan], str] | None = None) -> NewInstance:
+    """A row for one planned launch, marked pending until the cloud answers. ``namer`` (the simulator's, for
+    reproducible runs) replaces the random suffix."""
+    name = namer(plan) if namer is not None else f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
     return NewInstance(
         instance_name=name,
         region=plan.region,
