@@ -20,6 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
 
@@ -76,7 +77,14 @@ class db_now(FunctionElement[datetime]):
     CURRENT_TIMESTAMP has whole seconds only)."""
 
     type = UtcDateTime()
-    inherit_cache = False
+    # Cacheable: the two attributes that change the SQL are part of the cache key (compiled SQL is cached per
+    # engine, so a virtual clock on one engine never leaks into another's statements).
+    _traverse_internals = [
+        *FunctionElement._traverse_internals,
+        ("offset_s", InternalTraversal.dp_plain_obj),
+        ("live", InternalTraversal.dp_boolean),
+    ]
+    inherit_cache = True
     name = "db_now"
 
     def __init__(self, offset_s: float = 0.0, *, live: bool = False) -> None:
