@@ -156,6 +156,9 @@ class SimulatedCloud:
                 due.append(host)
         return due
 
+    def next_boot_at(self) -> datetime | None:
+        return self._booting[0][0] if self._booting else None
+
     def up(self) -> list[SimulatedHost]:
         """Booted hosts not terminated (they heartbeat)."""
         return list(self._up.values())
