@@ -196,13 +196,14 @@ class SyntheticSpec:
     new_version: str | None = "v2"
     rollout_start_h: float = 10.0
     rollout_hours: float = 4.0
+    region_weights: dict[str, float] = field(default_factory=dict)  # relative volume per region (default 1)
 
 
 def region_weight(spec: SyntheticSpec, region: str, at: datetime) -> float:
     """The relative arrival rate of ``region`` at ``at``: a daily cosine peaking at the local evening, plus spikes."""
     local_h = (at.hour + at.minute / 60 + REGION_UTC_OFFSET_H.get(region, 0)) % 24
     shape = (1 + math.cos(2 * math.pi * (local_h - spec.peak_local_hour) / 24)) / 2
-    weight = spec.trough_share + (1 - spec.trough_share) * shape
+    weight = (spec.trough_share + (1 - spec.trough_share) * shape) * spec.region_weights.get(region, 1.0)
     hours_in = (at - spec.start).total_seconds() / 3600
     for spike in spec.spikes:
         if (spike.region is None or spike.region == region) and 0 <= (hours_in - spike.start_h) * 60 < spike.minutes:
