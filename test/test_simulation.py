@@ -32,6 +32,7 @@ from fractal.simulation import (
     Simulation,
     SimulationConfig,
     compare,
+    export_events,
     read_csv,
     simulate,
     synthetic_trace,
@@ -42,9 +43,10 @@ from fractal.simulation.trace import SyntheticSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TRACE = ROOT / "docs" / "simulation" / "daily-trace.csv"
-# The bundled scenario (docs/simulation.md): the deployment's FRACTAL_TARGET_FREE_MANDELBOXES is 2.
-BUNDLED_CONFIG = SimulationConfig(seed=7, default_target_free=2)
-DEMAND_POLICY = "demand:floor=1"
+# The bundled scenario (docs/simulation.md): the default static target (10 free slots per image), hosts that take
+# about 8 minutes to boot, a scaler pass a minute.
+BUNDLED_CONFIG = SimulationConfig(seed=7, boot=BootDistribution.parse("lognormal:480:0.2"), scaler_interval_s=60)
+DEMAND_POLICY = "demand:floor=2"
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +81,7 @@ def test_a_static_target_of_zero_makes_every_user_wait_about_one_boot_time() -> 
     assert 120 <= crowded.wait_p50_s <= 120 + 15 + 10 and crowded.launches == 12
 
 
+@pytest.mark.slow
 def test_on_the_bundled_daily_trace_demand_aware_buffers_wait_less_for_no_more_idle_hours() -> None:
     trace = read_csv(BUNDLED_TRACE)
     static, demand = compare(trace, ["static", DEMAND_POLICY], BUNDLED_CONFIG)
@@ -101,12 +104,13 @@ def bundled_spec() -> SyntheticSpec:
     from fractal.simulation.trace import Spike
 
     return SyntheticSpec(
-        sessions=1000,
-        regions=("eu-west-1",),
+        sessions=1600,
+        regions=("eu-west-1", "us-east-1", "ap-southeast-1"),
         hours=24,
         trough_share=0.1,
-        spikes=(Spike(start_h=14, minutes=45, factor=3),),
+        spikes=(Spike(start_h=14, minutes=45, factor=2, region="eu-west-1"),),
         new_version=None,
+        region_weights={"us-east-1": 0.05, "ap-southeast-1": 0.05},
     )
 
 
@@ -186,6 +190,31 @@ def test_a_seed_fixes_the_run_and_another_seed_changes_it(tmp_path: Path) -> Non
     assert first.overall.launch_failures > 0  # the failure rate is applied (and counted)
     png = plot([first, other], tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_export_of_the_audit_log_gives_back_the_sessions_that_were_replayed(tmp_path: Path) -> None:
+    """The operator's loop: a deployment's events (here: a simulated one's) exported as a trace, replayed."""
+    trace = synthetic_trace(SyntheticSpec(sessions=80, regions=("eu-west-1", "us-east-1"), hours=1), seed=9)
+    simulation = Simulation(trace, Policy.parse("static:1"), SimulationConfig(seed=9), workdir=tmp_path / "sim")
+    try:
+        while simulation.now <= simulation.ends_at:
+            simulation.step()
+            simulation.now = simulation.next_time()
+        exported = export_events(simulation.session, until=simulation.now)
+    finally:
+        simulation.close()
+    assert len(exported) == len(trace)
+    assert sorted((s.region, s.client_commit_hash) for s in exported) == sorted(
+        (s.region, s.client_commit_hash) for s in trace
+    )
+    # Arrivals are the first 503 (or the assign), on the simulator's 5 s ticks: within one tick of the trace's.
+    for original, found in zip(sorted(trace), sorted(exported), strict=True):
+        assert timedelta(0) <= found.arrival - original.arrival <= timedelta(seconds=5)
+    csv_path = tmp_path / "exported.csv"
+    write_csv(exported, csv_path)
+    assert read_csv(csv_path) == sorted(
+        SessionRequest(s.arrival, s.region, s.client_commit_hash, round(s.session_s, 1)) for s in exported
+    )
 
 
 def test_policies_parse_and_validate_like_the_admin_api() -> None:

@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--default-target", type=int, default=10, help="FRACTAL_TARGET_FREE_MANDELBOXES (10)")
     run.add_argument("--give-up", type=float, default=600.0, help="seconds a user retries before leaving (600)")
     run.add_argument("--retry", type=float, default=None, help="seconds between a user's retries (Retry-After)")
+    run.add_argument("--scaler-interval", type=float, default=15.0, help="FRACTAL_SCALER_INTERVAL_S (15)")
     run.add_argument("--plot", type=Path, help="write a PNG of demand, capacity and free slots")
     run.add_argument("--json", type=Path, help="write the figures as JSON")
     run.add_argument("--overall-only", action="store_true", help="no per-region lines in the table")
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mandelbox_capacity=args.capacity,
         default_target_free=args.default_target,
         give_up_s=args.give_up,
+        scaler_interval_s=args.scaler_interval,
         **({"retry_s": args.retry} if args.retry else {}),
     )
     results = compare(trace, policies, config)
