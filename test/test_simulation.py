@@ -176,7 +176,7 @@ def test_the_simulator_and_the_live_scaler_decide_the_same_on_the_same_state(tmp
 
 
 def test_a_seed_fixes_the_run_and_another_seed_changes_it(tmp_path: Path) -> None:
-    trace = synthetic_trace(SyntheticSpec(sessions=120, regions=("eu-west-1",), hours=1), seed=5)
+    trace = synthetic_trace(SyntheticSpec(sessions=60, regions=("eu-west-1",), hours=0.5), seed=5)
     config = SimulationConfig(seed=11, boot=BootDistribution.parse("lognormal:120:0.4"), launch_failure_rate=0.2)
     first, second = simulate(trace, "static:2", config), simulate(trace, "static:2", config)
     other = simulate(trace, "static:2", SimulationConfig(**{**config.__dict__, "seed": 12}))
