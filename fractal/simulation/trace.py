@@ -74,8 +74,9 @@ def export_events(
     """A trace from a deployment's audit log (the ``events`` table) and its mandelboxes.
 
     Each assigned mandelbox is one session: it arrived at its user's first refusal before the assign (they were
-    retrying after 503s) or else at the assign, and lasted until the mandelbox ended (or ``until``). A user refused
-    and never assigned within an hour is one session of ``default_session_s`` that never got a mandelbox.
+    retrying after 503s) or else at the assign, and lasted until the mandelbox ended (one still live: until the
+    export's last event). A user refused and never assigned within an hour is one session of
+    ``default_session_s`` that never got a mandelbox.
     """
     query = (
         select(Event.kind, Event.actor, Event.created_at, Event.detail, Event.mandelbox_id, Instance.region)
@@ -93,12 +94,13 @@ def export_events(
             select(Mandelbox.mandelbox_id, Mandelbox.created_at, Mandelbox.ended_at)
         )
     }
-    horizon = until
+    last_seen: datetime | None = None
     waiting: dict[str, tuple[datetime, str, str]] = {}  # actor -> first refusal (time, region, commit)
     trace: list[SessionRequest] = []
+    live: list[tuple[datetime, str, str, datetime]] = []  # sessions whose mandelbox had not ended
     for kind, actor, created_at, detail, mandelbox_id, region in session.execute(query):
         detail = detail or {}
-        horizon = created_at if horizon is None or created_at > horizon else horizon
+        last_seen = created_at if last_seen is None or created_at > last_seen else last_seen
         commit = str(detail.get("client_commit_hash", ""))
         if kind == EventKind.ASSIGNMENT_REFUSED:
             regions = detail.get("regions") or []
@@ -111,10 +113,17 @@ def export_events(
             continue
         first = waiting.pop(actor, None)
         arrival = first[0] if first is not None else created_at
+        where = str(region or detail.get("region", ""))
         started, ended = ends.get(mandelbox_id, (created_at, None))
-        stop = ended or until or created_at
-        length = max(1.0, (stop - started).total_seconds()) if (ended or until) else default_session_s
-        trace.append(SessionRequest(arrival, str(region or detail.get("region", "")), commit, length))
+        if ended is None:
+            live.append((arrival, where, commit, started))
+        else:
+            trace.append(SessionRequest(arrival, where, commit, max(1.0, (ended - started).total_seconds())))
+    # A mandelbox still live at the end of the export lasted at least until then (the last event, or ``until``).
+    end = min(until, last_seen) if until is not None and last_seen is not None else (last_seen or until)
+    for arrival, where, commit, started in live:
+        length = (end - started).total_seconds() if end is not None else default_session_s
+        trace.append(SessionRequest(arrival, where, commit, max(1.0, length)))
     for first in waiting.values():
         trace.append(SessionRequest(first[0], first[1], first[2], default_session_s))
     return sorted(trace)
