@@ -33,6 +33,7 @@ def recent_arrivals(
         return {}
     cutoff = now - timedelta(seconds=window_s)
     users: dict[tuple[str, str], set[str]] = defaultdict(set)
+    # DISTINCT: a user retrying every 10 s writes the same refusal over and over; one row of it is enough.
     rows = session.execute(
         select(Event.kind, Event.actor, Event.detail, Instance.region, Instance.client_commit_hash)
         .outerjoin(Instance, Instance.instance_name == Event.instance_name)
@@ -41,6 +42,7 @@ def recent_arrivals(
             Event.created_at <= now,
             Event.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]),
         )
+        .distinct()
     )
     for kind, actor, detail, region, commit in rows:
         if kind == EventKind.ASSIGNMENT_REFUSED:

@@ -203,15 +203,6 @@ def decide_target(image: ImageTarget, default_target_free: int, *, now: datetime
     return TargetDecision(target, reason, detail)
 
 
-def effective_target(image: ImageTarget, default_target_free: int, *, now: datetime | None = None) -> int:
-    """The free-slot target :func:`decide_target` chooses (static images need no ``now``)."""
-    if image.buffer_policy is None:
-        return static_target(image, default_target_free)
-    if now is None:
-        raise ValueError("a buffer policy needs the pass's now")
-    return decide_target(image, default_target_free, now=now).target
-
-
 def free_slots(instances: Iterable[InstanceSnapshot], *, region: str, client_commit_hash: str) -> int:
     """Free slots of one (region, version): room on ACTIVE hosts plus the whole capacity of booting ones.
 
