@@ -124,6 +124,7 @@ def test_capacity_metrics_and_the_plan_show_the_demand_target_and_why(
     report = reconcile_fleet(db, settings=settings, cloud=MemoryCloud())
     planned = [a for a in report.actions if a.action == "plan_launch"]
     assert len(planned) == 1 and planned[0].detail["target_reason"] == "demand"
-    assert planned[0].detail["target_free"] == 6 and planned[0].detail["free"] == -6
+    assert planned[0].detail["target_free"] == 6 and planned[0].detail["free"] == 0
+    assert planned[0].detail["waiting"] == 6
     assert planned[0].detail["count"] == 6
     assert report.count("launch") == 6

@@ -134,6 +134,7 @@ class LaunchPlan:
     target_free: int
     wanted: int  # before the per-region cap
     target_reason: str = "static"
+    waiting: int = 0  # users waiting after a 503, covered on top of the target
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ def plan_fleet(
         targets[key] = decision
         target = decision.target
         # Users retrying after a 503 will take free slots (booting ones included) before anyone new: not spare.
-        free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash) - image.waiting
+        raw_free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash)
+        free = raw_free - image.waiting
         wanted = instances_needed(free=free, target_free=target, capacity_per_instance=image.mandelbox_capacity)
         if wanted > 0:
             count = min(wanted, max(0, max_instances_per_region - occupied[image.region]))
@@ -308,10 +310,11 @@ def plan_fleet(
                     instance_type=image.instance_type,
                     mandelbox_capacity=image.mandelbox_capacity,
                     count=count,
-                    free=free,
+                    free=raw_free,
                     target_free=target,
                     wanted=wanted,
                     target_reason=decision.reason,
+                    waiting=image.waiting,
                 )
             )
             continue

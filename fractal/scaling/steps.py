@@ -288,6 +288,7 @@ def plan(
                 "count": launch.count,
                 "capped": launch.count < launch.wanted,
                 "target_reason": launch.target_reason,
+                "waiting": launch.waiting,
             },
         )
         for launch in fleet_plan.launches
