@@ -350,12 +350,14 @@ class Simulation:
         now = self.now
         self._apply_images(now)
         self._boot_hosts(now)
-        if now >= self._next_heartbeat:
-            self._heartbeat(now)
-            self._next_heartbeat = now + timedelta(seconds=self.config.heartbeat_interval_s)
         self._end_sessions(now)
         self._serve_users(now)
-        self._claim()
+        if now >= self._next_heartbeat:
+            # The hosts' reports ride on the heartbeat cadence: one batch of claims, one of heartbeats (well within
+            # FRACTAL_CONNECT_TIMEOUT_S and FRACTAL_HOST_TIMEOUT_S).
+            self._claim()
+            self._heartbeat(now)
+            self._next_heartbeat = now + timedelta(seconds=self.config.heartbeat_interval_s)
         if now >= self._next_scaler:
             self.scaler_step()
             self._next_scaler = now + timedelta(seconds=self.config.scaler_interval_s)
