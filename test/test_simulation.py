@@ -192,6 +192,18 @@ def test_a_seed_fixes_the_run_and_another_seed_changes_it(tmp_path: Path) -> Non
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_region_out_of_capacity_refuses_launches_and_its_users_give_up() -> None:
+    config = SimulationConfig(
+        seed=2, boot=BootDistribution.parse("const:60"), mandelbox_capacity=1, region_capacity=3, give_up_s=300
+    )
+    result = simulate(evenly(6, every_s=20, session_s=3600), "static:0", config)
+    print(format_table([result]))
+    overall = result.overall
+    assert overall.launches == 3 and overall.capacity_errors > 0
+    assert (overall.served, overall.refused) == (3, 3)
+    assert overall.refused_share == 0.5 and overall.wait_p99_s == 300
+
+
 def test_an_export_of_the_audit_log_gives_back_the_sessions_that_were_replayed(tmp_path: Path) -> None:
     """The operator's loop: a deployment's events (here: a simulated one's) exported as a trace, replayed."""
     trace = synthetic_trace(SyntheticSpec(sessions=80, regions=("eu-west-1", "us-east-1"), hours=1), seed=9)
