@@ -33,7 +33,7 @@ from fractal.admin.schemas import BufferPolicyIn
 from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox
 from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
-from fractal.config import Settings
+from fractal.config import Environment, Settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import FractalError
 from fractal.fleet.mandelboxes import move_mandelboxes
@@ -236,6 +236,8 @@ class Simulation:
             region_capacity=cfg.region_capacity,
         )
         self.settings = Settings(
+            # A throwaway development database whatever this shell's FRACTAL_ENV (production demands secrets).
+            env=Environment.DEVELOPMENT,
             database_url=f"sqlite:///{self.database_path}",
             target_free_mandelboxes=cfg.default_target_free,
             scaler_interval_s=cfg.scaler_interval_s,
