@@ -9,16 +9,18 @@ for what only this process sees (durations, log lines, tokens).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import PlainSerializer
-from sqlalchemy import DateTime, select
-from sqlalchemy.engine import Dialect
+from sqlalchemy import DateTime, event, select
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
 
@@ -75,7 +77,14 @@ class db_now(FunctionElement[datetime]):
     CURRENT_TIMESTAMP has whole seconds only)."""
 
     type = UtcDateTime()
-    inherit_cache = False
+    # Cacheable: the two attributes that change the SQL are part of the cache key (compiled SQL is cached per
+    # engine, so a virtual clock on one engine never leaks into another's statements).
+    _traverse_internals = [
+        *FunctionElement._traverse_internals,
+        ("offset_s", InternalTraversal.dp_plain_obj),
+        ("live", InternalTraversal.dp_boolean),
+    ]
+    inherit_cache = True
     name = "db_now"
 
     def __init__(self, offset_s: float = 0.0, *, live: bool = False) -> None:
@@ -94,11 +103,45 @@ def _db_now_default(element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
     return f"({clock} + make_interval(secs => {element.offset_s!r}))"
 
 
+# The SQL function a virtual clock registers on a SQLite engine (the simulator's); see attach_virtual_clock.
+VIRTUAL_CLOCK_FUNCTION = "fractal_virtual_now"
+_VIRTUAL_CLOCK_FLAG = "fractal_virtual_clock"
+SQLITE_TEXT_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
 @compiles(db_now, "sqlite")
-def _db_now_sqlite(element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **_kw: Any) -> str:
+    base = f"{VIRTUAL_CLOCK_FUNCTION}()" if getattr(compiler.dialect, _VIRTUAL_CLOCK_FLAG, False) else "'now'"
     if not element.offset_s:
-        return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{element.offset_s:+.6f} seconds')"
+        return f"strftime('%Y-%m-%d %H:%M:%f', {base})"
+    return f"strftime('%Y-%m-%d %H:%M:%f', {base}, '{element.offset_s:+.6f} seconds')"
+
+
+def attach_virtual_clock(engine: Engine, now: Callable[[], datetime]) -> None:
+    """Make ``now()`` the database's clock on a SQLite ``engine``: every ``db_now()`` (hence ``database_now``) reads
+    it, so the code that compares stored times with "now" runs unchanged on simulated time (the simulator).
+
+    Column defaults written as ``CURRENT_TIMESTAMP`` are SQLite's own clock: a schema for a virtual clock is made
+    with :func:`virtual_clock_ddl` rewriting them.
+    """
+    if engine.dialect.name != "sqlite":
+        raise ValueError("a virtual clock needs a SQLite engine")
+
+    def clock_text() -> str:
+        return as_utc(now()).strftime(SQLITE_TEXT_FORMAT)
+
+    @event.listens_for(engine, "connect")
+    def _register(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function(VIRTUAL_CLOCK_FUNCTION, 0, clock_text)
+
+    setattr(engine.dialect, _VIRTUAL_CLOCK_FLAG, True)
+
+
+def virtual_clock_ddl(statement: str) -> str:
+    """A CREATE TABLE statement whose ``CURRENT_TIMESTAMP`` defaults read the virtual clock instead."""
+    return statement.replace(
+        "DEFAULT (CURRENT_TIMESTAMP)", f"DEFAULT (strftime('%Y-%m-%d %H:%M:%f', {VIRTUAL_CLOCK_FUNCTION}()))"
+    ).replace("DEFAULT CURRENT_TIMESTAMP", f"DEFAULT (strftime('%Y-%m-%d %H:%M:%f', {VIRTUAL_CLOCK_FUNCTION}()))")
 
 
 def database_now(session: Session) -> datetime:

@@ -23,6 +23,7 @@ class ImageSpec:
     instance_type: str
     mandelbox_capacity: int
     target_free: int | None = None
+    buffer_policy: dict[str, Any] | None = None  # fractal.scaling.policy.BufferPolicy as JSON; None: static
 
 
 IMAGES_LIST = "images"
@@ -131,6 +132,7 @@ def _upsert_image_once(
     image.instance_type = spec.instance_type
     image.mandelbox_capacity = spec.mandelbox_capacity
     image.target_free = spec.target_free
+    image.buffer_policy = spec.buffer_policy
     image.updated_at = utcnow()
     session.flush()
     record_event(
@@ -156,4 +158,5 @@ def _image_fields(image: Image) -> dict[str, object]:
         "instance_type": image.instance_type,
         "mandelbox_capacity": image.mandelbox_capacity,
         "target_free": image.target_free,
+        "buffer_policy": image.buffer_policy,
     }

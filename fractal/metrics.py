@@ -10,11 +10,15 @@ Metric names (the contract for dashboards and alerts):
 - ``fractal_mandelbox_capacity{region,client_commit_hash}``, ``fractal_mandelboxes_used{...}`` and
   ``fractal_free_mandelboxes{...}``: over ACTIVE instances, read from the database at scrape time.
 - ``fractal_target_free_mandelboxes{region,client_commit_hash}``: the free slots the scaler keeps for each active
-  image (its ``target_free``, else ``FRACTAL_TARGET_FREE_MANDELBOXES``); compare with ``fractal_free_mandelboxes``.
+  image, as its next pass would decide (``policy.decide_target``: its ``target_free``, else
+  ``FRACTAL_TARGET_FREE_MANDELBOXES``, or what its demand-aware ``buffer_policy`` gives); compare with
+  ``fractal_free_mandelboxes``.
 - ``fractal_hosts{region,status}``: instances by status (TERMINATED excluded: it only grows).
 - ``fractal_fleet_metrics_up``: 1 when the fleet gauges could be read from the database.
 - ``fractal_dependency_ready{dependency}``: 1 when ``database`` / ``redis`` answers the admin API's readiness
   check at scrape time, else 0 (what ``/readyz`` reports; Redis has no series when it is not configured).
+- ``fractal_target_free_reason{region,client_commit_hash,reason}``: 1 for why each active image has the target it
+  has (``static``, ``demand``, ``floor``, ``ceiling``, ``schedule``; see the image's ``buffer_policy``).
 - ``fractal_reconcile_duration_seconds`` (histogram) and ``fractal_reconcile_actions_total{action}``: one
   observation per scaler pass and one count per action it took (``launch``, ``drain``, ``terminate``, ...).
 - ``fractal_reconcile_failures_total``: passes that failed as a whole (the database, a bug);
@@ -205,10 +209,16 @@ class FleetCollector(Collector):
         )
         target = GaugeMetricFamily(
             "fractal_target_free_mandelboxes",
-            "Free slots the scaler keeps for each active image (its target_free, else the default).",
+            "Free slots the scaler keeps for each active image: the target its buffer policy gives now.",
             labels=labels,
         )
         up = GaugeMetricFamily("fractal_fleet_metrics_up", "1 when the fleet gauges could be read from the database.")
+        reason = GaugeMetricFamily(
+            "fractal_target_free_reason",
+            "1 for why each active image has its free-slot target (static, demand, floor, ceiling, schedule).",
+            labels=[*labels, "reason"],
+        )
+        decisions: dict[tuple[str, str], Any] = {}
         try:
             with self._session_factory()() as session:
                 per_version = session.execute(
@@ -226,9 +236,9 @@ class FleetCollector(Collector):
                     .where(Instance.status != InstanceStatus.TERMINATED)
                     .group_by(Instance.region, Instance.status)
                 ).all()
-                targets = session.execute(
-                    select(Image.region, Image.client_commit_hash, Image.target_free).where(Image.active.is_(True))
-                ).all()
+                from fractal.scaling.capacity import image_targets  # the scaler's own decision (no cycle)
+
+                decisions = image_targets(session, default_target_free=self._default_target_free)
         except Exception as exc:  # a scrape must never fail because the database is down; say so in a gauge
             log.warning("fleet metrics unavailable: database query failed (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -240,10 +250,11 @@ class FleetCollector(Collector):
             free.add_metric([region, commit], int((total or 0) - (live or 0)))
         for region, status, count in per_status:
             hosts.add_metric([region, str(status)], count)
-        for region, commit, target_free in targets:
-            target.add_metric([region, commit], self._default_target_free if target_free is None else target_free)
+        for (region, commit), decision in sorted(decisions.items()):
+            target.add_metric([region, commit], decision.target)
+            reason.add_metric([region, commit, decision.reason], 1)
         up.add_metric([], 1)
-        yield from (capacity, used, free, target, hosts, up)
+        yield from (capacity, used, free, target, reason, hosts, up)
 
 
 class ReadinessCollector(Collector):

@@ -123,6 +123,8 @@ class Image(Base):
     instance_type: Mapped[str] = mapped_column(String(64))
     mandelbox_capacity: Mapped[int] = mapped_column(Integer)
     target_free: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # How the free-slot target is chosen (fractal.scaling.policy.BufferPolicy as JSON); NULL: target_free, static.
+    buffer_policy: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
 

@@ -82,6 +82,8 @@ def test_reconcile_returns_its_actions_and_capacity_shows_the_buffer(
             "free": 5,
             "target_free": 4,
             "live_mandelboxes": 1,
+            "target_reason": "static",
+            "target_detail": {"target_free": 4},
         }
     ]
 

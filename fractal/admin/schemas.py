@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, Field, StringConstraints, model_validator
 
 from fractal.auth.api_keys import ApiScope
 from fractal.clock import Timestamp
@@ -23,12 +23,39 @@ CURSOR_DESCRIPTION = "The next_cursor of the previous page; omit it for the firs
 NEXT_CURSOR_DESCRIPTION = "Pass as cursor for the next page; null when no rows are behind this page."
 
 
+class ScheduledMinimumIn(StrictIn):
+    hours_utc: list[Annotated[int, Field(ge=0, le=23)]] = Field(min_length=1, max_length=24)
+    min_free: int = Field(ge=0, le=100_000)
+
+
+class BufferPolicyIn(StrictIn):
+    """How the image's free-slot target is chosen. ``static``: ``target_free`` (or the settings default);
+    ``demand``: distinct users asking per second over ``window_s`` x the region's measured launch-to-ACTIVE time
+    x ``safety_factor``, within [``floor``, ``ceiling``]. ``schedule`` raises either to a minimum in given UTC
+    hours."""
+
+    kind: Literal["static", "demand"] = "demand"
+    safety_factor: float = Field(default=1.5, gt=0, le=100)
+    window_s: float = Field(default=900, ge=60, le=86_400)
+    floor: int = Field(default=0, ge=0, le=100_000)
+    ceiling: int = Field(default=100, ge=0, le=100_000)
+    default_lead_time_s: float = Field(default=180, ge=0, le=86_400)
+    schedule: list[ScheduledMinimumIn] = Field(default_factory=list, max_length=48)
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> BufferPolicyIn:
+        if self.floor > self.ceiling:
+            raise ValueError("floor must not exceed ceiling")
+        return self
+
+
 class ImageIn(StrictIn):
     ami_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     active: bool
     instance_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     mandelbox_capacity: int = Field(ge=1, le=10_000)
     target_free: int | None = Field(default=None, ge=0, le=100_000)
+    buffer_policy: BufferPolicyIn | None = None
 
 
 class ImageOut(BaseModel):
@@ -39,6 +66,7 @@ class ImageOut(BaseModel):
     instance_type: str
     mandelbox_capacity: int
     target_free: int | None
+    buffer_policy: dict[str, Any] | None = None
     created_at: Timestamp
     updated_at: Timestamp
 

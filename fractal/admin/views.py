@@ -50,6 +50,7 @@ def image_body(image: Image) -> dict[str, Any]:
         "instance_type": image.instance_type,
         "mandelbox_capacity": image.mandelbox_capacity,
         "target_free": image.target_free,
+        "buffer_policy": image.buffer_policy,
         "created_at": image.created_at,
         "updated_at": image.updated_at,
     }

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fractal.models import Image, Instance, InstanceStatus
+from fractal.clock import database_now
+from fractal.models import Instance, InstanceStatus
+from fractal.scaling.policy import TargetDecision, decide_target
+from fractal.scaling.steps import observe
 
 
 @dataclass
@@ -25,10 +30,27 @@ class CapacityRow:
     free: int = 0
     target_free: int = 0
     live_mandelboxes: int = 0
+    # Why the scaler chose target_free (static, demand, floor, ceiling, schedule, inactive) and from what.
+    target_reason: str = "inactive"
+    target_detail: dict[str, Any] = field(default_factory=dict)
+
+
+def image_targets(
+    session: Session, *, default_target_free: int, now: datetime | None = None
+) -> dict[tuple[str, str], TargetDecision]:
+    """The free-slot target the scaler's next pass would give each active image, and why: the same reads
+    (``steps.observe``) and the same decision (``policy.decide_target``) as the pass."""
+    now = now or database_now(session)
+    return {
+        (image.region, image.client_commit_hash): decide_target(image, default_target_free, now=now)
+        for image in observe(session, now=now).images
+        if image.active
+    }
 
 
 def list_capacity(session: Session, *, default_target_free: int) -> list[CapacityRow]:
-    """One row per (region, client_commit_hash) that has an image or a live host, sorted. Two statements."""
+    """One row per (region, client_commit_hash) that has an image or a live host, sorted. Two statements (four
+    when an image has a demand-aware buffer policy)."""
     rows: dict[tuple[str, str], CapacityRow] = {}
 
     def row(region: str, commit: str) -> CapacityRow:
@@ -37,12 +59,13 @@ def list_capacity(session: Session, *, default_target_free: int) -> list[Capacit
             rows[key] = CapacityRow(region=region, client_commit_hash=commit)
         return rows[key]
 
-    for region, commit, active, target in session.execute(
-        select(Image.region, Image.client_commit_hash, Image.active, Image.target_free)
-    ):
-        item = row(region, commit)
-        item.active = bool(active)
-        item.target_free = (default_target_free if target is None else target) if active else 0
+    now = database_now(session)
+    for image in observe(session, now=now).images:
+        item = row(image.region, image.client_commit_hash)
+        item.active = image.active
+        if image.active:
+            decision = decide_target(image, default_target_free, now=now)
+            item.target_free, item.target_reason, item.target_detail = decision.target, decision.reason, decision.detail
 
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
     for region, commit, status, n, capacity, live in session.execute(

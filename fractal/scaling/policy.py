@@ -1,4 +1,5 @@
-"""The scaler's buffer maths as pure functions: snapshots in, a plan out. No database, no cloud, no clock."""
+"""The scaler's buffer maths as pure functions: snapshots in, a plan out. No database, no cloud, no clock (the pass's
+``now`` and the measured demand come in as arguments)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import enum
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from fractal.fleet.instances import DRAINABLE_STATUSES
 from fractal.models import InstanceStatus
@@ -29,6 +31,58 @@ class DrainReason(enum.StrEnum):
     INACTIVE_IMAGE = "inactive_image"
 
 
+class BufferKind(enum.StrEnum):
+    STATIC = "static"  # target_free (or the settings default)
+    DEMAND = "demand"  # recent arrival rate x measured launch lead time x safety factor
+
+
+@dataclass(frozen=True)
+class ScheduledMinimum:
+    """At least ``min_free`` free slots during these UTC hours (0-23)."""
+
+    hours_utc: tuple[int, ...]
+    min_free: int
+
+
+@dataclass(frozen=True)
+class BufferPolicy:
+    """An image's ``buffer_policy``: how its free-slot target is chosen (None on the image means static)."""
+
+    kind: BufferKind = BufferKind.STATIC
+    safety_factor: float = 1.5
+    window_s: float = 900.0  # the arrival rate is measured over this long
+    floor: int = 0
+    ceiling: int = 100
+    default_lead_time_s: float = 180.0  # until a launch has been measured in the region
+    schedule: tuple[ScheduledMinimum, ...] = ()
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> BufferPolicy:
+        """From the stored JSON (validated by the admin API's schema)."""
+        return cls(
+            kind=BufferKind(value.get("kind", BufferKind.STATIC)),
+            safety_factor=float(value.get("safety_factor", 1.5)),
+            window_s=float(value.get("window_s", 900.0)),
+            floor=int(value.get("floor", 0)),
+            ceiling=int(value.get("ceiling", 100)),
+            default_lead_time_s=float(value.get("default_lead_time_s", 180.0)),
+            schedule=tuple(
+                ScheduledMinimum(tuple(int(h) for h in item["hours_utc"]), int(item["min_free"]))
+                for item in value.get("schedule", ())
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class DemandStats:
+    """What the scaler measured for one image: distinct users asking in the last ``window_s`` seconds, and the
+    median launch-to-ACTIVE time of the region's recent launches (None before any was measured)."""
+
+    arrivals: int
+    window_s: float
+    lead_time_s: float | None = None
+
+
 @dataclass(frozen=True)
 class ImageTarget:
     """An image as the policy sees it; ``target_free`` is None when the settings default applies."""
@@ -40,6 +94,19 @@ class ImageTarget:
     mandelbox_capacity: int
     active: bool = True
     target_free: int | None = None
+    buffer_policy: BufferPolicy | None = None
+    demand: DemandStats | None = None
+    waiting: int = 0  # users refused for lack of room just now and retrying: they need slots beyond the target
+
+
+@dataclass(frozen=True)
+class TargetDecision:
+    """The free-slot target of one image and why: ``reason`` is ``static``, ``demand``, ``floor``, ``ceiling`` or
+    ``schedule`` (which bound or rule decided); ``detail`` holds the inputs."""
+
+    target: int
+    reason: str
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +133,8 @@ class LaunchPlan:
     free: int
     target_free: int
     wanted: int  # before the per-region cap
+    target_reason: str = "static"
+    waiting: int = 0  # users waiting after a 503, covered on top of the target
 
 
 @dataclass(frozen=True)
@@ -80,11 +149,59 @@ class DrainPlan:
 class FleetPlan:
     launches: tuple[LaunchPlan, ...]
     drains: tuple[DrainPlan, ...]
+    # (region, client_commit_hash) -> the target each active image was given this pass, and why.
+    targets: dict[tuple[str, str], TargetDecision] = field(default_factory=dict)
 
 
-def effective_target(image: ImageTarget, default_target_free: int) -> int:
+def static_target(image: ImageTarget, default_target_free: int) -> int:
     """The image's own target when set, else FRACTAL_TARGET_FREE_MANDELBOXES."""
     return default_target_free if image.target_free is None else image.target_free
+
+
+def decide_target(image: ImageTarget, default_target_free: int, *, now: datetime) -> TargetDecision:
+    """The image's free-slot target at ``now``, and why.
+
+    Static (no ``buffer_policy``, or kind ``static``): ``target_free``, else the settings default. Demand:
+    ceil(arrivals / window x lead time x safety factor), clamped to [floor, ceiling]. Either way a scheduled
+    minimum for the current UTC hour raises it.
+    """
+    policy = image.buffer_policy
+    base = static_target(image, default_target_free)
+    if policy is None:
+        return TargetDecision(base, "static", {"target_free": base})
+    detail: dict[str, Any]
+    if policy.kind is BufferKind.DEMAND:
+        demand = image.demand or DemandStats(arrivals=0, window_s=policy.window_s)
+        measured = demand.lead_time_s is not None
+        lead = demand.lead_time_s if demand.lead_time_s is not None else policy.default_lead_time_s
+        rate = demand.arrivals / demand.window_s if demand.window_s > 0 else 0.0
+        raw = rate * lead * policy.safety_factor
+        wanted = math.ceil(raw - 1e-9)
+        target, reason = max(policy.floor, min(policy.ceiling, wanted)), "demand"
+        if wanted < policy.floor:
+            reason = "floor"
+        elif wanted > policy.ceiling:
+            reason = "ceiling"
+        detail = {
+            "arrivals": demand.arrivals,
+            "window_s": demand.window_s,
+            "arrival_rate_per_s": round(rate, 6),
+            "lead_time_s": round(lead, 3),
+            "lead_time_measured": measured,
+            "safety_factor": policy.safety_factor,
+            "floor": policy.floor,
+            "ceiling": policy.ceiling,
+            "demand_target": wanted,
+        }
+    else:
+        target, reason, detail = base, "static", {"target_free": base}
+    hour = now.hour
+    scheduled = max((m.min_free for m in policy.schedule if hour in m.hours_utc), default=None)
+    if scheduled is not None:
+        detail["scheduled_min_free"] = scheduled
+        if scheduled > target:
+            target, reason = scheduled, "schedule"
+    return TargetDecision(target, reason, detail)
 
 
 def free_slots(instances: Iterable[InstanceSnapshot], *, region: str, client_commit_hash: str) -> int:
@@ -155,7 +272,8 @@ def plan_fleet(
 ) -> FleetPlan:
     """Launches and drains that bring every active image to its free-slot target.
 
-    Per active image (region, version): launch ceil(deficit / capacity) hosts, never beyond the per-region maximum
+    Per active image (region, version): free slots less the users waiting after a 503; launch
+    ceil(deficit / capacity) hosts, never beyond the per-region maximum
     (occupied machines of every version count, launches planned earlier in this pass too); drain spare empty hosts
     after the cool-down. Every ACTIVE or PRE_CONNECTION host whose version has no active image in its region drains.
     """
@@ -170,11 +288,16 @@ def plan_fleet(
     active_keys = {(image.region, image.client_commit_hash) for image in active}
     launches: list[LaunchPlan] = []
     drains: list[DrainPlan] = []
+    targets: dict[tuple[str, str], TargetDecision] = {}
     for image in active:
         key = (image.region, image.client_commit_hash)
         fleet = by_key.get(key, [])
-        target = effective_target(image, default_target_free)
-        free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash)
+        decision = decide_target(image, default_target_free, now=now)
+        targets[key] = decision
+        target = decision.target
+        # Users retrying after a 503 will take free slots (booting ones included) before anyone new: not spare.
+        raw_free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash)
+        free = raw_free - image.waiting
         wanted = instances_needed(free=free, target_free=target, capacity_per_instance=image.mandelbox_capacity)
         if wanted > 0:
             count = min(wanted, max(0, max_instances_per_region - occupied[image.region]))
@@ -187,9 +310,11 @@ def plan_fleet(
                     instance_type=image.instance_type,
                     mandelbox_capacity=image.mandelbox_capacity,
                     count=count,
-                    free=free,
+                    free=raw_free,
                     target_free=target,
                     wanted=wanted,
+                    target_reason=decision.reason,
+                    waiting=image.waiting,
                 )
             )
             continue
@@ -208,4 +333,4 @@ def plan_fleet(
                         instance.instance_name, instance.region, instance.client_commit_hash, DrainReason.INACTIVE_IMAGE
                     )
                 )
-    return FleetPlan(launches=tuple(launches), drains=tuple(drains))
+    return FleetPlan(launches=tuple(launches), drains=tuple(drains), targets=targets)

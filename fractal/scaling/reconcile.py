@@ -15,7 +15,7 @@ Safety rules the pass keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -39,6 +39,7 @@ from fractal.scaling.lease import (
     lease_holds,
     release_lease,
 )
+from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.steps import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, RegionError, ScalerAction
 
 __all__ = [
@@ -95,6 +96,7 @@ def reconcile_fleet(
     now: datetime | None = None,
     purge: bool = False,
     log_objects: LogObjectStore | None = None,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> ReconcileReport:
     """Run one scaler pass unless another replica is running one.
 
@@ -105,6 +107,7 @@ def reconcile_fleet(
             every replica judges stored times by the same clock whatever its own says.
         purge: end the pass with a history purge (``fractal.retention``), under the lease.
         log_objects: where the purge deletes log objects (None: rows only).
+        instance_namer: names new instances (the simulator's, reproducible); random suffixes when None.
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
@@ -120,7 +123,15 @@ def reconcile_fleet(
             return report
         report.ran = True
         try:
-            _run_pass(session, settings=settings, cloud=cloud, now=now, report=report, lease=lease)
+            _run_pass(
+                session,
+                settings=settings,
+                cloud=cloud,
+                now=now,
+                report=report,
+                lease=lease,
+                instance_namer=instance_namer,
+            )
             if purge:
                 report.purge = _purge(session, settings=settings, lease=lease, log_objects=log_objects)
         finally:
@@ -153,18 +164,21 @@ def _run_pass(
     now: datetime,
     report: ReconcileReport,
     lease: LeaseToken,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> None:
     """The pipeline (see ``steps``), committing after the sweeps, after the database-only moves, and in launch."""
     report.actions += steps.sweep(session, settings=settings, now=now)
     session.commit()
     report.actions += steps.retire_hosts(session, settings=settings, now=now)
-    fleet_plan, decided = steps.plan(session, steps.observe(session), settings=settings, now=now)
+    fleet_plan, decided = steps.plan(session, steps.observe(session, now=now), settings=settings, now=now)
     report.actions += decided
     report.actions += steps.drain(session, fleet_plan, now=now)
     report.actions += steps.terminate_drained(session, now=now)
     session.commit()
     for outcome in (
-        steps.launch(session, cloud, fleet_plan.launches, settings=settings, now=now, lease=lease),
+        steps.launch(
+            session, cloud, fleet_plan.launches, settings=settings, now=now, lease=lease, instance_namer=instance_namer
+        ),
         steps.terminate_in_cloud(session, cloud, now=now, lease=lease),
     ):
         report.actions += outcome.actions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fractal.clock import Timestamp
 
@@ -19,6 +19,11 @@ class CapacityOut(BaseModel):
     free: int
     target_free: int
     live_mandelboxes: int
+    target_reason: str = Field(
+        description="Why target_free: static, demand, floor, ceiling, schedule (the image's buffer_policy), "
+        "or inactive."
+    )
+    target_detail: dict[str, Any] = Field(description="The inputs of the decision (arrival rate, lead time, ...).")
 
 
 class CapacityListOut(BaseModel):

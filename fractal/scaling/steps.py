@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,8 +27,19 @@ from fractal.fleet.instances import NewInstance, insert_instances, move_instance
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.scaling.demand import WAITING_WINDOW_S, launch_lead_times, recent_arrivals, waiting_users
 from fractal.scaling.lease import LeaseToken, check_lease, lease_holds
-from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
+from fractal.scaling.policy import (
+    BufferKind,
+    BufferPolicy,
+    DemandStats,
+    DrainReason,
+    FleetPlan,
+    ImageTarget,
+    InstanceSnapshot,
+    LaunchPlan,
+    plan_fleet,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -177,8 +188,10 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
     return actions
 
 
-def observe(session: Session) -> FleetSnapshot:
-    """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED."""
+def observe(session: Session, *, now: datetime | None = None) -> FleetSnapshot:
+    """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED; as of
+    ``now``, the users waiting after a 503 per image, and for images with a demand-aware buffer policy the recent
+    arrivals and launch lead times."""
     images = [
         ImageTarget(
             region=row.region,
@@ -188,6 +201,7 @@ def observe(session: Session) -> FleetSnapshot:
             mandelbox_capacity=row.mandelbox_capacity,
             active=row.active,
             target_free=row.target_free,
+            buffer_policy=BufferPolicy.from_dict(row.buffer_policy) if row.buffer_policy else None,
         )
         for row in session.execute(
             select(
@@ -198,9 +212,15 @@ def observe(session: Session) -> FleetSnapshot:
                 Image.mandelbox_capacity,
                 Image.active,
                 Image.target_free,
+                Image.buffer_policy,
             ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
         )
     ]
+    if now is not None:
+        waiting = waiting_users(session, now=now, window_s=WAITING_WINDOW_S)
+        if waiting:
+            images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
+        images = _with_demand(session, images, now=now)
     instances = [
         InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
         for name, region, commit, status, capacity, live, idle_since in session.execute(
@@ -216,6 +236,32 @@ def observe(session: Session) -> FleetSnapshot:
         )
     ]
     return FleetSnapshot(images=images, instances=instances)
+
+
+def _with_demand(session: Session, images: list[ImageTarget], *, now: datetime) -> list[ImageTarget]:
+    """The images, those with a demand policy carrying what was measured (one read per distinct window)."""
+    demand_aware = [i for i in images if i.active and i.buffer_policy and i.buffer_policy.kind is BufferKind.DEMAND]
+    if not demand_aware:
+        return images
+    lead = launch_lead_times(session, now=now, regions={i.region for i in demand_aware})
+    by_window: dict[float, list[ImageTarget]] = defaultdict(list)
+    for image in demand_aware:
+        assert image.buffer_policy is not None
+        by_window[image.buffer_policy.window_s].append(image)
+    stats: dict[tuple[str, str], DemandStats] = {}
+    for window_s, group in by_window.items():
+        counts = recent_arrivals(
+            session, now=now, window_s=window_s, keys=[(i.region, i.client_commit_hash) for i in group]
+        )
+        for image in group:
+            key = (image.region, image.client_commit_hash)
+            stats[key] = DemandStats(arrivals=counts.get(key, 0), window_s=window_s, lead_time_s=lead.get(image.region))
+    return [
+        replace(image, demand=stats[(image.region, image.client_commit_hash)])
+        if (image.region, image.client_commit_hash) in stats
+        else image
+        for image in images
+    ]
 
 
 def plan(
@@ -241,6 +287,8 @@ def plan(
                 "wanted": launch.wanted,
                 "count": launch.count,
                 "capped": launch.count < launch.wanted,
+                "target_reason": launch.target_reason,
+                "waiting": launch.waiting,
             },
         )
         for launch in fleet_plan.launches
@@ -287,6 +335,7 @@ def launch(
     settings: Settings,
     now: datetime,
     lease: LeaseToken,
+    instance_namer: Callable[[LaunchPlan], str] | None = None,
 ) -> CloudStepResult:
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
     cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
@@ -295,7 +344,7 @@ def launch(
     recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
     """
     result = CloudStepResult()
-    new = [_new_instance(p) for p in launches for _ in range(p.count)]
+    new = [_new_instance(p, instance_namer) for p in launches for _ in range(p.count)]
     if not new:
         return result
     host_secrets = insert_instances(session, new, now=now)
@@ -373,9 +422,10 @@ def launch(
     return result
 
 
-def _new_instance(plan: LaunchPlan) -> NewInstance:
-    """A row for one planned launch, marked pending until the cloud answers."""
-    name = f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
+def _new_instance(plan: LaunchPlan, namer: Callable[[LaunchPlan], str] | None = None) -> NewInstance:
+    """A row for one planned launch, marked pending until the cloud answers. ``namer`` (the simulator's, for
+    reproducible runs) replaces the random suffix."""
+    name = namer(plan) if namer is not None else f"{plan.region}-{plan.client_commit_hash[:8]}-{secrets.token_hex(4)}"
     return NewInstance(
         instance_name=name,
         region=plan.region,

@@ -1,0 +1,613 @@
+"""Replay a demand trace through the real scaler pass and the real assignment service, on a virtual clock.
+
+The simulator owns only what is outside Fractal: the users (they ask, retry every Retry-After after a 503, give
+up after a while, end their session), the hosts (they boot after a drawn delay, shake hands through the host
+service, heartbeat, report their mandelboxes running and exited) and the cloud (``SimulatedCloud``). Everything
+Fractal decides — which host gets a user, what the scaler launches, drains and terminates — is the production
+code: ``assign_mandelbox``, ``handshake_host``, the fleet's movers and ``reconcile_fleet``, unchanged, against a
+throwaway SQLite database whose clock (``db_now``) is the virtual one (``fractal.clock.attach_virtual_clock``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cachelib import SimpleCache
+from sqlalchemy import case, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from fractal.admin.schemas import BufferPolicyIn
+from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox
+from fractal.cache import DataCache
+from fractal.clock import attach_virtual_clock, virtual_clock_ddl
+from fractal.config import Environment, Settings
+from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.errors import FractalError
+from fractal.fleet.mandelboxes import move_mandelboxes
+from fractal.host_service.service import handshake_host
+from fractal.images import ImageSpec, upsert_image
+from fractal.models import Base, EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.scaling.policy import LaunchPlan
+from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
+from fractal.simulation.cloud import BootDistribution, SimulatedCloud
+from fractal.simulation.trace import SessionRequest
+
+# On-demand Linux prices (USD per hour, us-east-1, late 2026) of the GPU types Fractal images use; override with
+# SimulationConfig.prices. An unknown type costs DEFAULT_PRICE.
+PRICES_USD_PER_HOUR = {
+    "g4dn.xlarge": 0.526,
+    "g4dn.2xlarge": 0.752,
+    "g4dn.4xlarge": 1.204,
+    "g4dn.12xlarge": 3.912,
+    "g5.xlarge": 1.006,
+    "g5.2xlarge": 1.212,
+    "g5.4xlarge": 1.624,
+}
+DEFAULT_PRICE = 1.0
+SIM_ACTOR = "simulator"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A buffer policy to simulate, as every image of the run gets it: ``static`` (the settings default target),
+    ``static:N`` (``target_free`` N), or ``demand[:key=value,...]`` (a ``buffer_policy``; keys ``safety``,
+    ``window``, ``floor``, ``ceiling``, ``lead``, ``schedule=H-H@N`` for a minimum N in UTC hours H to H)."""
+
+    name: str
+    target_free: int | None = None
+    buffer_policy: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        kind, _, rest = text.partition(":")
+        if kind == "static":
+            if not rest:
+                return cls(text)
+            if not rest.isdigit():
+                raise ValueError(f"policy {text!r}: static:N wants a whole number")
+            return cls(text, target_free=int(rest))
+        if kind != "demand":
+            raise ValueError(f"policy {text!r}: want static, static:N or demand[:key=value,...]")
+        names = {"safety": "safety_factor", "window": "window_s", "floor": "floor", "ceiling": "ceiling"}
+        names["lead"] = "default_lead_time_s"
+        body: dict[str, Any] = {"kind": "demand", "schedule": []}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key == "schedule":
+                hours, _, minimum = value.partition("@")
+                start, _, end = hours.partition("-")
+                span = range(int(start), int(end or start) + 1)
+                body["schedule"].append({"hours_utc": list(span), "min_free": int(minimum)})
+            elif key in names:
+                body[names[key]] = int(value) if key in ("floor", "ceiling") else float(value)
+            else:
+                raise ValueError(f"policy {text!r}: unknown key {key!r} (have {', '.join([*names, 'schedule'])})")
+        validated = BufferPolicyIn.model_validate(body, strict=False)  # the admin API's own validation
+        return cls(text, buffer_policy=validated.model_dump())
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    seed: int = 0
+    tick_s: float = 5.0
+    retry_s: float = float(NO_CAPACITY_RETRY_AFTER_S)  # users retry after the 503's Retry-After
+    give_up_s: float = 600.0  # a user still without a mandelbox this long after arriving leaves
+    boot: BootDistribution = field(default_factory=BootDistribution)
+    launch_failure_rate: float = 0.0
+    region_capacity: int | None = None  # hosts the cloud runs per region at most (then InsufficientCapacity)
+    instance_type: str = "g4dn.xlarge"
+    mandelbox_capacity: int = 4
+    prices: dict[str, float] = field(default_factory=lambda: dict(PRICES_USD_PER_HOUR))
+    default_target_free: int = 10  # FRACTAL_TARGET_FREE_MANDELBOXES: what "static" means
+    scaler_interval_s: float = 15.0
+    scale_down_delay_s: float = 300.0
+    max_instances_per_region: int = 100
+    boot_timeout_s: float = 900.0
+    heartbeat_interval_s: float = 20.0  # one batched heartbeat statement per interval (hosts time out after 60 s)
+    warmup_s: float = 600.0  # images are published this long before the first session that wants them
+    sample_s: float = 60.0
+
+
+@dataclass
+class RegionResult:
+    region: str
+    sessions: int = 0
+    served: int = 0
+    refused: int = 0  # gave up without a mandelbox
+    wait_p50_s: float = 0.0
+    wait_p95_s: float = 0.0
+    wait_p99_s: float = 0.0
+    wait_mean_s: float = 0.0
+    refusals_503: int = 0  # assign answers that were 503 (every retry counts)
+    instance_hours: float = 0.0
+    busy_hours: float = 0.0
+    idle_hours: float = 0.0
+    launches: int = 0
+    terminations: int = 0
+    launch_failures: int = 0
+    capacity_errors: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def refused_share(self) -> float:
+        return self.refused / self.sessions if self.sessions else 0.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: datetime
+    demand: int  # live mandelboxes plus users waiting for one
+    capacity: int  # slots on ACTIVE hosts
+    free: int  # free slots on ACTIVE hosts
+    booting: int  # hosts in PRE_CONNECTION
+
+
+@dataclass
+class SimulationResult:
+    policy: str
+    seed: int
+    overall: RegionResult
+    regions: list[RegionResult]
+    series: list[Sample]
+    started_at: datetime
+    ended_at: datetime
+    elapsed_s: float = 0.0
+    scaler_passes: int = 0
+    assign_calls: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        def region(r: RegionResult) -> dict[str, Any]:
+            return {**asdict(r), "refused_share": round(r.refused_share, 6)}
+
+        return {
+            "policy": self.policy,
+            "seed": self.seed,
+            "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat(),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "scaler_passes": self.scaler_passes,
+            "assign_calls": self.assign_calls,
+            "overall": region(self.overall),
+            "regions": [region(r) for r in self.regions],
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+@dataclass
+class _User:
+    index: int
+    request: SessionRequest
+    tries: int = 0
+    done: bool = False
+    first_refused_at: datetime | None = None  # the first 503: the wait runs from here to the 201
+
+
+class Simulation:
+    """One run of one policy over one trace. ``run()`` does it all; the steps are public for tests."""
+
+    def __init__(
+        self,
+        trace: Sequence[SessionRequest],
+        policy: Policy,
+        config: SimulationConfig | None = None,
+        *,
+        workdir: Path | None = None,
+    ) -> None:
+        if not trace:
+            raise ValueError("the trace has no sessions")
+        self.trace = sorted(trace)
+        self.policy = policy
+        self.config = config or SimulationConfig()
+        self._own_dir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fractal-sim-"))
+        self.database_path = self.workdir / "simulation.db"
+        cfg = self.config
+        first = self.trace[0].arrival.replace(second=0, microsecond=0)
+        self.started_at = first - timedelta(seconds=cfg.warmup_s)
+        self.now = self.started_at
+        self.ends_at = self.trace[-1].arrival + timedelta(seconds=cfg.give_up_s + cfg.tick_s)
+        self.rng = random.Random(cfg.seed)
+        self.cloud = SimulatedCloud(
+            lambda: self.now,
+            rng=self.rng,
+            boot=cfg.boot,
+            launch_failure_rate=cfg.launch_failure_rate,
+            region_capacity=cfg.region_capacity,
+        )
+        self.settings = Settings(
+            # A throwaway development database whatever this shell's FRACTAL_ENV (production demands secrets).
+            env=Environment.DEVELOPMENT,
+            database_url=f"sqlite:///{self.database_path}",
+            target_free_mandelboxes=cfg.default_target_free,
+            scaler_interval_s=cfg.scaler_interval_s,
+            scale_down_delay_s=cfg.scale_down_delay_s,
+            max_instances_per_region=cfg.max_instances_per_region,
+            boot_timeout_s=cfg.boot_timeout_s,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            host_timeout_s=max(60.0, 6 * cfg.heartbeat_interval_s),
+            connect_timeout_s=90.0,
+            host_api_url="http://simulated-host-api.invalid",
+        )
+        self.engine = self._create_database()
+        self.session_factory: SessionFactory = create_session_factory(self.engine)
+        self.session: Session = self.session_factory()
+        self.cache = DataCache(SimpleCache(threshold=100), ttl_s=3600)
+        self._names = 0
+        self._users = [_User(i, r) for i, r in enumerate(self.trace)]
+        self._next_arrival = 0
+        self._retries: list[tuple[datetime, int]] = []  # heap of (next try, user index)
+        self._ends: list[tuple[datetime, uuid.UUID]] = []  # heap of (session end, mandelbox id)
+        self._unclaimed: list[uuid.UUID] = []
+        self._waits: dict[str, list[float]] = defaultdict(list)
+        self._results: dict[str, RegionResult] = {}
+        self._waiting: Counter[str] = Counter()
+        self._busy_hours: dict[str, float] = defaultdict(float)
+        self._series: list[Sample] = []
+        self._schedule = self._image_schedule()
+        self._next_heartbeat = self.started_at
+        self._next_scaler = self.started_at
+        self._next_sample = self.started_at
+        self.scaler_passes = 0
+        self.assign_calls = 0
+        self.last_report: ReconcileReport | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+
+    def _create_database(self) -> Engine:
+        engine = create_db_engine(self.settings)
+
+        @event.listens_for(engine, "connect")
+        def _fast(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")  # a throwaway database: durability buys nothing
+            cursor.close()
+
+        attach_virtual_clock(engine, lambda: self.now)
+
+        def _ddl(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> Any:
+            return virtual_clock_ddl(statement), parameters
+
+        event.listen(engine, "before_cursor_execute", _ddl, retval=True)
+        try:
+            Base.metadata.create_all(engine)
+        finally:
+            event.remove(engine, "before_cursor_execute", _ddl)
+        return engine
+
+    def _image_schedule(self) -> list[tuple[datetime, str, str, bool]]:
+        """When each (region, version) image is published (``warmup_s`` before its first session) and retired (after
+        its last session, once a newer version exists in the region): what an operator rolling out would do."""
+        first: dict[tuple[str, str], datetime] = {}
+        last: dict[tuple[str, str], datetime] = {}
+        for item in self.trace:
+            key = (item.region, item.client_commit_hash)
+            first.setdefault(key, item.arrival)
+            last[key] = item.arrival
+        changes = []
+        for key, start in first.items():
+            changes.append((max(self.started_at, start - timedelta(seconds=self.config.warmup_s)), *key, True))
+            newer = any(k[0] == key[0] and other > start for k, other in first.items() if k != key)
+            if newer:
+                changes.append((last[key] + timedelta(seconds=self.config.tick_s), *key, False))
+        return sorted(changes, key=lambda c: (c[0], c[1], c[2], not c[3]))
+
+    def instance_name(self, plan: LaunchPlan) -> str:
+        self._names += 1
+        return f"{plan.region}-{plan.client_commit_hash[:8]}-{self._names:06d}"
+
+    # --- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> SimulationResult:
+        started = time.perf_counter()
+        try:
+            while self.now <= self.ends_at:
+                self.step()
+                self.now = self.next_time()
+            result = self.result()
+        finally:
+            self.close()
+        result.elapsed_s = time.perf_counter() - started
+        return result
+
+    def next_time(self) -> datetime:
+        """The next tick at which anything happens (ticks where nothing would are skipped: same outcome, faster)."""
+        candidates = [self._next_scaler, self._next_sample, self._next_heartbeat]
+        if self._next_arrival < len(self._users):
+            candidates.append(self._users[self._next_arrival].request.arrival)
+        for heap in (self._retries, self._ends):
+            if heap:
+                candidates.append(heap[0][0])
+        if self._schedule:
+            candidates.append(self._schedule[0][0])
+        boot = self.cloud.next_boot_at()
+        if boot is not None:
+            candidates.append(boot)
+        tick = self.config.tick_s
+        ticks = math.ceil((min(candidates) - self.started_at).total_seconds() / tick - 1e-9)
+        return max(self.now + timedelta(seconds=tick), self.started_at + timedelta(seconds=ticks * tick))
+
+    def step(self) -> None:
+        """One tick at ``self.now``: images, hosts, sessions, users, the scaler, a sample."""
+        now = self.now
+        self._apply_images(now)
+        self._boot_hosts(now)
+        self._end_sessions(now)
+        self._serve_users(now)
+        if now >= self._next_heartbeat:
+            # The hosts' reports ride on the heartbeat cadence: one batch of claims, one of heartbeats (well within
+            # FRACTAL_CONNECT_TIMEOUT_S and FRACTAL_HOST_TIMEOUT_S).
+            self._claim()
+            self._heartbeat(now)
+            self._next_heartbeat = now + timedelta(seconds=self.config.heartbeat_interval_s)
+        if now >= self._next_scaler:
+            self.scaler_step()
+            self._next_scaler = now + timedelta(seconds=self.config.scaler_interval_s)
+        if now >= self._next_sample:
+            self._sample(now)
+            self._next_sample = now + timedelta(seconds=self.config.sample_s)
+
+    def scaler_step(self) -> ReconcileReport:
+        """One scaler pass: the live scaler's ``reconcile_fleet``, its clock the database's (virtual) one."""
+        report = reconcile_fleet(
+            self.session_factory, settings=self.settings, cloud=self.cloud, instance_namer=self.instance_name
+        )
+        self.scaler_passes += 1
+        self.last_report = report
+        return report
+
+    def _apply_images(self, now: datetime) -> None:
+        while self._schedule and self._schedule[0][0] <= now:
+            _, region, commit, active = self._schedule.pop(0)
+            upsert_image(
+                self.session,
+                region=region,
+                client_commit_hash=commit,
+                spec=ImageSpec(
+                    ami_id=f"ami-sim-{commit[:16]}",
+                    active=active,
+                    instance_type=self.config.instance_type,
+                    mandelbox_capacity=self.config.mandelbox_capacity,
+                    target_free=self.policy.target_free,
+                    buffer_policy=self.policy.buffer_policy,
+                ),
+                actor=SIM_ACTOR,
+                cache=self.cache,
+            )
+
+    def _boot_hosts(self, now: datetime) -> None:
+        for host in self.cloud.due_boots(now):
+            try:
+                handshake_host(
+                    self.session,
+                    authenticated_instance=host.instance_name,
+                    instance_name=host.instance_name,
+                    ip=host.ip,
+                    client_commit_hash=host.client_commit_hash,
+                    mandelbox_capacity=host.mandelbox_capacity,
+                    heartbeat_interval_s=self.config.heartbeat_interval_s,
+                    now=now,
+                )
+            except FractalError:
+                self.session.rollback()  # retired before it came up (boot timeout): the scaler terminates it
+
+    def _heartbeat(self, now: datetime) -> None:
+        """Every running host heartbeats: one statement for the fleet (what each host's heartbeat writes)."""
+        names = [h.instance_name for h in self.cloud.up()]
+        if names:
+            self.session.execute(
+                update(Heartbeat)
+                .where(Heartbeat.instance_name.in_(names))
+                .values(last_heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            self.session.commit()
+
+    def _end_sessions(self, now: datetime) -> None:
+        ended = []
+        while self._ends and self._ends[0][0] <= now:
+            ended.append(heapq.heappop(self._ends)[1])
+        if ended:  # the hosts report the mandelboxes EXITED: the fleet's mover returns their slots
+            move_mandelboxes(
+                self.session,
+                where=Mandelbox.mandelbox_id.in_(ended),
+                to=MandelboxStatus.EXITED,
+                reason=EndReason.HOST_EXITED,
+                actor=SIM_ACTOR,
+            )
+            self.session.commit()
+
+    def _claim(self) -> None:
+        if not self._unclaimed:
+            return
+        where = Mandelbox.mandelbox_id.in_(self._unclaimed)
+        for status in (MandelboxStatus.CONNECTING, MandelboxStatus.RUNNING):  # the client connects
+            move_mandelboxes(self.session, where=where, to=status, actor=SIM_ACTOR)
+        self.session.commit()
+        self._unclaimed = []
+
+    def _due_users(self, now: datetime) -> list[int]:
+        """Users asking at this tick: new arrivals and retries, the longest-waiting first."""
+        due: list[int] = []
+        while self._next_arrival < len(self._users) and self._users[self._next_arrival].request.arrival <= now:
+            user = self._users[self._next_arrival]
+            due.append(user.index)
+            self._result(user.request.region).sessions += 1
+            self._next_arrival += 1
+        while self._retries and self._retries[0][0] <= now:
+            due.append(heapq.heappop(self._retries)[1])
+        return sorted(due)  # indices are in arrival order
+
+    def _serve_users(self, now: datetime) -> None:
+        for index in self._due_users(now):
+            user = self._users[index]
+            request = user.request
+            region = self._result(request.region)
+            if user.first_refused_at is not None:
+                self._waiting[request.region] -= 1
+            user.tries += 1
+            self.assign_calls += 1
+            try:
+                result = assign_mandelbox(
+                    self.session,
+                    user_id=f"sim-{index}",
+                    regions=[request.region],
+                    client_commit_hash=request.client_commit_hash,
+                    max_per_user=1,
+                    cache=self.cache,
+                )
+            except FractalError:
+                region.refusals_503 += 1
+                user.first_refused_at = user.first_refused_at or now
+                waited = (now - user.first_refused_at).total_seconds()
+                if waited + self.config.retry_s > self.config.give_up_s:
+                    region.refused += 1
+                    self._waits[request.region].append(self.config.give_up_s)
+                    user.done = True
+                else:
+                    heapq.heappush(self._retries, (now + timedelta(seconds=self.config.retry_s), index))
+                    self._waiting[request.region] += 1
+                continue
+            mandelbox_id = result.assignment.mandelbox_id
+            region.served += 1
+            waited = (now - user.first_refused_at).total_seconds() if user.first_refused_at else 0.0
+            self._waits[request.region].append(waited)
+            user.done = True
+            heapq.heappush(self._ends, (now + timedelta(seconds=request.session_s), mandelbox_id))
+            self._unclaimed.append(mandelbox_id)
+
+    def _sample(self, now: datetime) -> None:
+        rows = self.session.execute(
+            select(
+                Instance.region,
+                Instance.status,
+                func.count(),
+                func.coalesce(func.sum(Instance.mandelbox_capacity), 0),
+                func.coalesce(func.sum(Instance.live_mandelboxes), 0),
+                func.coalesce(func.sum(case((Instance.live_mandelboxes > 0, 1), else_=0)), 0),
+            )
+            .where(Instance.status != InstanceStatus.TERMINATED)
+            .group_by(Instance.region, Instance.status)
+        ).all()
+        self.session.commit()
+        demand = capacity = free = booting = 0
+        for region, status, count, slots, live, busy in rows:
+            demand += int(live)
+            self._busy_hours[region] += int(busy) * self.config.sample_s / 3600
+            if status == InstanceStatus.ACTIVE:
+                capacity += int(slots)
+                free += int(slots) - int(live)
+            elif status == InstanceStatus.PRE_CONNECTION:
+                booting += int(count)
+        demand += sum(self._waiting.values())
+        self._series.append(Sample(now, demand, capacity, free, booting))
+
+    def _result(self, region: str) -> RegionResult:
+        if region not in self._results:
+            self._results[region] = RegionResult(region)
+        return self._results[region]
+
+    # --- results -----------------------------------------------------------------------------------------------
+
+    def result(self) -> SimulationResult:
+        until = self.now
+        billed = self.cloud.billed_hours(until)
+        for (region, instance_type), hours in billed.items():
+            item = self._result(region)
+            item.instance_hours += hours
+            item.cost_usd += hours * self.config.prices.get(instance_type, DEFAULT_PRICE)
+        for host in self.cloud.hosts.values():
+            item = self._result(host.region)
+            item.launches += 1
+            item.terminations += host.terminated_at is not None
+        for region, count in self.cloud.launch_failures.items():
+            self._result(region).launch_failures += count
+        for region, count in self.cloud.capacity_errors.items():
+            self._result(region).capacity_errors += count
+        overall = RegionResult("overall")
+        all_waits: list[float] = []
+        for name, item in sorted(self._results.items()):
+            waits = self._waits.get(name, [])
+            all_waits += waits
+            _fill_waits(item, waits)
+            item.busy_hours = min(self._busy_hours.get(name, 0.0), item.instance_hours)
+            item.idle_hours = max(0.0, item.instance_hours - item.busy_hours)
+            for attribute in (
+                "sessions",
+                "served",
+                "refused",
+                "refusals_503",
+                "instance_hours",
+                "busy_hours",
+                "idle_hours",
+                "launches",
+                "terminations",
+                "launch_failures",
+                "capacity_errors",
+                "cost_usd",
+            ):
+                setattr(overall, attribute, getattr(overall, attribute) + getattr(item, attribute))
+        _fill_waits(overall, all_waits)
+        regions = [self._results[name] for name in sorted(self._results)]
+        for item in [*regions, overall]:
+            for attribute in ("instance_hours", "busy_hours", "idle_hours", "cost_usd"):
+                setattr(item, attribute, round(getattr(item, attribute), 4))
+        return SimulationResult(
+            policy=self.policy.name,
+            seed=self.config.seed,
+            overall=overall,
+            regions=regions,
+            series=list(self._series),
+            started_at=self.started_at,
+            ended_at=until,
+            scaler_passes=self.scaler_passes,
+            assign_calls=self.assign_calls,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+        self.engine.dispose()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _fill_waits(item: RegionResult, waits: Sequence[float]) -> None:
+    item.wait_p50_s = round(percentile(waits, 50), 3)
+    item.wait_p95_s = round(percentile(waits, 95), 3)
+    item.wait_p99_s = round(percentile(waits, 99), 3)
+    item.wait_mean_s = round(sum(waits) / len(waits), 3) if waits else 0.0
+
+
+def simulate(
+    trace: Sequence[SessionRequest], policy: Policy | str, config: SimulationConfig | None = None
+) -> SimulationResult:
+    """Run ``policy`` over ``trace`` on a throwaway database; deterministic for ``config.seed``."""
+    chosen = Policy.parse(policy) if isinstance(policy, str) else policy
+    return Simulation(trace, chosen, config).run()
+
+
+def compare(
+    trace: Sequence[SessionRequest], policies: Sequence[Policy | str], config: SimulationConfig | None = None
+) -> list[SimulationResult]:
+    """Every policy over the same trace with the same seed (the same boots and failures for the same launches)."""
+    return [simulate(trace, policy, config) for policy in policies]

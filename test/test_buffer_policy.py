@@ -1,0 +1,131 @@
+"""Demand-aware buffers: the policy maths, the admin API that sets them, and where the target and its reason show
+(GET /admin/capacity, /metrics, the scaler's plan). Real Postgres; the events are the ones the services write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from fractal.assignment.service import assign_mandelbox
+from fractal.clock import database_now
+from fractal.cloud.memory import MemoryCloud
+from fractal.config import Settings
+from fractal.errors import NoInstanceAvailableError
+from fractal.events import EventKind, record_event
+from fractal.models import Event
+from fractal.scaling.policy import BufferKind, BufferPolicy, DemandStats, ImageTarget, ScheduledMinimum, decide_target
+from fractal.scaling.reconcile import reconcile_fleet
+from test.factories import Factories
+
+NOW = datetime(2026, 11, 24, 19, 30, tzinfo=UTC)
+
+
+def image(policy: BufferPolicy | None, demand: DemandStats | None = None, target_free: int | None = None) -> Any:
+    return ImageTarget("us-east-1", "v1", "ami", "g4dn.xlarge", 4, True, target_free, policy, demand)
+
+
+def test_the_demand_target_is_rate_times_lead_time_times_safety_within_floor_and_ceiling() -> None:
+    demand = BufferPolicy(kind=BufferKind.DEMAND, safety_factor=1.5, window_s=600, floor=2, ceiling=30)
+    # 60 users in 600 s = 0.1/s; x 120 s lead x 1.5 = 18
+    decision = decide_target(image(demand, DemandStats(60, 600, 120.0)), 10, now=NOW)
+    assert (decision.target, decision.reason) == (18, "demand")
+    assert decision.detail["lead_time_measured"] is True
+    assert decide_target(image(demand, DemandStats(1, 600, 120.0)), 10, now=NOW).reason == "floor"
+    assert decide_target(image(demand, DemandStats(1000, 600, 120.0)), 10, now=NOW).target == 30
+    # No launch measured yet: the policy's default lead time (180 s) stands in.
+    unmeasured = decide_target(image(demand, DemandStats(60, 600, None)), 10, now=NOW)
+    assert unmeasured.target == 27 and unmeasured.detail["lead_time_measured"] is False
+
+
+def test_a_scheduled_minimum_raises_the_target_in_its_hours_only() -> None:
+    evening = (ScheduledMinimum(hours_utc=(18, 19, 20), min_free=12),)
+    static = BufferPolicy(kind=BufferKind.STATIC, schedule=evening)
+    assert decide_target(image(static, target_free=3), 10, now=NOW).target == 12
+    assert decide_target(image(static, target_free=3), 10, now=NOW).reason == "schedule"
+    assert decide_target(image(static, target_free=3), 10, now=NOW.replace(hour=9)).target == 3
+    assert decide_target(image(None), 10, now=NOW).reason == "static"
+
+
+def put_image(admin: Any, headers: dict[str, str], body_extra: dict[str, Any]) -> Any:
+    body = {"ami_id": "ami-1", "active": True, "instance_type": "g4dn.xlarge", "mandelbox_capacity": 2, **body_extra}
+    return admin.put("/admin/images/us-east-1/v1", json=body, headers=headers)
+
+
+@pytest.fixture
+def admin(make_app: Callable[..., Any]) -> Any:
+    app = make_app("admin")
+    app.extensions["fractal"].cloud = MemoryCloud()
+    return app.test_client()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"kind": "demand", "floor": 5, "ceiling": 2},
+        {"kind": "demand", "safety_factor": 0},
+        {"kind": "sometimes"},
+        {"kind": "demand", "schedule": [{"hours_utc": [24], "min_free": 1}]},
+        {"kind": "demand", "window_s": "900"},
+    ],
+)
+def test_the_admin_api_refuses_an_invalid_buffer_policy(
+    admin: Any, admin_headers: dict[str, str], policy: dict[str, Any]
+) -> None:
+    answer = put_image(admin, admin_headers, {"buffer_policy": policy})
+    assert answer.status_code == 400, answer.get_json()
+    assert answer.get_json()["error"] == "VALIDATION_ERROR"
+
+
+def test_capacity_metrics_and_the_plan_show_the_demand_target_and_why(
+    admin: Any, admin_headers: dict[str, str], db: Session, factories: Factories, settings: Settings
+) -> None:
+    policy = {"kind": "demand", "safety_factor": 2, "window_s": 600, "floor": 1, "ceiling": 40}
+    answer = put_image(admin, admin_headers, {"buffer_policy": policy})
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["buffer_policy"]["safety_factor"] == 2
+
+    capacity = admin.get("/admin/capacity", headers=admin_headers).get_json()["capacity"]
+    assert (capacity[0]["target_free"], capacity[0]["target_reason"]) == (1, "floor")  # nobody asked yet
+
+    # One host took 150 s from launch to ACTIVE; 12 users asked in the window (6 served, 6 refused).
+    now = database_now(db)
+    host, _ = factories.instance(client_commit_hash="v1", mandelbox_capacity=6, created_at=now - timedelta(seconds=200))
+    record_event(db, kind=EventKind.INSTANCE_ACTIVATED, actor="host", instance_name=host.instance_name)
+    db.execute(  # activated 150 s after its launch
+        update(Event).where(Event.instance_name == host.instance_name).values(created_at=now - timedelta(seconds=50))
+    )
+    db.commit()
+    for n in range(6):
+        assign_mandelbox(db, user_id=f"served-{n}", regions=["us-east-1"], client_commit_hash="v1")
+    for n in range(6):
+        with pytest.raises(NoInstanceAvailableError):
+            assign_mandelbox(db, user_id=f"waiting-{n}", regions=["us-east-1"], client_commit_hash="v1")
+
+    row = admin.get("/admin/capacity", headers=admin_headers).get_json()["capacity"][0]
+    # 12 users / 600 s x 150 s x 2 = 6
+    assert (row["target_free"], row["target_reason"]) == (6, "demand"), row
+    assert row["target_detail"]["lead_time_s"] == 150.0 and row["target_detail"]["arrivals"] == 12
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(admin.get("/metrics").get_data(as_text=True))
+        for s in family.samples
+    }
+    labels = (("client_commit_hash", "v1"), ("region", "us-east-1"))
+    assert samples[("fractal_target_free_mandelboxes", labels)] == 6
+    assert samples[("fractal_target_free_reason", (labels[0], ("reason", "demand"), labels[1]))] == 1
+
+    # The pass plans for 6 free slots plus the 6 users waiting: 0 free now -> ceil(12 / 2) hosts.
+    report = reconcile_fleet(db, settings=settings, cloud=MemoryCloud())
+    planned = [a for a in report.actions if a.action == "plan_launch"]
+    assert len(planned) == 1 and planned[0].detail["target_reason"] == "demand"
+    assert planned[0].detail["target_free"] == 6 and planned[0].detail["free"] == 0
+    assert planned[0].detail["waiting"] == 6
+    assert planned[0].detail["count"] == 6
+    assert report.count("launch") == 6
