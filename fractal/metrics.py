@@ -64,7 +64,7 @@ from sqlalchemy import func, select
 
 from fractal.database import SessionFactory
 from fractal.errors import ErrorCode, FractalError
-from fractal.models import Image, Instance, InstanceStatus
+from fractal.models import Instance, InstanceStatus
 
 log = logging.getLogger(__name__)
 
