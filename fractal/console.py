@@ -466,7 +466,7 @@ def mandelboxes_list(
     emit(ctx, rows, MANDELBOX_COLUMNS)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many of the newest.")
 @click.option("--follow", "-f", is_flag=True, help="Then print new events as they happen (Ctrl-C stops).")
 @click.option(
@@ -486,8 +486,15 @@ def mandelboxes_list(
 )
 @json_option
 @pass_context
-def events(ctx: Context, limit: int, follow: bool, interval_s: float, timeout_s: float | None) -> None:
-    """The audit log: the newest events, oldest of them first; --follow keeps printing new ones."""
+@click.pass_context
+def events(
+    click_ctx: click.Context, ctx: Context, limit: int, follow: bool, interval_s: float, timeout_s: float | None
+) -> None:
+    """The audit log: the newest events, oldest of them first; --follow keeps printing new ones.
+
+    `fractal events export -o trace.csv [--days 7]` writes the sessions it records as a simulator trace."""
+    if click_ctx.invoked_subcommand is not None:
+        return
     newest = list(reversed(ctx.client.events(limit=limit)))
     print_events(ctx, newest, header=True)
     if not follow:
@@ -503,6 +510,31 @@ def events(ctx: Context, limit: int, follow: bool, interval_s: float, timeout_s:
                 last_id = fresh[-1].id
     except KeyboardInterrupt:
         return
+
+
+# The simulator has its own argparse command line (python -m fractal.simulation); these hand it the arguments as
+# they are, so `fractal simulate --help` is its help and nothing is parsed twice.
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+@events.command("export", context_settings=PASS_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def events_export(args: tuple[str, ...]) -> None:
+    """The audit log's sessions as a simulator trace CSV: -o FILE [--days N | --since T --until T]; reads the
+    database (DATABASE_URL or --database-url), not the admin API."""
+    from fractal.simulation.__main__ import main as simulation_main  # matplotlib and friends only when asked
+
+    raise SystemExit(simulation_main(["export", *args]))
+
+
+@main.command(context_settings=PASS_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate(args: tuple[str, ...]) -> None:
+    """What-if simulator (docs/simulation.md): `fractal simulate run --synthetic --compare static demand --plot
+    sim.png`, `fractal simulate run --trace trace.csv ...`, `fractal simulate generate -o trace.csv`."""
+    from fractal.simulation.__main__ import main as simulation_main
+
+    raise SystemExit(simulation_main(list(args)))
 
 
 def print_events(ctx: Context, rows: list[Any], *, header: bool) -> None:

@@ -229,6 +229,66 @@ def test_an_export_of_the_audit_log_gives_back_the_sessions_that_were_replayed(t
     )
 
 
+def test_the_fractal_command_exports_the_audit_log_and_replays_it(tmp_path: Path) -> None:
+    """`fractal events export` then `fractal simulate run --compare`: the operator's loop from the console script."""
+    from click.testing import CliRunner
+
+    from fractal.console import main as fractal_main
+
+    trace = synthetic_trace(SyntheticSpec(sessions=30, regions=("eu-west-1",), hours=0.5), seed=3)
+    simulation = Simulation(trace, Policy.parse("static:1"), SimulationConfig(seed=3), workdir=tmp_path / "sim")
+    try:
+        while simulation.now <= simulation.ends_at:
+            simulation.step()
+            simulation.now = simulation.next_time()
+        simulation.session.commit()
+        until = simulation.now
+        database = simulation.database_path
+        exported_csv = tmp_path / "week.csv"
+        runner = CliRunner()
+        result = runner.invoke(
+            fractal_main,
+            [
+                "events",
+                "export",
+                "-o",
+                str(exported_csv),
+                "--database-url",
+                f"sqlite:///{database}",
+                "--until",
+                until.isoformat(),
+                "--days",
+                "1",
+            ],
+        )
+    finally:
+        simulation.close()
+    assert result.exit_code == 0, result.output
+    assert len(read_csv(exported_csv)) == len(trace)
+
+    figures = tmp_path / "figures.json"
+    result = runner.invoke(
+        fractal_main,
+        [
+            "simulate",
+            "run",
+            "--trace",
+            str(exported_csv),
+            "--compare",
+            "static:1",
+            "demand:floor=1",
+            "--seed",
+            "3",
+            "--json",
+            str(figures),
+            "--overall-only",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "static" in result.output and "demand" in result.output
+    assert figures.stat().st_size > 0
+
+
 def test_policies_parse_and_validate_like_the_admin_api() -> None:
     policy = Policy.parse("demand:safety=2,window=600,floor=1,ceiling=30,lead=150,schedule=18-21@8")
     assert policy.buffer_policy is not None
