@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar, get_type_hints
@@ -106,6 +106,7 @@ class Image:
     instance_type: str
     mandelbox_capacity: int
     target_free: int | None = None
+    buffer_policy: dict[str, Any] | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -384,14 +385,17 @@ class AdminClient(_Client):
         mandelbox_capacity: int,
         active: bool = True,
         target_free: int | None = None,
+        buffer_policy: Mapping[str, Any] | None = None,
     ) -> Image:
-        """Create or update (publish, deactivate) the image of a client version in a region."""
+        """Create or update (publish, deactivate) the image of a client version in a region. A PUT sets the whole
+        image: a ``target_free`` or ``buffer_policy`` left out is cleared (static, the fleet's default)."""
         body = {
             "ami_id": ami_id,
             "active": active,
             "instance_type": instance_type,
             "mandelbox_capacity": mandelbox_capacity,
             **({"target_free": target_free} if target_free is not None else {}),
+            **({"buffer_policy": dict(buffer_policy)} if buffer_policy is not None else {}),
         }
         path = f"/admin/images/{_segment(region)}/{_segment(client_commit_hash)}"
         return _build(Image, self.transport.request("PUT", path, json=body))

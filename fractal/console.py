@@ -223,6 +223,12 @@ def images_list(ctx: Context) -> None:
     "--capacity", "mandelbox_capacity", type=click.IntRange(1, 10_000), required=True, help="Mandelboxes per host."
 )
 @click.option("--target-free", type=click.IntRange(0), default=None, help="Free slots to keep (default: the fleet's).")
+@click.option(
+    "--buffer-policy",
+    "buffer_policy_json",
+    default=None,
+    help='The buffer policy as JSON, e.g. \'{"kind": "demand", "floor": 2}\' (docs/simulation.md); default static.',
+)
 @click.option("--wait", is_flag=True, help="Show progress until the version's buffer is warm.")
 @click.option(
     "--timeout",
@@ -243,11 +249,21 @@ def images_publish(
     instance_type: str,
     mandelbox_capacity: int,
     target_free: int | None,
+    buffer_policy_json: str | None,
     wait: bool,
     timeout_s: float,
     interval_s: float,
 ) -> None:
-    """Publish (create or re-activate) the image of a client version: the scaler builds its buffer."""
+    """Publish (create or re-activate) the image of a client version: the scaler builds its buffer. This sets the
+    whole image: a target or buffer policy not given is cleared."""
+    buffer_policy = None
+    if buffer_policy_json is not None:
+        try:
+            buffer_policy = json.loads(buffer_policy_json)
+        except ValueError as error:
+            raise click.BadParameter(f"not JSON: {error}", param_hint="--buffer-policy") from error
+        if not isinstance(buffer_policy, dict):
+            raise click.BadParameter("a JSON object is expected", param_hint="--buffer-policy")
     image = ctx.client.put_image(
         region,
         client_commit_hash,
@@ -256,6 +272,7 @@ def images_publish(
         mandelbox_capacity=mandelbox_capacity,
         active=True,
         target_free=target_free,
+        buffer_policy=buffer_policy,
     )
     if not ctx.json:
         progress(f"published {region}/{client_commit_hash} ({image.ami_id}, {image.mandelbox_capacity} per host)")
@@ -322,6 +339,7 @@ def images_deactivate(ctx: Context, region: str, client_commit_hash: str) -> Non
         mandelbox_capacity=current.mandelbox_capacity,
         active=False,
         target_free=current.target_free,
+        buffer_policy=current.buffer_policy,
     )
     emit(ctx, image, IMAGE_COLUMNS)
 
