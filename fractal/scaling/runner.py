@@ -1,6 +1,6 @@
 """The scaler loop: a pass every ``FRACTAL_SCALER_INTERVAL_S``, sooner when nudged, until told to stop.
 
-Any number of these may run (one per replica): ``reconcile_fleet`` takes a Postgres advisory lock, so only one pass
+Any number of these may run (one per replica): ``reconcile_fleet`` takes the scaler lease, so only one pass
 runs at a time and the others skip. The wake-up source is injected: in-process by default, Redis when configured.
 """
 

@@ -27,7 +27,7 @@ from fractal.fleet.instances import NewInstance, insert_instances, move_instance
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
-from fractal.scaling.lease import LeaseToken, check_lease, lease_holds
+from fractal.scaling.lease import LeaseToken, check_lease, fence
 from fractal.scaling.policy import DrainReason, FleetPlan, ImageTarget, InstanceSnapshot, LaunchPlan, plan_fleet
 
 log = structlog.get_logger(__name__)
@@ -127,8 +127,12 @@ def record_decisions(session: Session, kind: EventKind, actions: Sequence[Scaler
     )
 
 
-def region_failed(session: Session, *, operation: str, region: str, failure: Exception, **detail: Any) -> RegionError:
-    """A cloud call failed in ``region``: an event and one warning; the caller skips that region's step."""
+def region_failed(
+    session: Session, lease: LeaseToken, *, operation: str, region: str, failure: Exception, **detail: Any
+) -> RegionError:
+    """A cloud call failed in ``region``: an event (recorded only while ``lease`` holds) and one warning; the caller
+    skips that region's step."""
+    fence(session, lease)
     code = getattr(failure, "code", None) or type(failure).__name__
     message = f"{operation} failed in {region}: {failure}"
     record_events(
@@ -291,8 +295,9 @@ def launch(
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
     cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
 
-    Before each request the lease must still hold (else LeaseLost ends the pass), and the provider ids are
-    recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
+    Before each request the lease is renewed (else LeaseLost ends the pass), and what the cloud answered is
+    recorded in a transaction fenced by the lease: a former leader woken after its lease passed on launches and
+    records nothing (the successor finds its ``pending:`` rows and cleans them up).
     """
     result = CloudStepResult()
     new = [_new_instance(p) for p in launches for _ in range(p.count)]
@@ -329,7 +334,12 @@ def launch(
             failed_regions.add(row.region)
             result.region_errors.append(
                 region_failed(
-                    session, operation="launch", region=row.region, failure=failure, instance_name=row.instance_name
+                    session,
+                    lease,
+                    operation="launch",
+                    region=row.region,
+                    failure=failure,
+                    instance_name=row.instance_name,
                 )
             )
             continue
@@ -342,9 +352,11 @@ def launch(
                 {"cloud_provider_id": host.cloud_provider_id, "cloud": cloud.name},
             )
         )
+    if launched or refused or not_sent or unknown:
+        fence(session, lease)  # from here to the commit below, no successor can take the lease
     if launched:
-        session.execute(  # the provider ids replace the pending markers, only while our lease holds
-            update(Instance).where(lease_holds(lease)).execution_options(synchronize_session=None),  # by key + fence
+        session.execute(  # the provider ids replace the pending markers (by primary key)
+            update(Instance).execution_options(synchronize_session=None),
             [{"instance_name": a.instance_name, "cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
         )
         record_decisions(session, EventKind.INSTANCE_LAUNCHED, launched)
@@ -409,10 +421,13 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
             gone.update(_terminate_region(cloud, region, region_rows, now=now))
         except Exception as failure:  # any provider failure stays in its region
             # Leave the rows TERMINATING: the next pass asks again. Never assume a host is gone.
-            result.region_errors.append(region_failed(session, operation="terminate", region=region, failure=failure))
+            result.region_errors.append(
+                region_failed(session, lease, operation="terminate", region=region, failure=failure)
+            )
     if not gone:
         return result
     names = sorted(gone)
+    fence(session, lease)  # a stale leader ends nothing and finishes no row; the pass's final commit ends the fence
     # Live mandelboxes end (an earlier reason, e.g. a user's delete, is kept) and their slots are returned, so the
     # counter is consistent before the row is finished.
     ended = move_mandelboxes(
@@ -425,7 +440,7 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     )
     result.actions += move(
         session,
-        where=and_(Instance.instance_name.in_(names), lease_holds(lease)),
+        where=Instance.instance_name.in_(names),
         to=InstanceStatus.TERMINATED,
         action="terminated",
         reason="confirmed_gone",
