@@ -4,6 +4,7 @@ and a former leader fenced off from acting or recording after its lease passed o
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -74,8 +75,9 @@ class SlowCloud(MemoryCloud):
         self.delay_s = delay_s
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
-        time.sleep(self.delay_s)
-        return super().launch(request)
+        host = super().launch(request)  # sent in time,
+        time.sleep(self.delay_s)  # answered late
+        return host
 
 
 def test_a_leader_whose_lease_ran_out_mid_call_records_nothing(
@@ -181,3 +183,52 @@ def test_what_a_replaced_leader_learns_from_the_cloud_is_not_recorded(
     assert len(cloud.launches) == 1
     assert all((cloud_id or "").startswith(PENDING_PREFIX) for cloud_id in ids), ids  # left for the successor
     assert EventKind.INSTANCE_LAUNCHED not in kinds  # not even the event of the launch it saw
+
+
+def test_ec2_requests_past_the_lease_end_are_not_sent(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """The deadline is checked in botocore's before-send hook: a leader stalled between its renewal and its
+    request (SIGSTOP, a long pause) does not launch or terminate when it wakes."""
+    import boto3
+
+    from fractal.cloud.base import DeadlinePassed, HostRef, send_deadline
+    from fractal.cloud.ec2 import Ec2Cloud
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_endpoint)
+    cloud = Ec2Cloud(settings, max_attempts=1)
+    commit = f"deadline-{uuid.uuid4().hex[:8]}"
+
+    def request(name: str) -> LaunchRequest:
+        return LaunchRequest(name, "us-east-1", commit, "ami-12345678", "t3.micro", 1, "s3cret", "http://h")
+
+    with send_deadline(time.monotonic() - 0.01), pytest.raises(DeadlinePassed) as refused:
+        cloud.launch(request(f"late-{commit}"))
+    assert refused.value.maybe_done is False and refused.value.code == "DeadlinePassed"
+    with send_deadline(time.monotonic() + 30):
+        launched = cloud.launch(request(f"on-time-{commit}"))
+    with send_deadline(time.monotonic() - 0.01), pytest.raises(DeadlinePassed):
+        cloud.terminate("us-east-1", [launched.cloud_provider_id])
+    # describe is a read: never refused
+    with send_deadline(time.monotonic() - 0.01):
+        hosts = cloud.describe("us-east-1", [HostRef(f"on-time-{commit}", launched.cloud_provider_id)])
+    assert [h.state.value for h in hosts] in (["running"], ["pending"])
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_endpoint)
+    found = ec2.describe_instances(Filters=[{"Name": "tag:fractal:client-commit-hash", "Values": [commit]}])
+    names = {
+        next(t["Value"] for t in i["Tags"] if t["Key"] == "fractal:instance-name"): i["State"]["Name"]
+        for r in found["Reservations"]
+        for i in r["Instances"]
+    }
+    assert names == {f"on-time-{commit}": names[f"on-time-{commit}"]}  # the late launch never reached EC2
+    assert names[f"on-time-{commit}"] in ("pending", "running")  # nor did the late terminate
+
+
+def test_check_lease_gives_the_instant_the_lease_certainly_holds_until(committed_factory: SessionFactory) -> None:
+    with committed_factory() as session:
+        lease = acquire_lease(session, name=NAME, holder="a", ttl_s=5)
+        assert lease is not None
+        before = time.monotonic()
+        deadline = check_lease(session, lease)
+        assert before + 4 <= deadline <= time.monotonic() + 5 - 0.5

@@ -9,15 +9,19 @@ it while it is alive, and every transaction that records what the cloud did begi
 checking the token (``fence``), so a leader that was paused past its lease (and has been replaced) can neither act
 nor record anything when it wakes up.
 
-What no lease can fence is the cloud itself: a leader paused between its last renewal and the HTTP request it was
-about to send sends it on waking. Its row is already marked ``pending:`` by then, so the successor's pass treats it
-as an unconfirmed launch and terminates the host by its name tag (see ``steps.retire_hosts``).
+The cloud cannot check a fencing token, so the cloud calls are fenced by time instead: each renewal yields the
+instant until which the lease certainly holds, and a launch or terminate request is refused at the last moment
+before it goes on the wire (botocore's before-send hook) once that instant has passed, so a leader paused between
+its renewal and its request does not send it on waking. A request sent in time but answered late was made while
+the lease held; its row is marked ``pending:``, so the successor treats it as an unconfirmed launch and terminates
+the host by its name tag.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 SCALER_LEASE = "scaler"
+# How long before the lease's end a cloud request must have been sent (its trip to the cloud).
+SEND_MARGIN_S = 1.0
 
 
 class LeaseLost(RuntimeError):
@@ -107,15 +113,21 @@ def lease_holds(token: LeaseToken, *, in_subquery: bool = True) -> ColumnElement
     return exists().where(condition) if in_subquery else condition
 
 
-def check_lease(session: Session, token: LeaseToken) -> None:
-    """Right before a cloud call: renew the lease by compare-and-set, or raise LeaseLost.
+def check_lease(session: Session, token: LeaseToken) -> float:
+    """Right before a cloud call: renew the lease by compare-and-set, or raise LeaseLost. Returns the instant
+    (``time.monotonic()``) until which the lease is certainly still held, for ``fractal.cloud.base.send_deadline``.
 
     The renewal matches only while ``token`` still holds (same holder and fencing token, unexpired) and extends the
     expiry to ``ttl_s`` from the database's now, so a pass that takes longer than one lease period keeps the lease
     as long as it is alive, while one that stalls past it has lost it for good. It commits (call it with nothing
     pending), so no transaction stays open, idle, across the slow call that follows (the server would end it at
     idle_in_transaction_session_timeout).
+
+    The instant returned is measured from before the renewal was sent (the database set the expiry later than
+    that), less a margin for the request's trip to the cloud: a request sent before it reaches the cloud while the
+    lease holds, and one the caller was too stalled to send in time is not sent at all.
     """
+    sent = time.monotonic()
     renewed = session.execute(
         update(Lease)
         .where(lease_holds(token, in_subquery=False))
@@ -126,6 +138,7 @@ def check_lease(session: Session, token: LeaseToken) -> None:
     session.commit()
     if renewed is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
+    return sent + token.ttl_s - min(SEND_MARGIN_S, token.ttl_s / 10)
 
 
 def fence(session: Session, token: LeaseToken) -> None:

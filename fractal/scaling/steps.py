@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
-from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
+from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
 from fractal.config import Settings
 from fractal.events import EventKind, record_events
 from fractal.fleet.instances import NewInstance, insert_instances, move_instances
@@ -325,9 +325,10 @@ def launch(
             host_secret=host_secrets[row.instance_name],
             host_api_url=settings.host_api_url,
         )
-        check_lease(session, lease)
+        deadline = check_lease(session, lease)
         try:
-            host = cloud.launch(request)
+            with send_deadline(deadline):  # a request the pass was too stalled to send in time is not sent
+                host = cloud.launch(request)
         except Exception as failure:  # any provider failure; unknown ones count as "may have started"
             maybe_done = failure.maybe_done if isinstance(failure, CloudError) else True
             (unknown if maybe_done else refused).append(row.instance_name)
@@ -416,9 +417,10 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
         by_region[row.region].append(row)
     gone: dict[str, str | None] = {}
     for region, region_rows in sorted(by_region.items()):
-        check_lease(session, lease)
+        deadline = check_lease(session, lease)
         try:
-            gone.update(_terminate_region(cloud, region, region_rows, now=now))
+            with send_deadline(deadline):
+                gone.update(_terminate_region(cloud, region, region_rows, now=now))
         except Exception as failure:  # any provider failure stays in its region
             # Leave the rows TERMINATING: the next pass asks again. Never assume a host is gone.
             result.region_errors.append(
