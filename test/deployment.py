@@ -412,11 +412,6 @@ def _is_stopped(pid: int) -> bool:
     return False
 
 
-def migration_logs(deployment: Deployment) -> list[str]:
-    """Each process's log, for counting who ran which revision."""
-    return [process.log_text() for process in deployment.processes()]
-
-
 def wait_for(predicate: Any, *, timeout_s: float, interval_s: float = 0.1, message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
