@@ -1,4 +1,4 @@
-"""Flask CLI commands (`flask --app app <command>`): tokens, seeding and the scaler."""
+"""Flask CLI commands (`flask --app app <command>`): tokens, the scaler and the history purge."""
 
 from __future__ import annotations
 
@@ -52,3 +52,30 @@ def register_cli(app: Flask) -> None:
             raise click.ClickException(f"scaler pass failed: {failure}") from None
         if once and report is not None:
             click.echo(json.dumps(report.as_dict()))
+
+    @app.cli.command("purge")
+    @click.option(
+        "--max-seconds", "max_s", type=float, default=None, help="Stop after this long (FRACTAL_PURGE_MAX_S)."
+    )
+    @click.option("--batch-size", type=click.IntRange(1, 100_000), default=None, help="Rows per batch.")
+    def purge_command(max_s: float | None, batch_size: int | None) -> None:
+        """Purge history past its retention once, in batches, and print the counts as JSON."""
+        import json
+
+        from fractal.database import session_scope
+        from fractal.metrics import record_purge
+        from fractal.retention import default_log_objects, purge_history
+
+        state = app.extensions["fractal"]
+        with session_scope(state.session_factory) as session:
+            report = purge_history(
+                session,
+                settings=state.settings,
+                log_objects=default_log_objects(state.settings),
+                batch_size=batch_size,
+                max_s=max_s,
+            )
+        record_purge(report.purged)
+        click.echo(json.dumps(report.as_dict()))
+        if report.errors:
+            raise click.ClickException("purge failed for: " + "; ".join(report.errors))

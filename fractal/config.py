@@ -152,6 +152,27 @@ class Settings(BaseSettings):
     local_boot_delay_s: float = Field(default=2, ge=0)
 
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+    # History retention (fractal.retention): how long ended things are kept before the scaler purges them. One
+    # period for everything, each kind overridable; idempotency keys are counted from their expiry instead.
+    retention_days: float = Field(default=90, gt=0)
+    retention_events_days: float | None = Field(default=None, gt=0)
+    retention_mandelboxes_days: float | None = Field(default=None, gt=0)
+    retention_log_uploads_days: float | None = Field(default=None, gt=0)
+    # Heartbeat rows of TERMINATED hosts, and (with their last mandelbox gone) the instance rows themselves.
+    retention_heartbeats_days: float | None = Field(default=None, gt=0)
+    retention_instances_days: float | None = Field(default=None, gt=0)
+    # Expired idempotency keys are never replayed; by default they go as soon as they expire (assign also drops a few).
+    retention_idempotency_keys_hours: float = Field(default=0, ge=0)
+    # Whether a purged log-upload row's object is deleted from the bucket too (off: a bucket lifecycle rule does).
+    retention_delete_log_objects: bool = True
+    # The scaler purges at most this often (0: never on its own; `./commands purge` still works), in batches of
+    # this many rows, each its own short transaction, and stops a run after purge_max_s (the rest waits).
+    purge_interval_s: float = Field(default=600, ge=0)
+    purge_batch_size: int = Field(default=2_000, ge=1, le=100_000)
+    purge_max_s: float = Field(default=20, gt=0)
+    # A pause after each full batch, so a long purge leaves the database room for requests (0: none).
+    purge_pause_ms: int = Field(default=50, ge=0, le=10_000)
+
     cache_ttl_s: int = Field(default=30, ge=0)
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
 

@@ -33,6 +33,9 @@ class EventKind(enum.StrEnum):
     SCALER_DECISION = "scaler.decision"
     SCALER_ERROR = "scaler.error"
     MAIL_SENT = "mail.sent"
+    API_KEY_CREATED = "api_key.created"
+    API_KEY_REVOKED = "api_key.revoked"
+    API_KEY_REFUSED = "api_key.refused"  # a revoked or expired key was presented
 
 
 def record_event(

@@ -27,7 +27,13 @@ from fractal.request_guards import install_request_guards
 from fractal.web import EXTENSION_KEY, FractalState, close_db_session
 
 SECURITY_SCHEMES = {
-    "UserToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+    "UserToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A user JWT (RS256). The admin API also takes an API key (fk_<id>_<secret>) holding the "
+        "route's scope: admin:read for reads, images:write for PUT /admin/images/..., admin:write for other writes.",
+    },
     "HostSecret": {
         "type": "http",
         "scheme": "bearer",

@@ -16,6 +16,8 @@ Metric names (the contract for dashboards and alerts):
   ``fractal_reconcile_last_success_timestamp_seconds``: when a pass last completed (alert on its age);
   ``fractal_reconcile_region_errors_total{region,operation}``: cloud calls that failed in one region, which that
   pass then skipped while it reconciled the others.
+- ``fractal_purged_rows_total{kind}``: history rows the scaler's purge deleted past their retention (``events``,
+  ``mandelboxes``, ``log_uploads``, ``heartbeats``, ``instances``, ``idempotency_keys``).
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` switches the counters and histograms to multiprocess files so any
 worker's ``/metrics`` answers for all of them (gunicorn.conf.py sets this up). The fleet gauges are computed by
@@ -96,6 +98,12 @@ RECONCILE_REGION_ERRORS = Counter(
     ["region", "operation"],
     registry=None,
 )
+PURGED_ROWS = Counter(
+    "fractal_purged_rows_total",
+    "History rows deleted by the scaler's purge once past their retention, by kind.",
+    ["kind"],
+    registry=None,
+)
 PROCESS_METRICS: tuple[Collector, ...] = (
     ASSIGNMENTS,
     RECONCILE_DURATION,
@@ -103,6 +111,7 @@ PROCESS_METRICS: tuple[Collector, ...] = (
     RECONCILE_FAILURES,
     RECONCILE_LAST_SUCCESS,
     RECONCILE_REGION_ERRORS,
+    PURGED_ROWS,
 )
 
 
@@ -138,6 +147,16 @@ def observe_reconcile(report: Any) -> None:
         record_reconcile(report.duration_s, counts)
         for error in getattr(report, "region_errors", ()):
             RECONCILE_REGION_ERRORS.labels(region=error.region, operation=error.operation).inc()
+        purge = getattr(report, "purge", None)
+        if purge is not None:
+            record_purge(purge.purged)
+
+
+def record_purge(purged: dict[str, int]) -> None:
+    """Count the rows one purge run deleted, per kind."""
+    for kind, count in purged.items():
+        if count:
+            PURGED_ROWS.labels(kind=kind).inc(count)
 
 
 def record_reconcile_failure() -> None:

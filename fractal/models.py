@@ -155,6 +155,13 @@ class Instance(Base):
             sqlite_where=text("status = 'ACTIVE'"),
         ),
         Index("ix_instances_status", "status"),
+        # The purge's walk over TERMINATED hosts, oldest first (status is indexed already, so no HOT update is lost).
+        Index(
+            "ix_instances_terminated_at",
+            "status_changed_at",
+            postgresql_where=text("status = 'TERMINATED'"),
+            sqlite_where=text("status = 'TERMINATED'"),
+        ),
         {"postgresql_with": {"fillfactor": INSTANCES_FILLFACTOR}},
     )
 
@@ -218,6 +225,19 @@ class Mandelbox(Base):
             sqlite_where=text("status <> 'EXITED'"),
         ),
         Index("ix_mandelboxes_user_created", "user_id", "created_at"),
+        # The purge: ended boxes oldest first, and "does any ended box still reference this instance".
+        Index(
+            "ix_mandelboxes_exited_ended_at",
+            "ended_at",
+            postgresql_where=text("status = 'EXITED'"),
+            sqlite_where=text("status = 'EXITED'"),
+        ),
+        Index(
+            "ix_mandelboxes_exited_instance",
+            "instance_name",
+            postgresql_where=text("status = 'EXITED'"),
+            sqlite_where=text("status = 'EXITED'"),
+        ),
     )
 
     mandelbox_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -290,6 +310,7 @@ class LogUpload(Base):
     """A protocol log stored in object storage for one mandelbox, uploaded by its host or its client."""
 
     __tablename__ = "log_uploads"
+    __table_args__ = (Index("ix_log_uploads_uploaded_at", "uploaded_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     mandelbox_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("mandelboxes.mandelbox_id"), index=True)
@@ -317,3 +338,23 @@ class Lease(Base):
 
     def __repr__(self) -> str:
         return f"<Lease {self.name} held by {self.holder} (token {self.fencing_token})>"
+
+
+class ApiKey(Base):
+    """An operator's API key for automation. ``id`` is the key's public lookup part (``fk_<id>_<secret>``); only a
+    SHA-256 digest of the whole key is stored. Rows are kept after revocation (``revoked_at``) as history."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSONDocument)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), server_default=_now())
+    created_by: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.id} {self.name!r} {self.scopes}>"

@@ -18,6 +18,7 @@ _access_log = structlog.get_logger("fractal.access")
 _SENSITIVE_KEYS = re.compile(r"(authorization|token|secret|password|passwd|api[_-]?key|cookie)", re.IGNORECASE)
 _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_API_KEY = re.compile(r"fk_[0-9a-f]{12}_[A-Za-z0-9_-]+")
 _URL_PASSWORD = re.compile(r"(\w+://[^:/\s@]*:)[^@\s]+@")
 REDACTED = "[REDACTED]"
 # Probes and scrapes would drown the access log.
@@ -26,12 +27,13 @@ _NOT_SENSITIVE = frozenset({"request_id", "event"})
 
 
 def redact_text(value: str) -> str:
-    """Strip bearer credentials, JWTs and URL passwords out of free text."""
+    """Strip bearer credentials, JWTs, API keys and URL passwords out of free text."""
     folded = value.lower()
-    if "bearer" not in folded and "eyj" not in folded and "://" not in folded:
-        return value  # the common case, every log line: nothing to look for, skip the three regexes
+    if "bearer" not in folded and "eyj" not in folded and "://" not in folded and "fk_" not in folded:
+        return value  # the common case, every log line: nothing to look for, skip the four regexes
     value = _BEARER.sub("Bearer " + REDACTED, value)
     value = _JWT.sub(REDACTED, value)
+    value = _API_KEY.sub(REDACTED, value)
     return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", value)
 
 

@@ -13,6 +13,7 @@ from flask import current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from fractal.auth.api_keys import ApiKeyCaller, ApiScope, effective_scopes
 from fractal.auth.hosts import HostSecretDirectory
 from fractal.auth.tokens import TokenVerifier, UserClaims
 from fractal.cache import DataCache
@@ -75,6 +76,18 @@ def close_db_session(_exc: BaseException | None = None) -> None:
 def current_user() -> UserClaims:
     user: UserClaims = g.user
     return user
+
+
+def current_admin_actor() -> str:
+    """Who called this admin route, for audit events: ``admin:<sub>`` (a token) or ``api_key:<id>``."""
+    actor: str = g.admin_actor
+    return actor
+
+
+def current_api_key_scopes() -> frozenset[ApiScope] | None:
+    """The calling API key's effective scopes; None for an admin token (which holds every scope)."""
+    caller: ApiKeyCaller | None = g.get("api_key")
+    return effective_scopes(caller.scopes) if caller is not None else None
 
 
 def parse_mandelbox_id(raw: str) -> uuid.UUID:

@@ -31,8 +31,8 @@ from test.throwaway import PG_SERVER_URL, create_database, database_name, drop_d
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER_URL = os.environ.get("FRACTAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = (
-    "leases, log_uploads, newsletter_subscriptions, idempotency_keys, events, heartbeats, mandelboxes, instances,"
-    " images"
+    "api_keys, leases, log_uploads, newsletter_subscriptions, idempotency_keys, events, heartbeats, mandelboxes,"
+    " instances, images"
 )
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

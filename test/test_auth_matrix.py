@@ -240,6 +240,7 @@ VALID_BODIES: dict[tuple[str, str, str], dict[str, Any]] = {
         "mandelbox_capacity": 2,
     },
     ("admin", "post", "/admin/mail"): {"template": "welcome", "to": "a@example.com", "args": {"name": "A"}},
+    ("admin", "post", "/admin/api-keys"): {"name": "deploy", "scopes": ["admin:read"]},
     ("host", "post", "/host/handshake"): {
         "instance_name": "x",
         "ip": "10.0.0.1",

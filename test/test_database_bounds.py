@@ -1,6 +1,7 @@
-"""Bounded database waits: a held row lock, a runaway statement or a killed backend answers 503 DATABASE_BUSY
-within the bound and stores nothing; the bounds are per transaction (SET LOCAL, PgBouncer-safe); a connection that
-died with a database restart is replaced without failing the request that finds it."""
+"""Bounded database waits: a held row lock, a runaway statement, a real deadlock or a real serialization failure
+answers 503 DATABASE_BUSY (a backend terminated mid-transaction: 503 DATABASE_UNAVAILABLE) within the bound and
+stores nothing; the bounds are per transaction (SET LOCAL, PgBouncer-safe); a connection that died with a database
+restart is replaced without failing the request that finds it."""
 
 from __future__ import annotations
 
@@ -103,8 +104,6 @@ def _probe_blueprint() -> APIBlueprint:
     bp = APIBlueprint("probe", __name__)
     statements = {
         "sleep": "SELECT pg_sleep(5)",  # past statement_timeout: 57014
-        "deadlock": "DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$",
-        "serialization": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
         "bug": "SELECT 1 / 0",  # our own mistake: stays a 500
     }
 
@@ -134,8 +133,6 @@ def _probe_blueprint() -> APIBlueprint:
         ("sleep", 503, "DATABASE_BUSY"),
         # psycopg2 sees only "server closed the connection unexpectedly" (no SQLSTATE): a lost connection.
         ("terminated", 503, "DATABASE_UNAVAILABLE"),
-        ("deadlock", 503, "DATABASE_BUSY"),
-        ("serialization", 503, "DATABASE_BUSY"),
         ("locked", 503, "DATABASE_BUSY"),
         ("bug", 500, "INTERNAL_ERROR"),
     ],
@@ -326,3 +323,227 @@ def test_an_exhausted_pool_answers_database_busy_within_its_timeout(
         assert client.get("/regions", headers=user_headers()).status_code == 200  # the budget is back
     finally:
         engine.dispose()
+
+
+# --- Conflicts provoked for real: a deadlock, a serialization failure, a backend terminated mid-transaction -------
+# Each request writes first (a capacity change and an audit event, as a service would), then runs into the conflict
+# another connection sets up; the answer is 503 with Retry-After and the write is gone.
+
+MARK = "fractal-probe-conflict"
+
+
+class _Conflict:
+    """Two instance rows, A and B, and what the test's other connection did to them."""
+
+    def __init__(self, engine: Engine) -> None:
+        with Session(engine) as session:
+            factories = Factories(session)
+            self.a = factories.instance(mandelbox_capacity=4)[0].instance_name
+            self.b = factories.instance(mandelbox_capacity=4)[0].instance_name
+        self.engine = engine
+        self.request_holds_a = threading.Event()
+
+    def capacities(self) -> dict[str, int]:
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Instance.instance_name, Instance.mandelbox_capacity).where(
+                    Instance.instance_name.in_([self.a, self.b])
+                )
+            ).all()
+            return {name: capacity for name, capacity in rows}
+
+    def marked_events(self) -> int:
+        with Session(self.engine) as session:
+            return session.execute(select(func.count()).select_from(Event).where(Event.actor == MARK)).scalar_one()
+
+
+def _conflict_blueprint(conflict: _Conflict) -> APIBlueprint:
+    bp = APIBlueprint("conflict", __name__)
+
+    def write_a(session: Session) -> None:
+        session.execute(
+            text("UPDATE instances SET mandelbox_capacity = mandelbox_capacity + 10 WHERE instance_name = :a"),
+            {"a": conflict.a},
+        )
+        session.add(Event(kind="probe", actor=MARK, instance_name=conflict.a, detail={}))
+        session.flush()
+
+    @bp.post("/conflict/deadlock")
+    def deadlock() -> dict[str, Any]:
+        session = db_session()
+        # This transaction checks for deadlocks first (the other side waits 10 s before it would): it is the victim.
+        session.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+        write_a(session)
+        conflict.request_holds_a.set()
+        time.sleep(0.2)  # the other connection, holding B, now waits for A
+        session.execute(
+            text("UPDATE instances SET status_changed_at = now() WHERE instance_name = :b"), {"b": conflict.b}
+        )
+        session.commit()
+        return {"ok": True}
+
+    @bp.post("/conflict/serialization")
+    def serialization() -> dict[str, Any]:
+        session = db_session()
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        session.execute(text("SELECT mandelbox_capacity FROM instances WHERE instance_name = :a"), {"a": conflict.a})
+        conflict.request_holds_a.set()  # the snapshot is taken
+        time.sleep(0.3)  # meanwhile another transaction updates A and commits
+        write_a(session)
+        session.commit()
+        return {"ok": True}
+
+    @bp.get("/conflict/read")
+    def read() -> dict[str, Any]:
+        query = text("SELECT mandelbox_capacity FROM instances WHERE instance_name = :a")
+        return {"capacity": db_session().execute(query, {"a": conflict.a}).scalar_one()}
+
+    @bp.post("/conflict/terminated")
+    def terminated() -> dict[str, Any]:
+        session = db_session()
+        write_a(session)
+        session.execute(text("SET LOCAL statement_timeout = 0"))
+        session.execute(text(f"SELECT pg_sleep(10) /* {MARK} */")).all()  # an operator ends this backend here
+        session.commit()
+        return {"ok": True}
+
+    return bp
+
+
+@pytest.fixture
+def conflict(bounded_engine: Engine) -> _Conflict:
+    return _Conflict(bounded_engine)
+
+
+def _conflict_client(bounded_settings: Settings, bounded_engine: Engine, conflict: _Conflict) -> Any:
+    # lock_timeout above deadlock_timeout here: the request must meet the deadlock, not give up waiting first.
+    app_settings = Settings(**{**bounded_settings.model_dump(), "db_lock_timeout_ms": 3000})
+    app = create_app(
+        blueprints=[_conflict_blueprint(conflict)],
+        settings=app_settings,
+        session_factory=create_session_factory(bounded_engine),
+    )
+    return app.test_client()
+
+
+def _assert_busy_and_nothing_written(response: Any, conflict: _Conflict, code: str, before: dict[str, int]) -> None:
+    assert response.status_code == 503, response.json
+    assert response.json["error"] == code and set(response.json) == {"error", "message"}, response.json
+    assert int(response.headers["Retry-After"]) >= 1
+    assert conflict.marked_events() == 0, "the refused request's audit event was stored"
+    assert conflict.capacities()[conflict.a] == before[conflict.a], "the refused request's update was stored"
+
+
+def test_a_real_deadlock_answers_database_busy_and_stores_nothing(
+    bounded_settings: Settings, bounded_engine: Engine, conflict: _Conflict
+) -> None:
+    client = _conflict_client(bounded_settings, bounded_engine, conflict)
+    before = conflict.capacities()
+    deadlocks_before = _deadlocks(bounded_engine)
+    other_finished = threading.Event()
+
+    def other_side() -> None:
+        # B first, then A: the opposite order. Survives the deadlock (the request is the victim) and commits.
+        with bounded_engine.connect() as connection:
+            connection.execute(text("SET LOCAL deadlock_timeout = '10s'"))
+            connection.execute(text("SET LOCAL lock_timeout = '8s'"))
+            connection.execute(
+                text("UPDATE instances SET status_changed_at = now() WHERE instance_name = :b"), {"b": conflict.b}
+            )
+            if conflict.request_holds_a.wait(timeout=10):
+                connection.execute(
+                    text("UPDATE instances SET mandelbox_capacity = mandelbox_capacity + 1 WHERE instance_name = :a"),
+                    {"a": conflict.a},
+                )
+                connection.commit()
+                other_finished.set()
+
+    other = threading.Thread(target=other_side)
+    other.start()
+    time.sleep(0.1)  # B is locked before the request starts
+    try:
+        started = time.monotonic()
+        response = client.post("/conflict/deadlock")
+        elapsed = time.monotonic() - started
+    finally:
+        other.join(timeout=15)
+    _assert_busy_and_nothing_written(response, conflict, "DATABASE_BUSY", {conflict.a: before[conflict.a] + 1})
+    assert other_finished.is_set(), "the other transaction should have won the deadlock and committed"
+    assert elapsed < 3, elapsed  # deadlock detection, not a lock wait
+    # Postgres itself broke a deadlock: it was real. A backend's statistics reach pg_stat_database at the latest
+    # when it exits: close the pooled connections.
+    bounded_engine.dispose()
+    deadline = time.monotonic() + 5
+    while _deadlocks(bounded_engine) == deadlocks_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _deadlocks(bounded_engine) > deadlocks_before
+
+
+def _deadlocks(engine: Engine) -> int:
+    with engine.connect() as connection:
+        count: int = connection.execute(
+            text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar_one()
+        return count
+
+
+def test_a_real_serialization_failure_answers_database_busy_and_stores_nothing(
+    bounded_settings: Settings, bounded_engine: Engine, conflict: _Conflict
+) -> None:
+    client = _conflict_client(bounded_settings, bounded_engine, conflict)
+    before = conflict.capacities()
+
+    def other_side() -> None:
+        # Once the request's snapshot is taken, change A and commit: the request's update of A cannot serialize.
+        if conflict.request_holds_a.wait(timeout=10):
+            with bounded_engine.begin() as connection:
+                connection.execute(
+                    text("UPDATE instances SET mandelbox_capacity = mandelbox_capacity + 1 WHERE instance_name = :a"),
+                    {"a": conflict.a},
+                )
+
+    other = threading.Thread(target=other_side)
+    other.start()
+    try:
+        response = client.post("/conflict/serialization")
+    finally:
+        other.join(timeout=15)
+    _assert_busy_and_nothing_written(response, conflict, "DATABASE_BUSY", {conflict.a: before[conflict.a] + 1})
+
+
+def test_a_backend_terminated_mid_transaction_answers_database_unavailable_and_stores_nothing(
+    bounded_settings: Settings, bounded_engine: Engine, conflict: _Conflict
+) -> None:
+    client = _conflict_client(bounded_settings, bounded_engine, conflict)
+    before = conflict.capacities()
+
+    def operator() -> None:
+        with bounded_engine.connect() as connection:
+            for _ in range(200):
+                pid = connection.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE query LIKE :mark AND pid <> pg_backend_pid()"
+                        " AND state = 'active'"
+                    ),
+                    {"mark": f"%pg_sleep(10) /* {MARK}%"},
+                ).scalar()
+                connection.commit()
+                if pid is not None:
+                    # The request has written A and an event, uncommitted: the operator ends its backend.
+                    connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                    connection.commit()
+                    return
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=operator)
+    killer.start()
+    try:
+        started = time.monotonic()
+        response = client.post("/conflict/terminated")
+        elapsed = time.monotonic() - started
+    finally:
+        killer.join(timeout=15)
+    _assert_busy_and_nothing_written(response, conflict, "DATABASE_UNAVAILABLE", before)
+    assert elapsed < 5, elapsed  # the termination ended it, not the 10 s sleep
+    # The dead connection is not handed out again: the next request reads through a working one.
+    assert client.get("/conflict/read").json == {"capacity": before[conflict.a]}

@@ -5,6 +5,11 @@ sessions, with valid credentials (a user token on the public API, an admin token
 on the host API) and a seeded world (images, instances, a live mandelbox) so that path parameters sometimes name
 real rows and requests get past authentication to the interesting code.
 
+Each app is fuzzed a second time with ``FRACTAL_CLOUD=aws`` (the real boto3 EC2 provider, talking to a moto server on
+loopback): the scaler's reconcile endpoint then launches and terminates moto instances, and every app builds its
+settings and cloud the way production does. Fewer examples there (FRACTAL_FUZZ_AWS_EXAMPLES, default 8): the
+routes are the same, what differs is the cloud behind them.
+
 Not fuzzed: the raw-body log-upload routes (``PUT /host/mandelboxes/{id}/logs``, ``PUT /mandelbox/{id}/logs``) —
 their body is an opaque byte stream with no requestBody in the spec; test/test_log_uploads.py covers them.
 """
@@ -17,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import pytest
 import schemathesis
 from apiflask import APIFlask
@@ -36,6 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from fractal.assignment.service import assign_mandelbox
+from fractal.cloud.ec2 import Ec2Cloud
 from fractal.cloud.memory import MemoryCloud
 from fractal.database import SessionFactory
 from fractal.models import InstanceStatus
@@ -47,6 +54,7 @@ pytestmark = pytest.mark.slow
 # Examples per operation and generation mode: small enough that the three apps together stay well under a minute.
 # FRACTAL_FUZZ_EXAMPLES raises it for a longer hunt; FRACTAL_FUZZ_RANDOM=1 draws new examples on every run.
 MAX_EXAMPLES = int(os.environ.get("FRACTAL_FUZZ_EXAMPLES", "25"))
+AWS_MAX_EXAMPLES = int(os.environ.get("FRACTAL_FUZZ_AWS_EXAMPLES", "8"))
 RAW_BODY_ROUTES = {"/host/mandelboxes/{mandelbox_id}/logs", "/mandelbox/{mandelbox_id}/logs"}
 CHECKS = [
     not_a_server_error,
@@ -138,7 +146,7 @@ class FuzzReport:
     succeeded: set[str]  # "METHOD /path" of operations that answered 2xx at least once
 
 
-def fuzz(app: APIFlask, headers: dict[str, str], world: World) -> FuzzReport:
+def fuzz(app: APIFlask, headers: dict[str, str], world: World, *, max_examples: int = MAX_EXAMPLES) -> FuzzReport:
     """Run every operation in positive and negative mode, collecting failures instead of stopping at the first."""
     # Credentials are supplied (valid) by the test; the fuzzer must not also generate or strip Authorization.
     # Refusing an oversized body with 413 is a rejection too.
@@ -159,7 +167,7 @@ def fuzz(app: APIFlask, headers: dict[str, str], world: World) -> FuzzReport:
         operations += 1
         for mode, checks in ((GenerationMode.POSITIVE, CHECKS), (GenerationMode.NEGATIVE, NEGATIVE_CHECKS)):
             try:
-                _fuzz_operation(operation, mode, checks, headers, substitute, report.succeeded)
+                _fuzz_operation(operation, mode, checks, headers, substitute, report.succeeded, max_examples)
             except Unsatisfiable:
                 continue  # nothing to negate (no parameters, no body)
             except (Exception, FailureGroup) as failure:
@@ -176,10 +184,11 @@ def _fuzz_operation(
     headers: dict[str, str],
     substitute: Callable[[Any], None],
     succeeded: set[str],
+    max_examples: int,
 ) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=MAX_EXAMPLES,
+        max_examples=max_examples,
         deadline=None,
         derandomize=not os.environ.get("FRACTAL_FUZZ_RANDOM"),
         database=None,
@@ -244,3 +253,46 @@ def test_host_api_conforms_to_its_spec(fuzz_app: Callable[[str], APIFlask], worl
         "GET /host/mandelboxes/{mandelbox_id}",
         "PUT /host/mandelboxes/{mandelbox_id}",
     } <= report.succeeded
+
+
+@pytest.fixture
+def aws_fuzz_app(
+    make_app: Callable[..., APIFlask], aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], APIFlask]:
+    """Apps on FRACTAL_CLOUD=aws: the Ec2Cloud the factory builds, its EC2 calls answered by the moto server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", aws_env)
+
+    def build(kind: str) -> APIFlask:
+        app = make_app(kind, cloud="aws")
+        assert isinstance(app.extensions["fractal"].cloud, Ec2Cloud)
+        return app
+
+    return build
+
+
+@pytest.mark.parametrize("kind", ["public", "admin", "host"])
+def test_every_api_conforms_on_aws(
+    kind: str,
+    aws_fuzz_app: Callable[[str], APIFlask],
+    aws_env: str,
+    world: World,
+    factories: Factories,
+    user_headers: Callable[..., dict[str, str]],
+    admin_headers: dict[str, str],
+) -> None:
+    headers = {
+        "public": user_headers(world.user_id),
+        "admin": admin_headers,
+        "host": {"Authorization": f"Bearer {world.host_secret}"},
+    }[kind]
+    # An active image with no instances: a scaler pass run through the admin API has something to launch on EC2.
+    factories.image(region="us-west-2", client_commit_hash="aws-fuzz", ami_id="ami-0f0f0f0f")
+    report = fuzz(aws_fuzz_app(kind), headers, world, max_examples=AWS_MAX_EXAMPLES)
+    assert not report.failures, "\n\n".join(report.failures)
+    if kind == "admin":
+        # The reconcile endpoint got past validation and ran passes that launched on moto's EC2.
+        assert "POST /admin/scaling/reconcile" in report.succeeded
+        ec2 = boto3.client("ec2", region_name="us-west-2", endpoint_url=aws_env)
+        tag = {"Name": "tag:fractal:client-commit-hash", "Values": ["aws-fuzz"]}
+        launched = [i for r in ec2.describe_instances(Filters=[tag])["Reservations"] for i in r["Instances"]]
+        assert launched, "no pass reached EC2"

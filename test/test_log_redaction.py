@@ -112,6 +112,7 @@ def test_redact_text_covers_the_shapes_secrets_take() -> None:
     assert "s3cr3t" not in redact_text("redis://:s3cr3t@redis:6379/0")
     assert "abc.def" not in redact_text("Authorization: Bearer abc.def")
     assert redact_text("eyJhbGciOi.eyJzdWIi.c2ln") == REDACTED
+    assert redact_text("key fk_0123456789ab_" + "A-_b" * 11) == "key " + REDACTED  # an API key, even unprefixed
     assert redact_text("nothing to hide at http://db:5432/x") == "nothing to hide at http://db:5432/x"
 
 
@@ -248,3 +249,27 @@ def test_a_full_scenario_logged_at_debug_never_shows_a_secret(
     }
     leaked = [name for name, value in secrets.items() if value in logged]
     assert not leaked, leaked
+
+
+def test_api_key_requests_log_the_key_id_never_the_key(
+    make_app: Callable[..., APIFlask], admin_headers: dict[str, str]
+) -> None:
+    client = make_app("admin").test_client()  # installs its log handler; capture it as log_stream does
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    stream = io.StringIO()
+    previous = handler.setStream(stream)
+    try:
+        created = client.post(
+            "/admin/api-keys", json={"name": "logged", "scopes": ["admin:read"]}, headers=admin_headers
+        )
+        key, key_id = created.get_json()["key"], created.get_json()["id"]
+        assert client.get("/admin/capacity", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert client.get("/admin/capacity", headers={"Authorization": f"Bearer {key}x"}).status_code == 401
+    finally:
+        handler.setStream(previous)
+    err = stream.getvalue()
+    assert key not in err and key.split("_", 2)[2] not in err
+    access = [line for line in log_lines(err) if line["event"] == "request" and line.get("path") == "/admin/capacity"]
+    assert [line["status"] for line in access] == [200, 401]
+    assert access[0]["key_id"] == key_id

@@ -20,6 +20,7 @@ from fractal.cloud.memory import MemoryCloud
 from fractal.config import normalise_database_url
 from fractal.migrations import run_alembic
 from fractal.models import (
+    ApiKey,
     Base,
     Event,
     Heartbeat,
@@ -111,6 +112,14 @@ def rows_with_every_timestamp(at: datetime | None) -> list[Any]:
             key=uuid.uuid4().hex,
             size=1,
             **stamp("uploaded_at"),
+        ),
+        ApiKey(
+            id=uuid.uuid4().hex[:12],
+            name="k",
+            digest="0" * 64,
+            scopes=["admin:read"],
+            created_by="test",
+            **stamp("created_at", "expires_at", "revoked_at", "last_used_at"),
         ),
     ]
 

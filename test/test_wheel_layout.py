@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from alembic.script import ScriptDirectory
 
+from fractal.auth.dev_keys import mint_token
 from test.conftest import PG_SERVER_URL, alembic_config, create_database, drop_database
 from test.processes import StartedProcess, free_port, http_get, start_sequence, stopping, wait_until_ready
 from test.test_packaging import stages
@@ -225,6 +226,7 @@ def test_every_role_starts_from_the_image_layout_and_three_replicas_migrate_once
         logs = [started.log_text() for started in [*publics, *others, scaler]]
         keys = {(installed.app_dir / "instance" / "dev_jwt_public.pem").read_text()}
         assert scaler.process.poll() is None, scaler.log_text()
+        console_script_works(installed, others[0])
     migrating = [log for log in logs if "Running upgrade" in log]
     assert len(migrating) == 1, "\n---\n".join(logs)
     revisions = list(ScriptDirectory.from_config(alembic_config()).walk_revisions())
@@ -232,6 +234,27 @@ def test_every_role_starts_from_the_image_layout_and_three_replicas_migrate_once
     assert len(alembic_versions(empty_database)) == 1
     assert all("Traceback" not in log for log in logs)
     assert len(keys) == 1
+
+
+def console_script_works(installed: Installed, admin: StartedProcess) -> None:
+    """The wheel's `fractal` console script, against the admin API the wheel serves."""
+    private_pem = (installed.app_dir / "instance" / "dev_jwt_private.pem").read_text()
+    env = {**installed.environment("console"), "FRACTAL_ADMIN_URL": admin.url}
+    env["FRACTAL_ADMIN_TOKEN"] = mint_token(private_pem, user_id="wheel-operator", admin=True)
+    script = str(Path(installed.python).parent / "fractal")
+    listed = subprocess.run(
+        [script, "--json", "capacity"], env=env, cwd=installed.app_dir, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), list)
+    dead = subprocess.run(
+        [script, "--url", f"http://127.0.0.1:{free_port()}", "capacity"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dead.returncode == 3 and dead.stderr.startswith("error: cannot reach"), dead.stderr
 
 
 def test_an_unreachable_database_exits_3_within_its_bound(installed: Installed, tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, Field, StringConstraints
 
+from fractal.auth.api_keys import ApiScope
 from fractal.clock import Timestamp
 from fractal.config import Settings
 from fractal.errors import ValidationError
@@ -121,3 +122,41 @@ def validate_image_key(region: str, client_commit_hash: str, settings: Settings)
         problems["client_commit_hash"] = ["must be 1-64 characters without surrounding spaces"]
     if problems:
         raise ValidationError("The image key is not valid.", details={"path": problems})
+
+
+class ApiKeyIn(StrictIn):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    scopes: list[Annotated[ApiScope, Field(strict=False)]] = Field(
+        min_length=1,
+        max_length=len(ApiScope),
+        description="admin:read (every GET), admin:write (every other admin route; implies images:write), "
+        "images:write (PUT /admin/images/... only)",
+    )
+    # RFC 3339 text with an offset (strict mode would refuse text for a datetime).
+    expires_at: Annotated[AwareDatetime, Field(strict=False)] | None = Field(
+        default=None, description="Optional; RFC 3339 with an offset, in the future"
+    )
+
+
+class ApiKeyOut(BaseModel):
+    id: str = Field(description="The key's public part: the key is fk_<id>_<secret>")
+    name: str
+    scopes: list[str]
+    created_at: Timestamp
+    created_by: str
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+    last_used_at: Timestamp | None = Field(description="Refreshed at most once a minute")
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(description="Shown once; only its digest is stored")
+
+
+class ApiKeyListOut(BaseModel):
+    api_keys: list[ApiKeyOut]
+    next_cursor: str | None = Field(default=None, description=NEXT_CURSOR_DESCRIPTION)
+
+
+class ApiKeyFilterIn(PageIn):
+    limit: int = Field(default=500, ge=1, le=5000, description="Rows per page (at most 5000)")

@@ -9,6 +9,11 @@ from apiflask import APIBlueprint
 
 from fractal.admin import service
 from fractal.admin.schemas import (
+    ApiKeyCreatedOut,
+    ApiKeyFilterIn,
+    ApiKeyIn,
+    ApiKeyListOut,
+    ApiKeyOut,
     EventFilterIn,
     EventListOut,
     ImageFilterIn,
@@ -22,13 +27,15 @@ from fractal.admin.schemas import (
     MandelboxFilterIn,
     validate_image_key,
 )
+from fractal.auth import api_keys
+from fractal.auth.api_keys import ApiScope
 from fractal.auth.decorators import admin_required
 from fractal.events import list_events
 from fractal.fleet.views import InstanceView, list_mandelbox_views
 from fractal.images import ImageSpec, list_images, upsert_image
 from fractal.models import Event, Image
 from fractal.schemas import MandelboxListOut
-from fractal.web import current_user, db_session, settings, state
+from fractal.web import current_admin_actor, current_api_key_scopes, db_session, settings, state
 
 admin_blueprint = APIBlueprint("admin", __name__, tag="Admin", url_prefix="/admin")
 _AUTH = {401: "Unauthorized", 403: "Forbidden"}
@@ -49,7 +56,7 @@ def image_body(image: Image) -> dict[str, Any]:
 
 
 @admin_blueprint.get("/images")
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(ImageFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(ImageListOut)
 @admin_blueprint.doc(summary="List images by region (paged)", security="UserToken", responses=_AUTH)
@@ -59,7 +66,7 @@ def get_images(filters: ImageFilterIn) -> Any:
 
 
 @admin_blueprint.put("/images/<region>/<client_commit_hash>")
-@admin_required
+@admin_required(ApiScope.IMAGES_WRITE)
 @admin_blueprint.input(ImageIn, arg_name="body")
 @admin_blueprint.output(ImageOut)
 @admin_blueprint.doc(
@@ -72,14 +79,14 @@ def put_image(region: str, client_commit_hash: str, body: ImageIn) -> Any:
         region=region,
         client_commit_hash=client_commit_hash,
         spec=ImageSpec(**body.model_dump()),
-        actor=f"admin:{current_user().user_id}",
+        actor=current_admin_actor(),
         cache=state().cache,
     )
     return image_body(image)
 
 
 @admin_blueprint.get("/instances")
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(InstanceFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(InstanceListOut)
 @admin_blueprint.doc(
@@ -95,7 +102,7 @@ def get_instances(filters: InstanceFilterIn) -> Any:
 
 
 @admin_blueprint.get("/mandelboxes")
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(MandelboxFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(MandelboxListOut)
 @admin_blueprint.doc(summary="List mandelboxes, newest first (paged)", security="UserToken", responses=_AUTH)
@@ -112,7 +119,7 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
 
 
 @admin_blueprint.post("/instances")
-@admin_required
+@admin_required(ApiScope.ADMIN_WRITE)
 @admin_blueprint.input(InstanceIn, arg_name="body")
 @admin_blueprint.output(InstanceCreatedOut, status_code=201)
 @admin_blueprint.doc(
@@ -121,7 +128,7 @@ def get_mandelboxes(filters: MandelboxFilterIn) -> Any:
     responses={**_AUTH, 400: "Validation error", 409: "CONFLICT: the name is taken"},
 )
 def post_instance(body: InstanceIn) -> Any:
-    registered = service.register_instance(db_session(), **body.model_dump(), actor=f"admin:{current_user().user_id}")
+    registered = service.register_instance(db_session(), **body.model_dump(), actor=current_admin_actor())
     return asdict(registered)
 
 
@@ -132,10 +139,10 @@ def post_instance(body: InstanceIn) -> Any:
     security="UserToken",
     responses={**_AUTH, 404: "Not found", 409: "INVALID_TRANSITION"},
 )
-@admin_required
+@admin_required(ApiScope.ADMIN_WRITE)
 def drain_instance(instance_name: str) -> Any:
     view = service.drain_instance_view(
-        db_session(), instance_name=instance_name, actor=f"admin:{current_user().user_id}"
+        db_session(), instance_name=instance_name, actor=current_admin_actor()
     )
     return view
 
@@ -153,10 +160,54 @@ def event_body(event: Event) -> dict[str, Any]:
 
 
 @admin_blueprint.get("/events")
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 @admin_blueprint.input(EventFilterIn, location="query", arg_name="filters")
 @admin_blueprint.output(EventListOut)
 @admin_blueprint.doc(summary="Audit events, newest first (paged)", security="UserToken", responses=_AUTH)
 def get_events(filters: EventFilterIn) -> Any:
     page = list_events(db_session(), limit=filters.limit, cursor=filters.cursor)
     return {"events": [event_body(event) for event in page.items], "next_cursor": page.next_cursor}
+
+
+@admin_blueprint.post("/api-keys")
+@admin_required(ApiScope.ADMIN_WRITE)
+@admin_blueprint.input(ApiKeyIn, arg_name="body")
+@admin_blueprint.output(ApiKeyCreatedOut, status_code=201)
+@admin_blueprint.doc(
+    summary="Create an API key (answered once)",
+    description="A key cannot grant a scope its creator (an API key) does not hold: 403.",
+    security="UserToken",
+    responses={**_AUTH, 400: "Validation error"},
+)
+def post_api_key(body: ApiKeyIn) -> Any:
+    created = api_keys.create_api_key(
+        db_session(),
+        name=body.name,
+        scopes=body.scopes,
+        expires_at=body.expires_at,
+        actor=current_admin_actor(),
+        caller_scopes=current_api_key_scopes(),
+    )
+    return {**asdict(created.view), "key": created.key}
+
+
+@admin_blueprint.get("/api-keys")
+@admin_required(ApiScope.ADMIN_READ)
+@admin_blueprint.input(ApiKeyFilterIn, location="query", arg_name="filters")
+@admin_blueprint.output(ApiKeyListOut)
+@admin_blueprint.doc(summary="API keys by name (paged; revoked ones too)", security="UserToken", responses=_AUTH)
+def get_api_keys(filters: ApiKeyFilterIn) -> Any:
+    page = api_keys.list_api_keys(db_session(), limit=filters.limit, cursor=filters.cursor)
+    return {"api_keys": [asdict(view) for view in page.items], "next_cursor": page.next_cursor}
+
+
+@admin_blueprint.delete("/api-keys/<key_id>")
+@admin_required(ApiScope.ADMIN_WRITE)
+@admin_blueprint.output(ApiKeyOut)
+@admin_blueprint.doc(
+    summary="Revoke an API key (at once; revoking again changes nothing)",
+    security="UserToken",
+    responses={**_AUTH, 404: "Not found"},
+)
+def delete_api_key(key_id: str) -> Any:
+    return asdict(api_keys.revoke_api_key(db_session(), key_id=key_id, actor=current_admin_actor()))

@@ -1,4 +1,5 @@
-"""View decorators that authenticate the caller: users (JWT), admins (JWT with scope admin), hosts (secret).
+"""View decorators that authenticate the caller: users (JWT), admins (JWT with scope admin, or an API key holding
+the route's scope), hosts (secret).
 
 Put them directly under the route decorator, above ``@bp.input``: APIFlask validates the body when its ``input``
 wrapper runs, so an auth decorator placed below it would let an anonymous caller learn validation details (400)
@@ -14,6 +15,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from flask import g, request
 
+from fractal.auth.api_keys import ApiScope, authenticate_api_key, effective_scopes, looks_like_api_key
 from fractal.auth.tokens import UserClaims
 from fractal.errors import ForbiddenError, PaymentRequiredError, UnauthorizedError
 from fractal.web import db_session, settings, state
@@ -35,10 +37,13 @@ def bearer_credential() -> str:
 
 def authenticate_user() -> UserClaims:
     """Verify the request's user token and remember the caller on ``g``."""
+    credential = bearer_credential()
+    if looks_like_api_key(credential):
+        raise UnauthorizedError("API keys are accepted on the admin API only.")
     verifier = state().verifier
     if verifier is None:
         raise UnauthorizedError("User tokens cannot be verified: no key is configured.")
-    user = verifier.verify(bearer_credential())
+    user = verifier.verify(credential)
     g.user = user
     structlog.contextvars.bind_contextvars(user_id=user.user_id)
     return user
@@ -61,17 +66,46 @@ def user_required(view: F) -> F:
     return cast(F, wrapper)
 
 
-def admin_required(view: F) -> F:
-    """A user token carrying the ``admin`` scope; other valid users get 403."""
+def authenticate_admin(scope: ApiScope) -> None:
+    """An admin token (every scope), or an API key holding ``scope``; remembers the audit actor on ``g``.
 
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        user = authenticate_user()
-        if not user.is_admin:
-            raise ForbiddenError("This needs the admin scope.")
-        return view(*args, **kwargs)
+    Raises:
+        UnauthorizedError: no, or an invalid, token or key (unknown, tampered, revoked, expired).
+        ForbiddenError: a valid user token without the admin scope, or a key without ``scope``.
+    """
+    credential = bearer_credential()
+    if looks_like_api_key(credential):
+        caller = authenticate_api_key(db_session(), credential)
+        g.api_key = caller
+        g.admin_actor = caller.actor
+        structlog.contextvars.bind_contextvars(key_id=caller.key_id)  # not api_key*: logs redact such keys
+        if scope not in effective_scopes(caller.scopes):
+            raise ForbiddenError(f"This needs the {scope} scope.")
+        return
+    user = authenticate_user()
+    if not user.is_admin:
+        raise ForbiddenError("This needs the admin scope.")
+    g.api_key = None
+    g.admin_actor = f"admin:{user.user_id}"
 
-    return cast(F, wrapper)
+
+def admin_required(scope: ApiScope) -> Callable[[F], F]:
+    """An admin route needing ``scope`` from an API key (admin tokens hold every scope); other callers 401/403.
+
+    The scope is kept on the view as ``required_scope`` (``functools.wraps`` carries it to the outer wrappers), so
+    the tests can check every route of the admin app declares the scope its method calls for.
+    """
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            authenticate_admin(scope)
+            return view(*args, **kwargs)
+
+        wrapper.required_scope = scope  # type: ignore[attr-defined]
+        return cast(F, wrapper)
+
+    return decorate
 
 
 def host_required(view: F) -> F:

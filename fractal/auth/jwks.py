@@ -61,10 +61,13 @@ class JwksKeySet:
         self.generation = 0
         self.fetches = 0
 
+    def fresh(self) -> bool:
+        """True while the last fetched set is within its lifetime (what it says may be relied on without asking)."""
+        return self._fetched_at is not None and self._clock() - self._fetched_at < self._lifetime_s
+
     def key(self, kid: str) -> Any:
         """The verification key for ``kid``, refetching the set when the rules allow; JwksKeyNotFoundError if none."""
-        fresh = self._fetched_at is not None and self._clock() - self._fetched_at < self._lifetime_s
-        if fresh and kid in self._keys:
+        if self.fresh() and kid in self._keys:
             return self._keys[kid]
         self._refresh(wait=kid not in self._keys)
         key = self._keys.get(kid)

@@ -129,7 +129,10 @@ class JwtVerifier:
         now = time.time()
         generation = self._jwks.generation if self._jwks is not None else 0
         # A JWKS fetch that removed or replaced a key bumps the generation: nothing verified before it is reused.
-        if cached is not None and cached[0] > now and cached[2] == generation:
+        # Past the key set's lifetime nothing cached is reused either: verifying again asks the issuer whether the
+        # key is still published, so a removed key stops working within the lifetime even for a token seen before.
+        jwks_fresh = self._jwks is None or self._jwks.fresh()
+        if cached is not None and cached[0] > now and cached[2] == generation and jwks_fresh:
             return cached[1]
         user = self._verify_uncached(token)
         # Clients send the same token for many requests; remember a verified one briefly (never past exp).

@@ -8,6 +8,7 @@ from typing import IO, Any
 from apiflask import APIBlueprint
 from flask import g, request
 
+from fractal.auth.api_keys import ApiScope
 from fractal.auth.decorators import admin_required, current_host_instance_name, host_required, user_required
 from fractal.log_uploads import service
 from fractal.log_uploads.schemas import LogListOut, LogStoredOut
@@ -120,7 +121,7 @@ def put_client_log(mandelbox_id: str) -> Any:
     security="UserToken",
     responses={401: "Unauthorized", 403: "Forbidden", 404: "Not found"},
 )
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 def get_logs(mandelbox_id: str) -> Any:
     logs = service.list_logs(
         db_session(), s3=s3_client(), bucket=settings().logs_bucket, mandelbox_id=parse_mandelbox_id(mandelbox_id)

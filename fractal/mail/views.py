@@ -6,11 +6,12 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
+from fractal.auth.api_keys import ApiScope
 from fractal.auth.decorators import admin_required
 from fractal.mail import service
 from fractal.mail.registry import list_templates, template_subject
 from fractal.mail.schemas import MailIn, MailSentOut, TemplateListOut
-from fractal.web import current_user, db_session, mail_backend, settings
+from fractal.web import current_admin_actor, db_session, mail_backend, settings
 
 mail_admin_blueprint = APIBlueprint("mail_admin", __name__, tag="Mail", url_prefix="/admin")
 _AUTH = {401: "Unauthorized", 403: "Forbidden"}
@@ -19,7 +20,7 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
 @mail_admin_blueprint.get("/mail/templates")
 @mail_admin_blueprint.output(TemplateListOut)
 @mail_admin_blueprint.doc(summary="Mail templates shipped in the package", security="UserToken", responses=_AUTH)
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 def get_templates() -> Any:
     return {
         "templates": [
@@ -35,7 +36,7 @@ def get_templates() -> Any:
 
 
 @mail_admin_blueprint.post("/mail")
-@admin_required
+@admin_required(ApiScope.ADMIN_WRITE)
 @mail_admin_blueprint.input(MailIn, arg_name="body")
 @mail_admin_blueprint.output(MailSentOut, status_code=202)
 @mail_admin_blueprint.doc(
@@ -56,6 +57,6 @@ def send_mail(body: MailIn) -> Any:
         template=body.template,
         to=str(body.to),
         args=body.args,
-        actor=f"admin:{current_user().user_id}",
+        actor=current_admin_actor(),
     )
     return {"message_id": message_id}

@@ -7,8 +7,10 @@ Safety rules the pass keeps:
 - An instance row exists (PRE_CONNECTION, provider id ``pending:<name>``) and is committed *before* the cloud is
   asked to launch it, so a crash mid-launch leaves a row the next pass finds and cleans up.
 - A row becomes TERMINATED only when the cloud's ``describe`` says the host is terminated or unknown; an AWS error
-  leaves rows TERMINATING for the next pass. Nothing is ever deleted.
+  leaves rows TERMINATING for the next pass. Nothing is deleted but history past its retention (the purge).
 - Every statement is set-based: the number of statements per pass does not grow with the number of instances.
+- When asked (``purge``, every ``FRACTAL_PURGE_INTERVAL_S`` by the loop), the pass ends by purging history past its
+  retention (``fractal.retention``), in short batches, while its lease still holds, within a time bound.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory, session_scope
+from fractal.retention import LogObjectStore, PurgeReport, purge_history
 from fractal.scaling import steps
-from fractal.scaling.lease import SCALER_LEASE, LeaseToken, acquire_lease, holder_identity, release_lease
+from fractal.scaling.lease import (
+    SCALER_LEASE,
+    LeaseToken,
+    acquire_lease,
+    holder_identity,
+    lease_holds,
+    release_lease,
+)
 from fractal.scaling.steps import LAUNCH_VISIBILITY_GRACE_S, PENDING_PREFIX, RegionError, ScalerAction
 
 __all__ = [
@@ -53,6 +64,8 @@ class ReconcileReport:
     skipped_reason: str | None = None
     actions: list[ScalerAction] = field(default_factory=list)
     region_errors: list[RegionError] = field(default_factory=list)
+    # The history purge this pass ran (None: it was not due, or the lease was gone before it could start).
+    purge: PurgeReport | None = None
 
     @property
     def errors(self) -> list[str]:
@@ -71,6 +84,7 @@ class ReconcileReport:
             "actions": [asdict(a) for a in self.actions],
             "errors": self.errors,
             "region_errors": [asdict(e) for e in self.region_errors],
+            "purge": None if self.purge is None else self.purge.as_dict(),
         }
 
 
@@ -80,6 +94,8 @@ def reconcile_fleet(
     settings: Settings,
     cloud: CloudProvider,
     now: datetime | None = None,
+    purge: bool = False,
+    log_objects: LogObjectStore | None = None,
 ) -> ReconcileReport:
     """Run one scaler pass unless another replica is running one.
 
@@ -88,6 +104,8 @@ def reconcile_fleet(
         cloud: where hosts are launched, terminated and described.
         now: the pass's clock (tests move it forward); defaults to the database's clock, read once per pass, so
             every replica judges stored times by the same clock whatever its own says.
+        purge: end the pass with a history purge (``fractal.retention``), under the lease.
+        log_objects: where the purge deletes log objects (None: rows only).
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
@@ -104,6 +122,8 @@ def reconcile_fleet(
         report.ran = True
         try:
             _run_pass(session, settings=settings, cloud=cloud, now=now, report=report, lease=lease)
+            if purge:
+                report.purge = _purge(session, settings=settings, lease=lease, log_objects=log_objects)
         finally:
             session.rollback()  # a failed pass leaves its transaction aborted; the release needs a fresh one
             release_lease(session, lease)
@@ -151,3 +171,26 @@ def _run_pass(
         report.actions += outcome.actions
         report.region_errors += outcome.region_errors
     session.commit()
+
+
+def _purge(
+    session: Session, *, settings: Settings, lease: LeaseToken, log_objects: LogObjectStore | None
+) -> PurgeReport | None:
+    """The history purge at the end of a pass: the lease is renewed first (a long pass must not leave the purge a
+    lease about to expire), checked before every batch, and the run is bounded well inside the lease period."""
+    renewed = acquire_lease(session, name=lease.name, holder=lease.holder, ttl_s=settings.scaler_lease_ttl_s)
+    if renewed is None or renewed.fencing_token != lease.fencing_token:
+        return None
+
+    def lease_still_holds() -> bool:
+        holds = bool(session.execute(select(lease_holds(lease))).scalar())
+        session.commit()
+        return holds
+
+    return purge_history(
+        session,
+        settings=settings,
+        log_objects=log_objects,
+        should_continue=lease_still_holds,
+        max_s=min(settings.purge_max_s, settings.scaler_lease_ttl_s / 2),
+    )

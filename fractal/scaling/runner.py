@@ -1,7 +1,9 @@
 """The scaler loop: a pass every ``FRACTAL_SCALER_INTERVAL_S``, sooner when nudged, until told to stop.
 
-Any number of these may run (one per replica): ``reconcile_fleet`` takes the scaler lease, so only one pass
-runs at a time and the others skip. The wake-up source is injected: in-process by default, Redis when configured.
+Any number of these may run (one per replica): ``reconcile_fleet`` takes the scaler lease, so only one pass runs at
+a time and the others skip. The wake-up source is injected: in-process by default, Redis when configured. Every
+``FRACTAL_PURGE_INTERVAL_S`` (and on the next pass again while a purge had more left) a pass also purges history
+past its retention (``fractal.retention``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fractal.database import SessionFactory
 from fractal.metrics import observe_reconcile, record_reconcile_failure, start_metrics_server
 from fractal.nudge import LocalNudge, build_nudge
 from fractal.observability import redact_text
+from fractal.retention import LogObjectStore, default_log_objects
 from fractal.scaling.health import record_healthy_pass
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 
@@ -87,11 +90,23 @@ class ScalerLoop:
         self.failure_cause: str | None = None
         self._streak = 0
         self._stop = threading.Event()
+        # The first pass that wins the lease purges; then every purge_interval_s (0: never).
+        self._next_purge_at = time.monotonic()
+        self._log_objects: LogObjectStore | None = default_log_objects(settings)
+
+    def _purge_due(self) -> bool:
+        return self.settings.purge_interval_s > 0 and time.monotonic() >= self._next_purge_at
 
     def run_once(self) -> ReconcileReport | None:
         """One pass; None when it failed (``failure_cause`` says why)."""
         try:
-            report = reconcile_fleet(self.session_factory, settings=self.settings, cloud=self.cloud)
+            report = reconcile_fleet(
+                self.session_factory,
+                settings=self.settings,
+                cloud=self.cloud,
+                purge=self._purge_due(),
+                log_objects=self._log_objects,
+            )
         except Exception as error:
             self._failed(error)
             return None
@@ -100,6 +115,10 @@ class ScalerLoop:
         if self.failure_cause is not None:
             log.info("scaler.recovered", failed_passes=self._streak, cause=self.failure_cause)
             self.failure_cause, self._streak = None, 0
+        if report.purge is not None:
+            # Behind (the run stopped at its time bound): go on next pass; caught up: wait the interval.
+            wait_s = self.settings.purge_interval_s if report.purge.complete else 0.0
+            self._next_purge_at = time.monotonic() + wait_s
         observe_reconcile(report)
         if self.health_file is not None:
             record_healthy_pass(self.health_file)

@@ -7,6 +7,7 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
+from fractal.auth.api_keys import ApiScope
 from fractal.auth.decorators import admin_required
 from fractal.metrics import observe_reconcile
 from fractal.scaling.capacity import list_capacity
@@ -26,7 +27,7 @@ _AUTH = {401: "Unauthorized", 403: "Forbidden"}
     security="UserToken",
     responses=_AUTH,
 )
-@admin_required
+@admin_required(ApiScope.ADMIN_WRITE)
 def post_reconcile() -> Any:
     report = reconcile_fleet(state().session_factory, settings=settings(), cloud=state().cloud)
     observe_reconcile(report)
@@ -36,7 +37,7 @@ def post_reconcile() -> Any:
 @scaling_blueprint.get("/capacity")
 @scaling_blueprint.output(CapacityListOut)
 @scaling_blueprint.doc(summary="Capacity per region and client version", security="UserToken", responses=_AUTH)
-@admin_required
+@admin_required(ApiScope.ADMIN_READ)
 def get_capacity() -> Any:
     rows = list_capacity(db_session(), default_target_free=settings().target_free_mandelboxes)
     return {"capacity": [asdict(row) for row in rows]}
