@@ -4,6 +4,7 @@ and a former leader fenced off from acting or recording after its lease passed o
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -14,7 +15,8 @@ from fractal.cloud.base import LaunchedHost, LaunchRequest
 from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.database import SessionFactory
-from fractal.models import Image, Instance, InstanceStatus
+from fractal.events import EventKind
+from fractal.models import Event, Image, Instance, InstanceStatus
 from fractal.scaling import steps
 from fractal.scaling.lease import LeaseLost, acquire_lease, check_lease, release_lease
 from fractal.scaling.policy import LaunchPlan
@@ -73,8 +75,9 @@ class SlowCloud(MemoryCloud):
         self.delay_s = delay_s
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
-        time.sleep(self.delay_s)
-        return super().launch(request)
+        host = super().launch(request)  # sent in time,
+        time.sleep(self.delay_s)  # answered late
+        return host
 
 
 def test_a_leader_whose_lease_ran_out_mid_call_records_nothing(
@@ -127,3 +130,105 @@ def test_concurrent_passes_take_turns_through_the_lease(committed_factory: Sessi
     with committed_factory() as session:
         live = session.scalars(select(Instance).where(Instance.status == InstanceStatus.PRE_CONNECTION)).all()
     assert len(live) == 4 and len(cloud.launches) == 4  # target 8 / capacity 2: launched once, not per pass
+
+
+def test_a_pass_longer_than_its_lease_keeps_it_by_renewing_before_each_call(
+    committed_factory: SessionFactory, settings: Settings
+) -> None:
+    cloud = SlowCloud(delay_s=0.25)
+    plan = LaunchPlan("us-east-1", "v1", "ami-1", "t3", mandelbox_capacity=1, count=5, free=0, target_free=5, wanted=5)
+    with committed_factory() as session:
+        lease = acquire_lease(session, name=NAME, holder="long-pass", ttl_s=0.6)
+        assert lease is not None
+        # Five launches take ~1.25 s, twice the lease period: each renewal keeps the lease for one more period.
+        result = steps.launch(session, cloud, [plan], settings=settings, now=database_now(session), lease=lease)
+        assert acquire_lease(session, name=NAME, holder="rival", ttl_s=30) is None  # still held after the pass
+        ids = session.scalars(select(Instance.cloud_provider_id)).all()
+    assert len(cloud.launches) == 5
+    assert [a.action for a in result.actions] == ["launch"] * 5
+    assert not any((cloud_id or "").startswith(PENDING_PREFIX) for cloud_id in ids), ids
+
+
+class TakenOverCloud(MemoryCloud):
+    """A cloud whose answer comes after the caller's lease expired and a successor took it."""
+
+    def __init__(self, factory: SessionFactory, delay_s: float) -> None:
+        super().__init__()
+        self.factory = factory
+        self.delay_s = delay_s
+        self.successor: Any = None
+
+    def launch(self, request: LaunchRequest) -> LaunchedHost:
+        host = super().launch(request)
+        time.sleep(self.delay_s)
+        with self.factory() as other:
+            self.successor = acquire_lease(other, name=NAME, holder="successor", ttl_s=30)
+        return host
+
+
+def test_what_a_replaced_leader_learns_from_the_cloud_is_not_recorded(
+    committed_factory: SessionFactory, settings: Settings
+) -> None:
+    cloud = TakenOverCloud(committed_factory, delay_s=0.5)
+    one = LaunchPlan("us-east-1", "v1", "ami-1", "t3", mandelbox_capacity=1, count=1, free=0, target_free=1, wanted=1)
+    with committed_factory() as session:
+        lease = acquire_lease(session, name=NAME, holder="paused", ttl_s=0.3)
+        assert lease is not None
+        with pytest.raises(LeaseLost):  # the recording transaction's fence
+            steps.launch(session, cloud, [one], settings=settings, now=database_now(session), lease=lease)
+        session.rollback()
+        assert cloud.successor is not None and cloud.successor.fencing_token == lease.fencing_token + 1
+        ids = session.scalars(select(Instance.cloud_provider_id)).all()
+        kinds = session.scalars(select(Event.kind)).all()
+    assert len(cloud.launches) == 1
+    assert all((cloud_id or "").startswith(PENDING_PREFIX) for cloud_id in ids), ids  # left for the successor
+    assert EventKind.INSTANCE_LAUNCHED not in kinds  # not even the event of the launch it saw
+
+
+def test_ec2_requests_past_the_lease_end_are_not_sent(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """The deadline is checked in botocore's before-send hook: a leader stalled between its renewal and its
+    request (SIGSTOP, a long pause) does not launch or terminate when it wakes."""
+    import boto3
+
+    from fractal.cloud.base import DeadlinePassed, HostRef, send_deadline
+    from fractal.cloud.ec2 import Ec2Cloud
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_endpoint)
+    cloud = Ec2Cloud(settings, max_attempts=1)
+    commit = f"deadline-{uuid.uuid4().hex[:8]}"
+
+    def request(name: str) -> LaunchRequest:
+        return LaunchRequest(name, "us-east-1", commit, "ami-12345678", "t3.micro", 1, "s3cret", "http://h")
+
+    with send_deadline(time.monotonic() - 0.01), pytest.raises(DeadlinePassed) as refused:
+        cloud.launch(request(f"late-{commit}"))
+    assert refused.value.maybe_done is False and refused.value.code == "DeadlinePassed"
+    with send_deadline(time.monotonic() + 30):
+        launched = cloud.launch(request(f"on-time-{commit}"))
+    with send_deadline(time.monotonic() - 0.01), pytest.raises(DeadlinePassed):
+        cloud.terminate("us-east-1", [launched.cloud_provider_id])
+    # describe is a read: never refused
+    with send_deadline(time.monotonic() - 0.01):
+        hosts = cloud.describe("us-east-1", [HostRef(f"on-time-{commit}", launched.cloud_provider_id)])
+    assert [h.state.value for h in hosts] in (["running"], ["pending"])
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_endpoint)
+    found = ec2.describe_instances(Filters=[{"Name": "tag:fractal:client-commit-hash", "Values": [commit]}])
+    names = {
+        next(t["Value"] for t in i["Tags"] if t["Key"] == "fractal:instance-name"): i["State"]["Name"]
+        for r in found["Reservations"]
+        for i in r["Instances"]
+    }
+    assert names == {f"on-time-{commit}": names[f"on-time-{commit}"]}  # the late launch never reached EC2
+    assert names[f"on-time-{commit}"] in ("pending", "running")  # nor did the late terminate
+
+
+def test_check_lease_gives_the_instant_the_lease_certainly_holds_until(committed_factory: SessionFactory) -> None:
+    with committed_factory() as session:
+        lease = acquire_lease(session, name=NAME, holder="a", ttl_s=5)
+        assert lease is not None
+        before = time.monotonic()
+        deadline = check_lease(session, lease)
+        assert before + 4 <= deadline <= time.monotonic() + 5 - 0.5

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -82,6 +85,35 @@ class CloudError(Exception):
         self.code = code
         self.retryable = retryable
         self.maybe_done = maybe_done
+
+
+class DeadlinePassed(CloudError):
+    """A launch or terminate was not sent: the caller's deadline (``send_deadline``) had passed. Nothing happened."""
+
+
+# The instant (time.monotonic()) after which this thread's launch and terminate requests are refused unsent.
+_SEND_DEADLINE: ContextVar[float | None] = ContextVar("fractal_cloud_send_deadline", default=None)
+
+
+@contextmanager
+def send_deadline(deadline: float | None) -> Iterator[None]:
+    """Within the block, a launch or terminate request that would leave after ``deadline`` (time.monotonic()) is
+    refused at the last moment before it is sent (DeadlinePassed), however long the caller was stalled (a
+    SIGSTOP, a long GC pause, a slow client set-up) between deciding to send it and sending it.
+
+    The scaler passes the end of its lease: a leader paused past its lease does not act when it wakes."""
+    token = _SEND_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _SEND_DEADLINE.reset(token)
+
+
+def enforce_send_deadline(operation: str) -> None:
+    """Call as late as possible before a launch or terminate request leaves: raises DeadlinePassed past it."""
+    deadline = _SEND_DEADLINE.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlinePassed(f"{operation} not sent: its deadline had passed", code="DeadlinePassed")
 
 
 @runtime_checkable

@@ -27,6 +27,7 @@ from fractal.cloud.base import (
     HostRef,
     LaunchedHost,
     LaunchRequest,
+    enforce_send_deadline,
 )
 from fractal.config import Settings
 
@@ -213,6 +214,7 @@ class Ec2Cloud:
                         f"EC2 client for region {region!r} cannot be created: {type(error).__name__}",
                         code=type(error).__name__,
                     ) from error
+                _guard_actions(client)
                 self._clients[region] = client
             return client
 
@@ -221,6 +223,24 @@ class Ec2Cloud:
         # Our own loop retries (with knowledge of which errors are worth it); botocore's would multiply attempts.
         config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=30)
         return boto3.session.Session().client("ec2", region_name=region, config=config)
+
+
+# The calls that change the fleet; describe is a read and is never refused.
+GUARDED_OPERATIONS = ("RunInstances", "TerminateInstances")
+
+
+def _guard_actions(client: Any) -> None:
+    """Check the caller's send deadline (``fractal.cloud.base.send_deadline``) in botocore's before-send hook: the
+    last moment before the signed request goes on the wire, on every attempt."""
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is None:  # a test double
+        return
+    for operation in GUARDED_OPERATIONS:
+        events.register(f"before-send.ec2.{operation}", _refuse_past_deadline)
+
+
+def _refuse_past_deadline(**kwargs: Any) -> None:
+    enforce_send_deadline(str(kwargs.get("event_name", "ec2 request")).rsplit(".", 1)[-1])
 
 
 def _state(name: str | None) -> CloudState:

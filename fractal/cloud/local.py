@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from fractal.cloud.base import CloudHost, CloudState, HostRef, LaunchedHost, LaunchRequest
+from fractal.cloud.base import CloudHost, CloudState, HostRef, LaunchedHost, LaunchRequest, enforce_send_deadline
 from fractal.config import Settings
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class LocalCloud:
         self._ips = itertools.count(1)
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
+        enforce_send_deadline("launch")
         with self._lock:
             existing = self._by_name.get(request.instance_name)
             if existing is not None:  # idempotent per instance name, like EC2's ClientToken
@@ -112,6 +113,7 @@ class LocalCloud:
         return LaunchedHost(request.instance_name, cloud_id)
 
     def terminate(self, region: str, cloud_provider_ids: Sequence[str]) -> None:
+        enforce_send_deadline("terminate")
         for cloud_id in cloud_provider_ids:
             with self._lock:
                 host = self._hosts.get(cloud_id)

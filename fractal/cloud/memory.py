@@ -7,7 +7,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fractal.cloud.base import CloudError, CloudHost, CloudState, HostRef, LaunchedHost, LaunchRequest
+from fractal.cloud.base import (
+    CloudError,
+    CloudHost,
+    CloudState,
+    HostRef,
+    LaunchedHost,
+    LaunchRequest,
+    enforce_send_deadline,
+)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class MemoryCloud:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def launch(self, request: LaunchRequest) -> LaunchedHost:
+        enforce_send_deadline("launch")
         with self._lock:
             self._region_outage(request.region)
             if self.fail_launches > 0:
@@ -38,6 +47,7 @@ class MemoryCloud:
             return LaunchedHost(request.instance_name, cloud_id)
 
     def terminate(self, region: str, cloud_provider_ids: Sequence[str]) -> None:
+        enforce_send_deadline("terminate")
         with self._lock:
             self._region_outage(region)
             if self.fail_terminates > 0:

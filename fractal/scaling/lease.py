@@ -4,14 +4,24 @@ Any number of scaler replicas may run; the one holding the lease runs the pass, 
 session-level advisory lock, the lease lives in a row, so it works through PgBouncer's transaction pooling (each
 statement may land on another server connection), and it expires on the database's clock: a SIGKILLed or
 partitioned leader is replaced within one lease period. The fencing token grows whenever the lease changes hands;
-the pass checks it before every cloud call and the statements that record launches include it, so a leader that
-was paused past its lease (and has been replaced) cannot act when it wakes up.
+the pass renews it (compare-and-set again) before every cloud call, so a pass longer than one lease period keeps
+it while it is alive, and every transaction that records what the cloud did begins by locking the lease row and
+checking the token (``fence``), so a leader that was paused past its lease (and has been replaced) can neither act
+nor record anything when it wakes up.
+
+The cloud cannot check a fencing token, so the cloud calls are fenced by time instead: each renewal yields the
+instant until which the lease certainly holds, and a launch or terminate request is refused at the last moment
+before it goes on the wire (botocore's before-send hook) once that instant has passed, so a leader paused between
+its renewal and its request does not send it on waking. A request sent in time but answered late was made while
+the lease held; its row is marked ``pending:``, so the successor treats it as an unconfirmed launch and terminates
+the host by its name tag.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -28,12 +38,16 @@ __all__ = [
     "LeaseLost",
     "LeaseToken",
     "acquire_lease",
+    "check_lease",
+    "fence",
     "holder_identity",
     "lease_holds",
     "release_lease",
 ]
 
 SCALER_LEASE = "scaler"
+# How long before the lease's end a cloud request must have been sent (its trip to the cloud).
+SEND_MARGIN_S = 1.0
 
 
 class LeaseLost(RuntimeError):
@@ -47,6 +61,7 @@ class LeaseToken:
     name: str
     holder: str
     fencing_token: int
+    ttl_s: float  # each renewal (check_lease) extends the lease this long from the database's now
 
 
 def holder_identity() -> str:
@@ -77,33 +92,67 @@ def acquire_lease(session: Session, *, name: str, holder: str, ttl_s: float) -> 
     ).returning(Lease.fencing_token)
     token = session.execute(upsert).scalar()
     session.commit()
-    return LeaseToken(name, holder, int(token)) if token is not None else None
+    return LeaseToken(name, holder, int(token), ttl_s) if token is not None else None
 
 
 def _if(condition: ColumnElement[bool], then: object, otherwise: object) -> ColumnElement[object]:
     return case((condition, then), else_=otherwise)
 
 
-def lease_holds(token: LeaseToken) -> ColumnElement[bool]:
-    """SQL that is true while ``token`` still holds its lease (unexpired, same holder, same fencing token): put it
-    in the WHERE of a statement that records an action, so a stale leader's write matches nothing."""
-    return exists().where(
+def lease_holds(token: LeaseToken, *, in_subquery: bool = True) -> ColumnElement[bool]:
+    """SQL that is true while ``token`` still holds its lease (unexpired, same holder, same fencing token).
+
+    By default an EXISTS over ``leases`` (for the WHERE of a statement on another table); ``in_subquery=False``
+    gives the bare condition on the ``leases`` row itself."""
+    condition = and_(
         Lease.name == token.name,
         Lease.holder == token.holder,
         Lease.fencing_token == token.fencing_token,
         Lease.expires_at > db_now(live=True),
     )
+    return exists().where(condition) if in_subquery else condition
 
 
-def check_lease(session: Session, token: LeaseToken) -> None:
-    """Right before a cloud call: raise LeaseLost unless ``token`` still holds its lease.
+def check_lease(session: Session, token: LeaseToken) -> float:
+    """Right before a cloud call: renew the lease by compare-and-set, or raise LeaseLost. Returns the instant
+    (``time.monotonic()``) until which the lease is certainly still held, for ``fractal.cloud.base.send_deadline``.
 
-    It ends the transaction it reads in (call it with nothing pending), so no transaction stays open, idle,
-    across the slow call that follows (the server would end it at idle_in_transaction_session_timeout).
+    The renewal matches only while ``token`` still holds (same holder and fencing token, unexpired) and extends the
+    expiry to ``ttl_s`` from the database's now, so a pass that takes longer than one lease period keeps the lease
+    as long as it is alive, while one that stalls past it has lost it for good. It commits (call it with nothing
+    pending), so no transaction stays open, idle, across the slow call that follows (the server would end it at
+    idle_in_transaction_session_timeout).
+
+    The instant returned is measured from before the renewal was sent (the database set the expiry later than
+    that), less a margin for the request's trip to the cloud: a request sent before it reaches the cloud while the
+    lease holds, and one the caller was too stalled to send in time is not sent at all.
     """
-    holds = bool(session.execute(select(lease_holds(token))).scalar())
+    sent = time.monotonic()
+    renewed = session.execute(
+        update(Lease)
+        .where(lease_holds(token, in_subquery=False))
+        .values(expires_at=db_now(token.ttl_s, live=True))
+        .returning(Lease.fencing_token)
+        .execution_options(synchronize_session=False)
+    ).scalar()
     session.commit()
-    if not holds:
+    if renewed is None:
+        raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
+    return sent + token.ttl_s - min(SEND_MARGIN_S, token.ttl_s / 10)
+
+
+def fence(session: Session, token: LeaseToken) -> None:
+    """First statement of a transaction that records actions: lock the lease row and raise LeaseLost unless
+    ``token`` still holds it.
+
+    The row lock (FOR SHARE) lasts until the caller's transaction ends, and taking over the lease updates that row,
+    so no successor can take the lease while the transaction records; and a stale leader's transaction stops here,
+    before it writes anything. Neither commits nor rolls back: on LeaseLost the caller's transaction is abandoned.
+    """
+    held = session.execute(
+        select(Lease.fencing_token).where(lease_holds(token, in_subquery=False)).with_for_update(read=True)
+    ).scalar()
+    if held is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
 
 

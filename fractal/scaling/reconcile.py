@@ -2,7 +2,8 @@
 leader-only, set-based.
 
 Safety rules the pass keeps:
-- It runs only while holding a session-level ``pg_try_advisory_lock``; a second replica skips (no double launch).
+- It runs only while holding the scaler lease (``lease.py``: a row, compare-and-set, fencing token); a second
+  replica skips (no double launch), and a replaced leader can neither act nor record.
 - An instance row exists (PRE_CONNECTION, provider id ``pending:<name>``) and is committed *before* the cloud is
   asked to launch it, so a crash mid-launch leaves a row the next pass finds and cleans up.
 - A row becomes TERMINATED only when the cloud's ``describe`` says the host is terminated or unknown; an AWS error

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
-from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest
+from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
 from fractal.config import Settings
 from fractal.events import EventKind, record_events
 from fractal.fleet.instances import NewInstance, insert_instances, move_instances
@@ -28,7 +28,7 @@ from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.demand import WAITING_WINDOW_S, launch_lead_times, recent_arrivals, waiting_users
-from fractal.scaling.lease import LeaseToken, check_lease, lease_holds
+from fractal.scaling.lease import LeaseToken, check_lease, fence
 from fractal.scaling.policy import (
     BufferKind,
     BufferPolicy,
@@ -138,8 +138,12 @@ def record_decisions(session: Session, kind: EventKind, actions: Sequence[Scaler
     )
 
 
-def region_failed(session: Session, *, operation: str, region: str, failure: Exception, **detail: Any) -> RegionError:
-    """A cloud call failed in ``region``: an event and one warning; the caller skips that region's step."""
+def region_failed(
+    session: Session, lease: LeaseToken, *, operation: str, region: str, failure: Exception, **detail: Any
+) -> RegionError:
+    """A cloud call failed in ``region``: an event (recorded only while ``lease`` holds) and one warning; the caller
+    skips that region's step."""
+    fence(session, lease)
     code = getattr(failure, "code", None) or type(failure).__name__
     message = f"{operation} failed in {region}: {failure}"
     record_events(
@@ -340,8 +344,9 @@ def launch(
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
     cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
 
-    Before each request the lease must still hold (else LeaseLost ends the pass), and the provider ids are
-    recorded only while it does: a former leader woken after its lease passed on launches and records nothing.
+    Before each request the lease is renewed (else LeaseLost ends the pass), and what the cloud answered is
+    recorded in a transaction fenced by the lease: a former leader woken after its lease passed on launches and
+    records nothing (the successor finds its ``pending:`` rows and cleans them up).
     """
     result = CloudStepResult()
     new = [_new_instance(p, instance_namer) for p in launches for _ in range(p.count)]
@@ -369,16 +374,22 @@ def launch(
             host_secret=host_secrets[row.instance_name],
             host_api_url=settings.host_api_url,
         )
-        check_lease(session, lease)
+        deadline = check_lease(session, lease)
         try:
-            host = cloud.launch(request)
+            with send_deadline(deadline):  # a request the pass was too stalled to send in time is not sent
+                host = cloud.launch(request)
         except Exception as failure:  # any provider failure; unknown ones count as "may have started"
             maybe_done = failure.maybe_done if isinstance(failure, CloudError) else True
             (unknown if maybe_done else refused).append(row.instance_name)
             failed_regions.add(row.region)
             result.region_errors.append(
                 region_failed(
-                    session, operation="launch", region=row.region, failure=failure, instance_name=row.instance_name
+                    session,
+                    lease,
+                    operation="launch",
+                    region=row.region,
+                    failure=failure,
+                    instance_name=row.instance_name,
                 )
             )
             continue
@@ -391,9 +402,11 @@ def launch(
                 {"cloud_provider_id": host.cloud_provider_id, "cloud": cloud.name},
             )
         )
+    if launched or refused or not_sent or unknown:
+        fence(session, lease)  # from here to the commit below, no successor can take the lease
     if launched:
-        session.execute(  # the provider ids replace the pending markers, only while our lease holds
-            update(Instance).where(lease_holds(lease)).execution_options(synchronize_session=None),  # by key + fence
+        session.execute(  # the provider ids replace the pending markers (by primary key)
+            update(Instance).execution_options(synchronize_session=None),
             [{"instance_name": a.instance_name, "cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
         )
         record_decisions(session, EventKind.INSTANCE_LAUNCHED, launched)
@@ -454,15 +467,19 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
         by_region[row.region].append(row)
     gone: dict[str, str | None] = {}
     for region, region_rows in sorted(by_region.items()):
-        check_lease(session, lease)
+        deadline = check_lease(session, lease)
         try:
-            gone.update(_terminate_region(cloud, region, region_rows, now=now))
+            with send_deadline(deadline):
+                gone.update(_terminate_region(cloud, region, region_rows, now=now))
         except Exception as failure:  # any provider failure stays in its region
             # Leave the rows TERMINATING: the next pass asks again. Never assume a host is gone.
-            result.region_errors.append(region_failed(session, operation="terminate", region=region, failure=failure))
+            result.region_errors.append(
+                region_failed(session, lease, operation="terminate", region=region, failure=failure)
+            )
     if not gone:
         return result
     names = sorted(gone)
+    fence(session, lease)  # a stale leader ends nothing and finishes no row; the pass's final commit ends the fence
     # Live mandelboxes end (an earlier reason, e.g. a user's delete, is kept) and their slots are returned, so the
     # counter is consistent before the row is finished.
     ended = move_mandelboxes(
@@ -475,7 +492,7 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     )
     result.actions += move(
         session,
-        where=and_(Instance.instance_name.in_(names), lease_holds(lease)),
+        where=Instance.instance_name.in_(names),
         to=InstanceStatus.TERMINATED,
         action="terminated",
         reason="confirmed_gone",
