@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # How long a scaler pass may hold the leadership lease: a SIGKILLed leader is replaced within this.
     scaler_lease_ttl_s: float = Field(default=60, gt=0)
+    # Users refused NO_INSTANCE_AVAILABLE within this many seconds and not served since are retrying: the scaler
+    # launches for them on top of the target (fractal.scaling.demand.waiting_users). 0 turns that off.
+    scaler_waiting_window_s: float = Field(default=30, ge=0)
     # The scaler loop notes each completed pass here; `python env.py healthcheck` reads it (FRACTAL_APP=scaler).
     scaler_health_file: Path = Path("/tmp/fractal-scaler.health")  # noqa: S108 (a tmpfs in the image)
     local_boot_delay_s: float = Field(default=2, ge=0)

@@ -171,7 +171,12 @@ def _run_pass(
     report.actions += steps.sweep(session, settings=settings, now=now)
     session.commit()
     report.actions += steps.retire_hosts(session, settings=settings, now=now)
-    fleet_plan, decided = steps.plan(session, steps.observe(session, now=now), settings=settings, now=now)
+    fleet_plan, decided = steps.plan(
+        session,
+        steps.observe(session, now=now, waiting_window_s=settings.scaler_waiting_window_s),
+        settings=settings,
+        now=now,
+    )
     report.actions += decided
     report.actions += steps.drain(session, fleet_plan, now=now)
     report.actions += steps.terminate_drained(session, now=now)

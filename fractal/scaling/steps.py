@@ -192,10 +192,12 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
     return actions
 
 
-def observe(session: Session, *, now: datetime | None = None) -> FleetSnapshot:
+def observe(
+    session: Session, *, now: datetime | None = None, waiting_window_s: float = WAITING_WINDOW_S
+) -> FleetSnapshot:
     """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED; as of
-    ``now``, the users waiting after a 503 per image, and for images with a demand-aware buffer policy the recent
-    arrivals and launch lead times."""
+    ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
+    and for images with a demand-aware buffer policy the recent arrivals and launch lead times."""
     images = [
         ImageTarget(
             region=row.region,
@@ -221,7 +223,7 @@ def observe(session: Session, *, now: datetime | None = None) -> FleetSnapshot:
         )
     ]
     if now is not None:
-        waiting = waiting_users(session, now=now, window_s=WAITING_WINDOW_S)
+        waiting = waiting_users(session, now=now, window_s=waiting_window_s) if waiting_window_s > 0 else {}
         if waiting:
             images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
         images = _with_demand(session, images, now=now)
