@@ -326,6 +326,26 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time consumed so far by ``pids`` (those still running), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
+def database_backend_pids(url: str) -> list[int]:
+    """The Postgres backends connected to the database of ``url`` right now (pg_stat_activity), ours excluded."""
+    with connect(url) as connection:
+        rows = connection.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        ).all()
+    return [int(row.pid) for row in rows]
+
+
 def server_env(*, database_url: str, public_pem: str, redis_prefix: str, port: int) -> dict[str, str]:
     """The environment a benchmarked server runs with: test env, real JWT checks, limits on but never refusing."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("FRACTAL_", "GUNICORN_"))}

@@ -131,7 +131,8 @@ def count_round_trips(
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "commit", lambda *_: seen.update(["commits"]))
-    event.listen(engine.pool, "checkout", lambda *_: seen.update(["checkouts (BEGIN + the SET LOCAL bounds: 2 round trips each)"]))
+    checkout = "checkouts (BEGIN + the SET LOCAL bounds: 2 round trips each)"
+    event.listen(engine.pool, "checkout", lambda *_: seen.update([checkout]))
     event.listen(engine, "rollback", lambda *_: seen.update(["rollbacks"]))
     ping = engine.dialect.do_ping
 

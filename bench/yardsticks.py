@@ -272,8 +272,22 @@ def main(argv: list[str] | None = None) -> int:
             servers = {"public": public, "host": host, "reference": reference}
             report.add("workers", len(public.worker_pids()), "processes per server", config=public.config)
 
-            def load(server: str, file: str, duration: float, conns: int = connections) -> h.LoadResult:
+            cpu: dict[str, list[tuple[float, float, int]]] = {}
+
+            def load(
+                server: str, file: str, duration: float, conns: int = connections, phase: str | None = None
+            ) -> h.LoadResult:
+                # CPU per request of the server's workers and of the database's backends: unlike req/s, hardly
+                # moved by what else runs on the machine.
+                workers = servers[server].worker_pids()
+                app_before = h.cpu_seconds(workers)
+                backends = h.database_backend_pids(url)
+                db_before = h.cpu_seconds(backends)
                 result = h.finish_wrk(start(server, file, duration, conns))
+                app_cpu = h.cpu_seconds(workers) - app_before
+                db_cpu = h.cpu_seconds(backends) - db_before
+                if phase is not None:
+                    cpu.setdefault(phase, []).append((app_cpu, db_cpu, result.requests))
                 lines = files[file][1]
                 if file.startswith(("assign", "scarce", "mixed")) and result.requests > lines:
                     report.notes.append(f"WARN {file}: {result.requests} requests for {lines} distinct tokens")
@@ -308,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                 for pair in pairs:
                     for name, server, file in pair if r % 2 == 0 else tuple(reversed(pair)):
                         h.log(f"round {r + 1}/{rounds}: {name} for {seconds:g}s")
-                        results.setdefault(name, []).append(load(server, file.format(r=r), seconds))
+                        results.setdefault(name, []).append(load(server, file.format(r=r), seconds, phase=name))
 
             h.log(f"scarce capacity ({SCARCE_INSTANCES * SCARCE_CAPACITY} slots), reference then project")
-            ref_scarce = load("reference", "ref_scarce", seconds)
-            scarce = load("public", "scarce", seconds)
+            ref_scarce = load("reference", "ref_scarce", seconds, phase="ref_scarce")
+            scarce = load("public", "scarce", seconds, phase="scarce")
 
             h.log(f"mixed: assigns + deletes on the public API, heartbeats on the host API, {seconds:g}s")
             public_conns = max(1, connections * 10 // 16)
@@ -338,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         report.add(f"{name}_p50", total.p50, "ms")
         report.add(f"{name}_p99", total.p99, "ms")
         report.add(f"{name}_non_2xx", total.non_2xx, "requests")
+    cpu_ms: dict[str, tuple[float, float]] = {}
+    for name, samples in cpu.items():
+        served = sum(n for _, _, n in samples) or 1
+        cpu_ms[name] = (
+            1000 * sum(a for a, _, _ in samples) / served,
+            1000 * sum(d for _, d, _ in samples) / served,
+        )
+        report.add(f"{name}_cpu_ms", cpu_ms[name][0], "ms of worker CPU per request")
+        report.add(f"{name}_db_cpu_ms", cpu_ms[name][1], "ms of Postgres backend CPU per request")
     for name, result in (("ref_scarce", ref_scarce), ("scarce", scarce)):
         report.add(f"{name}_503", result.status_503, "requests")
         report.add(f"{name}_2xx", result.status_2xx, "requests")
@@ -352,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "assign_p99_to_ref": ratio(t["assign"].p99, t["ref_assign"].p99),
         "heartbeat_to_ref": ratio(t["heartbeat"].rate, t["ref_heartbeat"].rate),
         "scarce_to_ref": ratio(scarce.rate, ref_scarce.rate),
+        "assign_cpu_to_ref": ratio(cpu_ms["assign"][0], cpu_ms["ref_assign"][0]),
+        "heartbeat_cpu_to_ref": ratio(cpu_ms["heartbeat"][0], cpu_ms["ref_heartbeat"][0]),
+        "healthz_cpu_to_bare": ratio(cpu_ms["healthz"][0], cpu_ms["bare"][0]),
     }
     for name, value in ratios.items():
         report.add(name, value, "ratio")
@@ -368,18 +394,29 @@ def main(argv: list[str] | None = None) -> int:
     non_2xx = sum(t[name].non_2xx for name in ("healthz", "assign", "heartbeat")) + mixed_host_result.errors_status
     report.target("project non-2xx outside the scarce phase", non_2xx == 0, "0")
 
-    print_table(table, ratios, quick=quick, seconds=seconds, rounds=rounds)
+    print_table(table, ratios, cpu_ms, quick=quick, seconds=seconds, rounds=rounds)
     report.emit()
     return 0
 
 
 def print_table(
-    table: Sequence[tuple[str, Totals]], ratios: dict[str, float], *, quick: bool, seconds: float, rounds: int
+    table: Sequence[tuple[str, Totals]],
+    ratios: dict[str, float],
+    cpu_ms: dict[str, tuple[float, float]],
+    *,
+    quick: bool,
+    seconds: float,
+    rounds: int,
 ) -> None:
     print(f"\n== yardsticks ({'quick' if quick else 'full'}: {rounds} round(s) x {seconds:g}s per phase)")
-    print(f"  {'phase':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    header = f"{'phase':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'app CPU ms':>10} {'db CPU ms':>9}"
+    print("  " + header)
     for name, total in table:
-        print(f"  {name:<16} {total.rate:>9,.1f} {total.p50:>8.1f} {total.p99:>8.1f} {total.non_2xx:>8,}")
+        app, db = cpu_ms.get(name, (float("nan"), float("nan")))
+        print(
+            f"  {name:<16} {total.rate:>9,.1f} {total.p50:>8.1f} {total.p99:>8.1f} {total.non_2xx:>8,}"
+            f" {app:>10.2f} {db:>9.2f}"
+        )
     for name, value in ratios.items():
         print(f"  {name:<24} {value:6.2f}")
     sys.stdout.flush()
