@@ -74,6 +74,7 @@ FROM instances
 """
 
 HEARTBEAT_INTERVAL_S = 10.0
+POOL_SIZE = int(os.environ.get("GUNICORN_THREADS", "4"))
 
 app = Flask(__name__)
 
@@ -92,7 +93,11 @@ def _connections() -> psycopg2.pool.ThreadedConnectionPool:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = psycopg2.pool.ThreadedConnectionPool(1, 8, _libpq_url(os.environ["DATABASE_URL"]))
+                # psycopg2's pool closes a returned connection once minconn are idle: minconn covers every
+                # thread (gthread x 4), so connections are reused, never opened per request.
+                _pool = psycopg2.pool.ThreadedConnectionPool(
+                    POOL_SIZE, POOL_SIZE + 4, _libpq_url(os.environ["DATABASE_URL"])
+                )
     return _pool
 
 
