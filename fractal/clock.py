@@ -19,6 +19,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
 
@@ -75,8 +76,14 @@ class db_now(FunctionElement[datetime]):
     CURRENT_TIMESTAMP has whole seconds only)."""
 
     type = UtcDateTime()
-    inherit_cache = False
     name = "db_now"
+    # Cacheable: the offset and the clock choice are all the state the compiled SQL depends on, so statements
+    # that use db_now() are compiled once per shape instead of on every execution.
+    _traverse_internals = [
+        *FunctionElement._traverse_internals,
+        ("offset_s", InternalTraversal.dp_plain_obj),
+        ("live", InternalTraversal.dp_boolean),
+    ]
 
     def __init__(self, offset_s: float = 0.0, *, live: bool = False) -> None:
         super().__init__()
