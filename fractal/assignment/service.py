@@ -7,6 +7,7 @@ per-user advisory lock serialises one user's concurrent assigns so the per-user 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Delete, delete, insert, select, text, tuple_
+from sqlalchemy import Delete, Insert, bindparam, delete, insert, select, text, tuple_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningDelete
 
@@ -244,6 +245,25 @@ def _assign_in_transaction(
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
 
+# Statements of the idempotency path, built once: constructing a statement costs more CPU than running it on a
+# warm connection (the compiled form is cached, keyed by the statement's shape; values travel as parameters).
+_HAS_STORED_ANSWER = select(IdempotencyKey.key).where(
+    IdempotencyKey.user_id == bindparam("user_id"),
+    IdempotencyKey.key == bindparam("key"),
+    IdempotencyKey.expires_at > db_now(),
+)
+_STORED_ANSWER = select(
+    IdempotencyKey.request_hash,
+    IdempotencyKey.response_body,
+    (IdempotencyKey.expires_at <= db_now()).label("expired"),
+).where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
+_DROP_STORED_ANSWER = (
+    delete(IdempotencyKey)
+    .where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
+    .execution_options(synchronize_session=False)
+)
+
+
 def has_stored_answer(session: Session, *, user_id: str, idempotency_key: str) -> bool:
     """True when this user's Idempotency-Key holds a live stored answer (a retry would be a replay).
 
@@ -252,13 +272,7 @@ def has_stored_answer(session: Session, *, user_id: str, idempotency_key: str) -
     continues (no commit in between: that would cost a COMMIT, a BEGIN and the transaction bounds again); the
     assign decides on what it reads after taking the user's lock, never on this answer.
     """
-    live = session.execute(
-        select(IdempotencyKey.key).where(
-            IdempotencyKey.user_id == user_id,
-            IdempotencyKey.key == idempotency_key,
-            IdempotencyKey.expires_at > db_now(),
-        )
-    ).first()
+    live = session.execute(_HAS_STORED_ANSWER, {"user_id": user_id, "key": idempotency_key}).first()
     return live is not None
 
 
@@ -282,26 +296,15 @@ def _stored_answer(
     Raises:
         IdempotencyKeyReusedError: the key is live but was sent with a different body.
     """
+    names = {"user_id": user_id, "key": idempotency.key}
     if lock_key is not None:
-        found = session.execute(
-            _LOCK_THEN_STORED_ANSWER, {"lock_key": lock_key, "user_id": user_id, "key": idempotency.key}
-        ).first()
+        found = session.execute(_LOCK_THEN_STORED_ANSWER, {"lock_key": lock_key, **names}).first()
     else:
-        found = session.execute(
-            select(
-                IdempotencyKey.request_hash,
-                IdempotencyKey.response_body,
-                (IdempotencyKey.expires_at <= db_now()).label("expired"),
-            ).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == idempotency.key)
-        ).first()
+        found = session.execute(_STORED_ANSWER, names).first()
     if found is None:
         return None
     if found.expired:  # judged on the database's clock, like every replica judges it
-        session.execute(
-            delete(IdempotencyKey)
-            .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == idempotency.key)
-            .execution_options(synchronize_session=False)
-        )
+        session.execute(_DROP_STORED_ANSWER, names)
         return None
     if found.request_hash != idempotency.request_hash:
         raise IdempotencyKeyReusedError()
@@ -309,25 +312,43 @@ def _stored_answer(
 
 
 def _store_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest, assignment: Assignment) -> None:
+    values = {
+        "user_id": user_id,
+        "key": idempotency.key,
+        "request_hash": idempotency.request_hash,
+        "response_status": IDEMPOTENT_SUCCESS_STATUS,
+        "response_body": assignment.to_body(),
+        "mandelbox_id": assignment.mandelbox_id,
+    }
+    postgres = is_postgres(session)
+    session.execute(_store_answer_statement(idempotency.ttl_s, postgres=postgres), values)
+    if not postgres:
+        session.execute(_purge_expired_keys_statement(postgres=False))
+
+
+@functools.cache
+def _store_answer_statement(ttl_s: int, *, postgres: bool) -> Insert:
+    """The insert of a stored answer (built once per TTL); on Postgres the purge of a bounded batch of expired keys
+    rides along as a data-modifying CTE, one round trip for both. The CTE cannot touch the new row: a CTE and its
+    statement see one snapshot, which does not hold the row being inserted."""
     store = insert(IdempotencyKey).values(
-        user_id=user_id,
-        key=idempotency.key,
-        request_hash=idempotency.request_hash,
-        response_status=IDEMPOTENT_SUCCESS_STATUS,
-        response_body=assignment.to_body(),
-        mandelbox_id=assignment.mandelbox_id,
-        created_at=db_now(),
-        expires_at=db_now(idempotency.ttl_s),
+        {
+            IdempotencyKey.user_id: bindparam("user_id"),
+            IdempotencyKey.key: bindparam("key"),
+            IdempotencyKey.request_hash: bindparam("request_hash"),
+            IdempotencyKey.response_status: bindparam("response_status"),
+            IdempotencyKey.response_body: bindparam("response_body", type_=IdempotencyKey.response_body.type),
+            IdempotencyKey.mandelbox_id: bindparam("mandelbox_id", type_=IdempotencyKey.mandelbox_id.type),
+            IdempotencyKey.created_at: db_now(),
+            IdempotencyKey.expires_at: db_now(ttl_s),
+        }
     )
-    if is_postgres(session):
-        # One round trip: the purge rides along as a data-modifying CTE of the insert. It cannot touch the new
-        # row (a CTE and its statement see the same snapshot, which does not hold the row being inserted).
-        session.execute(store.add_cte(_purge_expired_keys_statement(postgres=True).cte("purged")))
-        return
-    session.execute(store)
-    session.execute(_purge_expired_keys_statement(postgres=False))
+    if postgres:
+        return store.add_cte(_purge_expired_keys_statement(postgres=True).cte("purged"))
+    return store
 
 
+@functools.cache
 def _purge_expired_keys_statement(*, postgres: bool) -> Delete | ReturningDelete[str]:
     """Delete a bounded batch of expired keys (any user's); a key replaced meanwhile is a newer row, kept."""
     expired = (
