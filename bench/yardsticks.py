@@ -55,7 +55,7 @@ SCARCE_CAPACITY = 2
 DELETABLE = 20_000
 # Tokens minted per second of an assign phase: above any rate this stack reaches on 2 cores (reuse is reported).
 TOKENS_PER_S = 1200
-TOKENS_PER_S_QUICK = 600
+TOKENS_PER_S_QUICK = 1000
 WRK_THREADS = 2
 
 Line = tuple[str, str, str, str, str]  # method, path, bearer, idempotency key, body
