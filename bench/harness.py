@@ -326,6 +326,26 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time consumed so far by ``pids`` (those still running), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
+def database_backend_pids(url: str) -> list[int]:
+    """The Postgres backends connected to the database of ``url`` right now (pg_stat_activity), ours excluded."""
+    with connect(url) as connection:
+        rows = connection.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        ).all()
+    return [int(row.pid) for row in rows]
+
+
 def server_env(*, database_url: str, public_pem: str, redis_prefix: str, port: int) -> dict[str, str]:
     """The environment a benchmarked server runs with: test env, real JWT checks, limits on but never refusing."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("FRACTAL_", "GUNICORN_"))}
@@ -448,7 +468,10 @@ def _delete_redis_keys(prefix: str) -> None:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """One wrk run: rates in requests per second, latencies in milliseconds."""
+    """One wrk run: rates in requests per second, latencies in milliseconds.
+
+    The status counts are filled by bench/requests.lua only (rotate.lua leaves them at -1: not counted).
+    """
 
     requests: int
     duration_s: float
@@ -459,6 +482,10 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     max_ms: float
+    status_2xx: int = -1
+    status_429: int = -1
+    status_503: int = -1
+    status_other: int = -1
 
     @property
     def rate(self) -> float:
@@ -475,6 +502,70 @@ def wrk_version() -> str:
     return f"wrk {match.group(1) if match else 'unknown'}"
 
 
+@dataclass
+class WrkRun:
+    """A wrk process started by ``start_wrk``; ``finish_wrk`` waits for it (bounded) and parses its figures."""
+
+    process: subprocess.Popen[str]
+    duration_s: float
+
+
+def start_wrk(
+    server: Server,
+    *,
+    script: Path,
+    script_args: Sequence[str],
+    duration_s: float,
+    connections: int = 16,
+    threads: int = 2,
+) -> WrkRun:
+    """Start wrk with ``script`` against ``server``; the script's arguments follow ``--``."""
+    threads = max(1, min(threads, connections))
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        server.url,
+        "--",
+        *script_args,
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return WrkRun(process=process, duration_s=duration_s)
+
+
+def finish_wrk(run: WrkRun) -> LoadResult:
+    try:
+        stdout, stderr = run.process.communicate(timeout=run.duration_s + 60)
+    except subprocess.TimeoutExpired:
+        run.process.kill()
+        run.process.communicate(timeout=10)
+        raise
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if run.process.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({run.process.returncode}):\n{stdout}\n{stderr}")
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    return LoadResult(
+        requests=int(data["requests"]),
+        duration_s=data["duration_us"] / 1e6,
+        errors_status=int(data["errors_status"]),
+        errors_socket=sum(int(data[k]) for k in ("errors_connect", "errors_read", "errors_write", "errors_timeout")),
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        mean_ms=data["latency_mean_us"] / 1000,
+        max_ms=data["latency_max_us"] / 1000,
+        status_2xx=int(data.get("status_2xx", -1)),
+        status_429=int(data.get("status_429", -1)),
+        status_503=int(data.get("status_503", -1)),
+        status_other=int(data.get("status_other", -1)),
+    )
+
+
 def run_wrk(
     server: Server,
     *,
@@ -487,38 +578,15 @@ def run_wrk(
 ) -> LoadResult:
     """Drive ``method path`` for ``duration_s`` with ``connections`` keep-alive connections (bounded)."""
     threads = max(1, min(threads, connections))
-    argv = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(duration_s))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(LUA_SCRIPT),
-        server.url,
-        "--",
-        method,
-        path,
-        str(request_file),
-        str(threads),
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=False)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    data = json.loads(line.removeprefix("WRK_JSON "))
-    return LoadResult(
-        requests=int(data["requests"]),
-        duration_s=data["duration_us"] / 1e6,
-        errors_status=int(data["errors_status"]),
-        errors_socket=sum(int(data[k]) for k in ("errors_connect", "errors_read", "errors_write", "errors_timeout")),
-        p50_ms=data["p50_us"] / 1000,
-        p90_ms=data["p90_us"] / 1000,
-        p99_ms=data["p99_us"] / 1000,
-        mean_ms=data["latency_mean_us"] / 1000,
-        max_ms=data["latency_max_us"] / 1000,
+    run = start_wrk(
+        server,
+        script=LUA_SCRIPT,
+        script_args=[method, path, str(request_file), str(threads)],
+        duration_s=duration_s,
+        connections=connections,
+        threads=threads,
     )
+    return finish_wrk(run)
 
 
 # --- reporting -----------------------------------------------------------------------------------------

@@ -93,8 +93,14 @@ def summarise(raw: Path, top: int) -> list[str]:
     return out
 
 
-def count_round_trips(url: str, keypair: DevKeyPair, tokens: list[str], body: str) -> list[str]:
-    """In-process: what one assign sends to Postgres and Redis (statements, pings, commits, Redis commands)."""
+def count_round_trips(
+    url: str, keypair: DevKeyPair, tokens: list[str], body: str, *, idempotency_keys: bool = False
+) -> list[str]:
+    """In-process: what one assign sends to Postgres and Redis (statements, BEGINs, pings, commits, Redis commands).
+
+    ``idempotency_keys``: every assign carries a fresh Idempotency-Key. A BEGIN is a round trip of its own (psycopg2
+    sends it before a transaction's first statement).
+    """
     import redis.connection
     from sqlalchemy import event
 
@@ -125,6 +131,8 @@ def count_round_trips(url: str, keypair: DevKeyPair, tokens: list[str], body: st
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "commit", lambda *_: seen.update(["commits"]))
+    checkout = "checkouts (BEGIN + the SET LOCAL bounds: 2 round trips each)"
+    event.listen(engine.pool, "checkout", lambda *_: seen.update([checkout]))
     event.listen(engine, "rollback", lambda *_: seen.update(["rollbacks"]))
     ping = engine.dialect.do_ping
 
@@ -153,17 +161,16 @@ def count_round_trips(url: str, keypair: DevKeyPair, tokens: list[str], body: st
         seen.clear()
         statements.clear()
         for token in tokens[5 : 5 + n]:
-            answer = client.post(
-                "/mandelbox/assign",
-                data=body,
-                headers={"Authorization": f"Bearer {token}"},
-                content_type="application/json",
-            )
+            headers = {"Authorization": f"Bearer {token}"}
+            if idempotency_keys:
+                headers["Idempotency-Key"] = uuid.uuid4().hex
+            answer = client.post("/mandelbox/assign", data=body, headers=headers, content_type="application/json")
             assert answer.status_code == 201, answer.get_data(as_text=True)
     finally:
         redis.connection.AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
         engine.dispose()
-    out = [f"per assign, averaged over {n} in-process requests (warm):"]
+    kind = "with a fresh Idempotency-Key" if idempotency_keys else "without Idempotency-Key"
+    out = [f"per assign {kind}, averaged over {n} in-process requests (warm):"]
     out += [f"  {count / n:5.2f}  {name}" for name, count in sorted(seen.items())]
     out += ["  statements:"] + [f"    {count / n:5.2f}  {text}" for text, count in statements.most_common()]
     return out
@@ -175,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=None, help="sampling time (default 20, quick 4)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--count-only", action="store_true", help="only count the round trips (no load, no py-spy)")
     args = parser.parse_args(argv)
+    if args.count_only:
+        return count_only()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
@@ -222,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"py-spy failed ({spy.returncode}): {spy.stderr[-2000:]}")
                 if results:
                     report.add_load(f"assign_under_profiler_{mode}", results[0])
-        trips = count_round_trips(url, keypair, tokens[250:], body)
+        trips = count_round_trips(url, keypair, tokens[250:320], body)
+        trips += count_round_trips(url, keypair, tokens[320:390], body, idempotency_keys=True)
     report.emit()
     print("\n" + "\n".join(trips))
     titles = {
@@ -232,6 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     for mode, path in raws.items():
         print(f"\n=== profile of POST /mandelbox/assign, {titles[mode]}, {seconds}s; raw stacks: {path}")
         print("\n".join(summarise(path, args.top)))
+    return 0
+
+
+def count_only() -> int:
+    with h.bench_database("profile") as url:
+        with h.connect(url) as connection:
+            h.seed_images(connection)
+            h.seed_instances(connection, first=0, count=100)
+        keypair = h.new_keypair()
+        tokens = h.mint_user_tokens(keypair, 140)
+        body = h.assign_body()
+        trips = count_round_trips(url, keypair, tokens[:70], body)
+        trips += count_round_trips(url, keypair, tokens[70:], body, idempotency_keys=True)
+    print("\n".join(trips))
     return 0
 
 

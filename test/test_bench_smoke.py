@@ -1,4 +1,5 @@
-"""The benchmark harness keeps working: bench/assign.py --quick runs end to end and prints well-formed figures.
+"""The benchmark harness keeps working: bench/assign.py and bench/yardsticks.py --quick run end to end and print
+well-formed figures.
 
 Speed is not asserted (the machine is shared); only that every figure the report promises is there, numeric,
 and that the assigns it drove succeeded.
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,10 +36,55 @@ EXPECTED = {
 }
 
 
+YARDSTICK_PHASES = ("bare", "healthz", "ref_assign", "assign", "ref_heartbeat", "heartbeat", "scarce", "mixed_public")
+
+
+def require_wrk() -> None:
+    """Under ./commands test (which installs wrk) a missing wrk fails; elsewhere the bench tests are skipped."""
+    if shutil.which("wrk") is not None:
+        return
+    if os.environ.get("FRACTAL_TEST_REQUIRE_WRK"):
+        pytest.fail("wrk is not installed, yet ./commands test should have installed it (ensure_test_tools)")
+    pytest.skip("wrk is not installed (./commands test and ./commands bench install it)")
+
+
+def run_bench(name: str, timeout_s: int) -> tuple[str, list[dict[str, Any]]]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_yardsticks_quick_compares_every_phase_with_the_reference() -> None:
+    require_wrk()
+    stdout, figures = run_bench("yardsticks", 300)
+    by_name = {figure["figure"]: figure for figure in figures}
+    for phase in YARDSTICK_PHASES:
+        assert float(by_name[f"{phase}_rate"]["value"]) > 0, phase
+        assert f"{phase}_p99" in by_name
+    # Outside the scarce phase every answer was 2xx, on both apps; in it nearly every assign was a 503.
+    for phase in ("bare", "healthz", "ref_assign", "assign", "ref_heartbeat", "heartbeat", "mixed_public"):
+        assert by_name[f"{phase}_non_2xx"]["value"] == 0, phase
+    assert int(by_name["scarce_503"]["value"]) > 0
+    assert int(by_name["scarce_2xx"]["value"]) <= 8
+    for ratio in ("healthz_to_bare", "assign_to_ref", "assign_p99_to_ref", "heartbeat_to_ref"):
+        assert float(by_name[ratio]["value"]) > 0, ratio
+    # Honest load: no assign phase ran out of fresh tokens.
+    assert "distinct tokens" not in stdout
+    assert "== yardsticks (quick" in stdout
+
+
 @pytest.mark.slow
 def test_assign_bench_quick_prints_json_figures() -> None:
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (./commands bench installs it)")
+    require_wrk()
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "assign.py"), "--quick"],
         cwd=ROOT,

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from fractal.auth.hosts import hash_host_secret
 from fractal.fleet.instances import move_instances
 from fractal.mail.backends import MailDeliveryError, OutgoingMail, SmtpBackend
 from fractal.mail.registry import render_mail
-from fractal.models import Instance, InstanceStatus
+from fractal.models import Heartbeat, Instance, InstanceStatus
 from test.factories import Factories
 from test.servers import Inbox, free_port
 
@@ -132,3 +134,28 @@ def test_an_explicit_insecure_url_allows_plaintext_auth(plain_auth_server: _Plai
     backend.send(_mail())
     assert plain_auth_server.inbox.logins == ["mailer"]
     assert len(plain_auth_server.inbox.messages) == 1
+
+
+def test_a_remembered_secret_is_checked_again_by_the_heartbeat_statement(
+    host_client: Any, factories: Factories, db: Session
+) -> None:
+    """The heartbeat route remembers which instance a secret names (one round trip less); the statement that
+    writes the heartbeat re-checks the secret's digest and the status, so a replaced secret or a TERMINATED
+    instance is refused at once and its heartbeats row is left as it was."""
+    instance, secret = factories.instance(status=InstanceStatus.ACTIVE)
+    name = instance.instance_name
+    heartbeat = {"instance_name": name, "mandelboxes": [], "metrics": {"n": 1}}
+    assert host_client.post("/host/heartbeat", json=heartbeat, headers=bearer(secret)).status_code == 200
+    db.execute(update(Instance).where(Instance.instance_name == name).values(host_secret_hash=hash_host_secret("new")))
+    db.commit()
+    refused = host_client.post("/host/heartbeat", json={**heartbeat, "metrics": {"n": 2}}, headers=bearer(secret))
+    assert refused.status_code == 401 and refused.json["error"] == "UNAUTHORIZED"
+    db.expire_all()
+    assert db.execute(select(Heartbeat.metrics).where(Heartbeat.instance_name == name)).scalar_one() == {"n": 1}
+    # The new secret works (and is remembered in turn); once TERMINATED it stops too.
+    assert host_client.post("/host/heartbeat", json=heartbeat, headers=bearer("new")).status_code == 200
+    move_instances(db, where=Instance.instance_name == name, to=InstanceStatus.DRAINING, actor="test", reason="t")
+    move_instances(db, where=Instance.instance_name == name, to=InstanceStatus.TERMINATING, actor="test", reason="t")
+    move_instances(db, where=Instance.instance_name == name, to=InstanceStatus.TERMINATED, actor="test", reason="t")
+    db.commit()
+    assert host_client.post("/host/heartbeat", json=heartbeat, headers=bearer("new")).status_code == 401

@@ -7,6 +7,7 @@ per-user advisory lock serialises one user's concurrent assigns so the per-user 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -14,12 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy import Delete, Insert, bindparam, delete, insert, select, text, tuple_
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningDelete
 
 from fractal.cache import DataCache
 from fractal.clock import db_now
-from fractal.database import advisory_xact_lock, is_postgres
+from fractal.database import advisory_key, advisory_xact_lock, is_postgres
 from fractal.errors import (
     CommitHashMismatchError,
     FractalError,
@@ -182,9 +184,16 @@ def _assign_in_transaction(
     # Serialise this user's assigns so that counting live mandelboxes and adding one is atomic, and so that
     # concurrent retries with one Idempotency-Key queue here: the first stores its answer and commits, the
     # others then find it (each statement under READ COMMITTED sees rows committed before it began).
-    advisory_xact_lock(session, f"fractal:user:{user_id}")
+    # On Postgres the lock travels in the same round trip as the statement that needs it (the stored-answer read,
+    # else the first allocation): two statements in one query, run in order, each with its own snapshot, so the
+    # second sees everything committed before the lock was granted.
+    fast = is_postgres(session)
+    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast else None
+    if not fast:
+        advisory_xact_lock(session, f"fractal:user:{user_id}")
     if idempotency is not None:
-        stored = _stored_answer(session, user_id=user_id, idempotency=idempotency)
+        stored = _stored_answer(session, user_id=user_id, idempotency=idempotency, lock_key=lock_key)
+        lock_key = None  # taken
         if stored is not None:
             return AssignResult(stored, replayed=True)
 
@@ -198,7 +207,6 @@ def _assign_in_transaction(
     newest: dict[str, str] = dict(summary["newest"]) if use_newest else {}
     mandelbox_id = uuid.uuid4()
     actor = f"user:{user_id}"
-    fast = is_postgres(session)
     if not fast and live_count_for_user(session, user_id) >= max_per_user:
         raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
     for region in candidates:
@@ -214,7 +222,11 @@ def _assign_in_transaction(
         )
         # A nearer region whose candidates are merely locked by concurrent assigns is waited for before a
         # farther one is tried: region order is the user's preference.
-        slot = (allocate_in_one_statement(session, wanted) if fast else None) or allocate_waiting(session, wanted)
+        slot = None
+        if fast:
+            slot = allocate_in_one_statement(session, wanted, user_lock_key=lock_key)
+            lock_key = None  # taken with the first allocation
+        slot = slot or allocate_waiting(session, wanted)
         if slot is None:
             continue
         assignment = Assignment(
@@ -233,77 +245,126 @@ def _assign_in_transaction(
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
 
+# Statements of the idempotency path, built once: constructing a statement costs more CPU than running it on a
+# warm connection (the compiled form is cached, keyed by the statement's shape; values travel as parameters).
+_HAS_STORED_ANSWER = select(IdempotencyKey.key).where(
+    IdempotencyKey.user_id == bindparam("user_id"),
+    IdempotencyKey.key == bindparam("key"),
+    IdempotencyKey.expires_at > db_now(),
+)
+_STORED_ANSWER = select(
+    IdempotencyKey.request_hash,
+    IdempotencyKey.response_body,
+    (IdempotencyKey.expires_at <= db_now()).label("expired"),
+).where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
+_DROP_STORED_ANSWER = (
+    delete(IdempotencyKey)
+    .where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
+    .execution_options(synchronize_session=False)
+)
+
+
 def has_stored_answer(session: Session, *, user_id: str, idempotency_key: str) -> bool:
-    """True when this user's Idempotency-Key holds a live stored answer (a retry would be a replay); ends its read.
+    """True when this user's Idempotency-Key holds a live stored answer (a retry would be a replay).
 
     The assign rate limit asks this first: replaying a stored answer creates nothing and costs one indexed read, so
-    a client retrying one key is never refused 429 for it.
+    a client retrying one key is never refused 429 for it. The read opens the transaction the assign then
+    continues (no commit in between: that would cost a COMMIT, a BEGIN and the transaction bounds again); the
+    assign decides on what it reads after taking the user's lock, never on this answer.
     """
-    live = session.execute(
-        select(IdempotencyKey.key).where(
-            IdempotencyKey.user_id == user_id,
-            IdempotencyKey.key == idempotency_key,
-            IdempotencyKey.expires_at > db_now(),
-        )
-    ).first()
-    session.commit()
+    live = session.execute(_HAS_STORED_ANSWER, {"user_id": user_id, "key": idempotency_key}).first()
     return live is not None
 
 
-def _stored_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest) -> Assignment | None:
+# Postgres: the user's lock, then the stored answer, in one round trip (see _assign_in_transaction).
+_LOCK_THEN_STORED_ANSWER = text(
+    """
+SELECT pg_advisory_xact_lock(:lock_key);
+SELECT request_hash, response_body, expires_at <= CURRENT_TIMESTAMP AS expired
+FROM idempotency_keys WHERE user_id = :user_id AND key = :key
+"""
+)
+
+
+def _stored_answer(
+    session: Session, *, user_id: str, idempotency: IdempotencyRequest, lock_key: int | None = None
+) -> Assignment | None:
     """The answer stored under this user's key, None if there is none (an expired one is dropped).
+
+    ``lock_key``: take this advisory lock first, in the same round trip (Postgres only).
 
     Raises:
         IdempotencyKeyReusedError: the key is live but was sent with a different body.
     """
-    found = session.execute(
-        select(IdempotencyKey, (IdempotencyKey.expires_at <= db_now()).label("expired"))
-        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == idempotency.key)
-        .execution_options(populate_existing=True)
-    ).first()
+    names = {"user_id": user_id, "key": idempotency.key}
+    if lock_key is not None:
+        found = session.execute(_LOCK_THEN_STORED_ANSWER, {"lock_key": lock_key, **names}).first()
+    else:
+        found = session.execute(_STORED_ANSWER, names).first()
     if found is None:
         return None
-    row, expired = found
-    if expired:  # judged on the database's clock, like every replica judges it
-        session.delete(row)
-        session.flush()
+    if found.expired:  # judged on the database's clock, like every replica judges it
+        session.execute(_DROP_STORED_ANSWER, names)
         return None
-    if row.request_hash != idempotency.request_hash:
+    if found.request_hash != idempotency.request_hash:
         raise IdempotencyKeyReusedError()
-    return Assignment.from_body(row.response_body)
+    return Assignment.from_body(found.response_body)
 
 
 def _store_answer(session: Session, *, user_id: str, idempotency: IdempotencyRequest, assignment: Assignment) -> None:
-    session.execute(
-        insert(IdempotencyKey).values(
-            user_id=user_id,
-            key=idempotency.key,
-            request_hash=idempotency.request_hash,
-            response_status=IDEMPOTENT_SUCCESS_STATUS,
-            response_body=assignment.to_body(),
-            mandelbox_id=assignment.mandelbox_id,
-            created_at=db_now(),
-            expires_at=db_now(idempotency.ttl_s),
-        )
+    values = {
+        "user_id": user_id,
+        "key": idempotency.key,
+        "request_hash": idempotency.request_hash,
+        "response_status": IDEMPOTENT_SUCCESS_STATUS,
+        "response_body": assignment.to_body(),
+        "mandelbox_id": assignment.mandelbox_id,
+    }
+    postgres = is_postgres(session)
+    session.execute(_store_answer_statement(idempotency.ttl_s, postgres=postgres), values)
+    if not postgres:
+        session.execute(_purge_expired_keys_statement(postgres=False))
+
+
+@functools.cache
+def _store_answer_statement(ttl_s: int, *, postgres: bool) -> Insert:
+    """The insert of a stored answer (built once per TTL); on Postgres the purge of a bounded batch of expired keys
+    rides along as a data-modifying CTE, one round trip for both. The CTE cannot touch the new row: a CTE and its
+    statement see one snapshot, which does not hold the row being inserted."""
+    store = insert(IdempotencyKey).values(
+        {
+            IdempotencyKey.user_id: bindparam("user_id"),
+            IdempotencyKey.key: bindparam("key"),
+            IdempotencyKey.request_hash: bindparam("request_hash"),
+            IdempotencyKey.response_status: bindparam("response_status"),
+            IdempotencyKey.response_body: bindparam("response_body", type_=IdempotencyKey.response_body.type),
+            IdempotencyKey.mandelbox_id: bindparam("mandelbox_id", type_=IdempotencyKey.mandelbox_id.type),
+            IdempotencyKey.created_at: db_now(),
+            IdempotencyKey.expires_at: db_now(ttl_s),
+        }
     )
-    _purge_expired_keys(session)
+    if postgres:
+        return store.add_cte(_purge_expired_keys_statement(postgres=True).cte("purged"))
+    return store
 
 
-def _purge_expired_keys(session: Session) -> None:
+@functools.cache
+def _purge_expired_keys_statement(*, postgres: bool) -> Delete | ReturningDelete[str]:
     """Delete a bounded batch of expired keys (any user's); a key replaced meanwhile is a newer row, kept."""
     expired = (
         select(IdempotencyKey.user_id, IdempotencyKey.key)
         .where(IdempotencyKey.expires_at <= db_now())
         .limit(IDEMPOTENCY_PURGE_BATCH)
     )
-    if is_postgres(session):
+    if postgres:
         # Rows another transaction is replacing right now are skipped, never waited for.
         expired = expired.with_for_update(skip_locked=True)
-    session.execute(
+    purge = (
         delete(IdempotencyKey)
         .where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired), IdempotencyKey.expires_at <= db_now())
         .execution_options(synchronize_session=False)
     )
+    return purge.returning(IdempotencyKey.key) if postgres else purge
 
 
 def _other_versions_have_room(session: Session, regions: Sequence[str], commit: str, newest: dict[str, str]) -> bool:

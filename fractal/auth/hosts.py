@@ -27,12 +27,36 @@ def hash_host_secret(secret: str) -> str:
 class HostSecretDirectory:
     """secret → instance name, for instances whose secret still works (every status but TERMINATED).
 
-    Looked up on every host request (one indexed read by the unique digest): a secret must stop working the moment
-    its instance is TERMINATED, so a remembered answer could go stale and none is kept.
+    ``instance_name`` looks the secret up on every call (one indexed read by the unique digest): a secret must stop
+    working the moment its instance is TERMINATED, so a remembered answer could go stale.
+
+    ``claimed_name`` may answer from a per-process memo, for routes whose own statement re-checks the secret's
+    digest and the instance's status in the same round trip (the heartbeat): a stale memo can then only name the
+    instance the caller would be refused for, and the route calls ``forget``.
     """
+
+    MEMO_LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self._memo: dict[str, str] = {}
 
     def instance_name(self, session: Session, secret: str) -> str | None:
         return instance_name_for_secret_hash(session, hash_host_secret(secret))
+
+    def claimed_name(self, session: Session, digest: str) -> str | None:
+        """The instance this secret digest was last found to belong to; looked up (and remembered) when unknown."""
+        name = self._memo.get(digest)
+        if name is not None:
+            return name
+        name = instance_name_for_secret_hash(session, digest)
+        if name is not None:
+            if len(self._memo) >= self.MEMO_LIMIT:
+                self._memo.clear()  # bounded: a fleet larger than the memo only costs lookups
+            self._memo[digest] = name
+        return name
+
+    def forget(self, digest: str) -> None:
+        self._memo.pop(digest, None)
 
 
 def instance_name_for_secret_hash(session: Session, digest: str) -> str | None:

@@ -251,17 +251,29 @@ FROM (SELECT 1) AS one LEFT JOIN taken ON true
 )
 
 
-def allocate_in_one_statement(session: Session, wanted: SlotRequest) -> Slot | None:
+# The same, preceded by the user's advisory lock in the same round trip: two statements in one query run in
+# order, and under READ COMMITTED the second takes its snapshot after the first returned (the lock granted), so
+# its live count sees every assign of this user committed before.
+_LOCK_THEN_ALLOCATE = text("SELECT pg_advisory_xact_lock(:user_lock_key);\n" + str(_ALLOCATE_SKIP_LOCKED))
+
+
+def allocate_in_one_statement(
+    session: Session, wanted: SlotRequest, *, user_lock_key: int | None = None
+) -> Slot | None:
     """Postgres: take a slot and create the ALLOCATED mandelbox in one statement; None when no instance has room.
 
-    The caller holds the user's advisory lock (so the live count cannot change under this statement).
+    The caller holds the user's advisory lock (so the live count cannot change under this statement), or passes
+    its key as ``user_lock_key`` to have it taken first in the same round trip.
 
     Raises:
         UserAlreadyActiveError: the user already holds ``max_per_user`` live mandelboxes.
     """
+    statement = _ALLOCATE_SKIP_LOCKED if user_lock_key is None else _LOCK_THEN_ALLOCATE
+    lock = {} if user_lock_key is None else {"user_lock_key": user_lock_key}
     row = session.execute(
-        _ALLOCATE_SKIP_LOCKED,
+        statement,
         {
+            **lock,
             "region": wanted.region,
             "commit": wanted.client_commit_hash,
             "mandelbox_id": wanted.mandelbox_id,

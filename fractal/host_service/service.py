@@ -14,10 +14,11 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import structlog
-from sqlalchemy import select, text, update
+from sqlalchemy import Row, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from fractal.auth.hosts import instance_name_for_secret_hash
 from fractal.clock import utcnow
 from fractal.database import is_postgres
 from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
@@ -196,6 +197,7 @@ def record_heartbeat(
     metrics: dict[str, Any],
     heartbeat_interval_s: float,
     now: datetime | None = None,
+    secret_digest: str | None = None,
 ) -> HeartbeatAnswer:
     """Note that the host is alive and tell it its status and which mandelboxes to stop.
 
@@ -203,17 +205,33 @@ def record_heartbeat(
     ``stop_mandelboxes`` holds this instance's DYING mandelboxes (user deletions) and every mandelbox the host
     reports as live that is not live on this instance any more (released by a sweep, or not its own).
 
+    ``secret_digest``: the digest of the secret the request came with, when ``authenticated_instance`` may come
+    from a memo (``host_claimed``): it is checked, with the instance not being TERMINATED, by the statement that
+    writes the heartbeat, and nothing is written when it does not match.
+
     Raises:
-        UnauthorizedError: the secret belongs to another instance.
+        UnauthorizedError: the secret belongs to another instance (or, with ``secret_digest``, to none any more).
     """
     _require_own_name(authenticated_instance, instance_name)
     now = now or utcnow()
     reported_live = [mid for mid, reported in mandelboxes if reported is not MandelboxStatus.EXITED]
     if is_postgres(session):
-        status, dying, still_live = _heartbeat_in_one_statement(
-            session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
+        found = _heartbeat_in_one_statement(
+            session,
+            instance_name=instance_name,
+            now=now,
+            metrics=metrics,
+            reported_live=reported_live,
+            secret_digest=secret_digest,
         )
+        if found is None:
+            session.rollback()
+            raise UnauthorizedError()
+        status, dying, still_live = found
     else:
+        if secret_digest is not None and instance_name_for_secret_hash(session, secret_digest) != instance_name:
+            session.rollback()
+            raise UnauthorizedError()
         status, dying, still_live = _heartbeat_portable(
             session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
         )
@@ -243,20 +261,54 @@ SELECT i.status,
 FROM instances i JOIN beat ON beat.instance_name = i.instance_name
 """
 )
+# The same, for a caller authenticated from a memo: the secret's digest and the instance not being TERMINATED are
+# checked by the statement itself, and the upsert writes nothing (no row comes back) when they do not hold.
+_VERIFIED_HEARTBEAT_SQL = text(
+    """
+WITH host AS (
+    SELECT instance_name, status FROM instances
+    WHERE instance_name = :instance_name AND host_secret_hash = :digest AND status <> 'TERMINATED'
+), beat AS (
+    INSERT INTO heartbeats (instance_name, last_heartbeat_at, metrics)
+    SELECT host.instance_name, :now, CAST(:metrics AS jsonb) FROM host
+    ON CONFLICT (instance_name) DO UPDATE
+        SET last_heartbeat_at = EXCLUDED.last_heartbeat_at, metrics = EXCLUDED.metrics
+    RETURNING instance_name
+)
+SELECT host.status,
+       ARRAY(SELECT m.mandelbox_id FROM mandelboxes m
+             WHERE m.instance_name = :instance_name AND m.status = 'DYING') AS dying,
+       ARRAY(SELECT m.mandelbox_id FROM mandelboxes m
+             WHERE m.mandelbox_id = ANY(CAST(:reported AS uuid[])) AND m.instance_name = :instance_name
+               AND m.status <> 'EXITED') AS still_live
+FROM host JOIN beat ON beat.instance_name = host.instance_name
+"""
+)
 
 
 def _heartbeat_in_one_statement(
-    session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any], reported_live: list[uuid.UUID]
-) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]]:
-    row = session.execute(
-        _HEARTBEAT_SQL,
-        {
-            "instance_name": instance_name,
-            "now": now,
-            "metrics": json.dumps(metrics),
-            "reported": [str(mid) for mid in reported_live],
-        },
-    ).one()
+    session: Session,
+    *,
+    instance_name: str,
+    now: datetime,
+    metrics: dict[str, Any],
+    reported_live: list[uuid.UUID],
+    secret_digest: str | None,
+) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]] | None:
+    """The heartbeat's one statement; None when ``secret_digest`` does not (or no longer) authenticate the host."""
+    parameters: dict[str, Any] = {
+        "instance_name": instance_name,
+        "now": now,
+        "metrics": json.dumps(metrics),
+        "reported": [str(mid) for mid in reported_live],
+    }
+    row: Row[Any] | None
+    if secret_digest is None:
+        row = session.execute(_HEARTBEAT_SQL, parameters).one()
+    else:
+        row = session.execute(_VERIFIED_HEARTBEAT_SQL, {**parameters, "digest": secret_digest}).first()
+    if row is None:
+        return None
     return (
         InstanceStatus(row.status),
         {uuid.UUID(str(m)) for m in row.dying},

@@ -8,7 +8,12 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
-from fractal.auth.decorators import current_host_instance_name, host_required
+from fractal.auth.decorators import (
+    current_host_instance_name,
+    current_host_secret_digest,
+    host_claimed,
+    host_required,
+)
 from fractal.host_service import service
 from fractal.host_service.schemas import (
     MAX_HEARTBEAT_BYTES,
@@ -63,7 +68,7 @@ def handshake(body: HandshakeIn) -> Any:
 
 
 @host_blueprint.post("/heartbeat")
-@host_required
+@host_claimed
 @host_blueprint.input(HeartbeatIn, arg_name="body")
 @host_blueprint.output(HeartbeatOut)
 @host_blueprint.doc(
@@ -84,6 +89,7 @@ def heartbeat(body: HeartbeatIn) -> Any:
         mandelboxes=[(box.mandelbox_id, box.status) for box in body.mandelboxes],
         metrics=body.metrics,
         heartbeat_interval_s=settings().heartbeat_interval_s,
+        secret_digest=current_host_secret_digest(),
     )
     return asdict(answer)
 
