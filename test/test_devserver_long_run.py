@@ -105,8 +105,14 @@ def test_the_fleet_grows_shrinks_and_rolls_over_with_no_failed_pass(tmp_path: Pa
         )
         assert status == 201 and body["instance_name"].startswith(f"{REGION}-demo-000"), body
 
-        passes = metric(server, "fractal_reconcile_duration_seconds_count")
-        assert passes >= 20, passes
+        # Many passes, none failed: the scenario above takes about 20 on a quiet machine and fewer when the machine
+        # is busy (each pass is slower), so the scaler is given the time to reach 20 before the failures are read.
+        wait_for(
+            "20 scaler passes",
+            lambda: metric(server, "fractal_reconcile_duration_seconds_count") >= 20,
+            timeout_s=60,
+            server=server,
+        )
         assert metric(server, "fractal_reconcile_failures_total") == 0
         assert time.time() - metric(server, "fractal_reconcile_last_success_timestamp_seconds") < 30
         assert "scaler.pass_failed" not in server.output()
