@@ -245,3 +245,35 @@ def test_a_refused_credential_asks_again(three_shells: Stack, browser: Any) -> N
         page.locator("#login-error:has-text('may not read the fleet')").wait_for(timeout=WAIT_MS)
     finally:
         context.close()
+
+
+def test_an_api_key_signs_in_and_a_read_only_one_cannot_drain(
+    three_shells: Stack, browser: Any, operator_token: str
+) -> None:
+    """Automation's credential works on the page too: an `admin:read` key sees the fleet; its drain is refused
+    (403 FORBIDDEN, shown as a notice) and the host stays ACTIVE."""
+    admin = Admin(three_shells, operator_token)
+    suffix = uuid.uuid4().hex[:6]
+    region, commit, host = f"uikey-{suffix}-1", f"uikey{suffix}", f"uikey-host-{suffix}"
+    image = {"ami_id": "ami-ui", "active": True, "instance_type": "local.sim", "mandelbox_capacity": 4}
+    assert admin.call("PUT", f"/admin/images/{region}/{commit}", json=image).status_code in (200, 201)
+    admin.register(host, region, commit, handshake=True)
+    created = admin.call("POST", "/admin/api-keys", json={"name": f"page-{suffix}", "scopes": ["admin:read"]})
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(three_shells.admin.url + "/ui/?refresh=1", timeout=WAIT_MS)
+        page.fill("#credential", key, timeout=WAIT_MS)
+        page.click("#sign-in", timeout=WAIT_MS)
+        row = page.locator(f'article.group[data-region="{region}"] tr[data-instance="{host}"]')
+        row.wait_for(timeout=WAIT_MS)
+        row.locator("button.drain").click(timeout=WAIT_MS)
+        page.click("#drain-confirm", timeout=WAIT_MS)
+        page.locator("#notice:has-text('FORBIDDEN')").wait_for(timeout=WAIT_MS)
+        assert admin.status(host, region) == "ACTIVE"
+        assert page.locator("#login").is_hidden()  # still signed in: the key may read
+    finally:
+        context.close()
