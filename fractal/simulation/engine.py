@@ -30,15 +30,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from fractal.admin.schemas import BufferPolicyIn
-from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox
+from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox, refusal_event
 from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
 from fractal.config import Environment, Settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.errors import FractalError
+from fractal.errors import FractalError, NoInstanceAvailableError
+from fractal.events import record_events
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.host_service.service import handshake_host
-from fractal.images import ImageSpec, upsert_image
+from fractal.images import ImageSpec, active_image_summary, upsert_image
 from fractal.models import Base, EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
@@ -58,6 +59,8 @@ PRICES_USD_PER_HOUR = {
 }
 DEFAULT_PRICE = 1.0
 SIM_ACTOR = "simulator"
+# What assign_mandelbox raises when nothing has room (see Simulation._regions_without_room).
+_NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,8 @@ class Simulation:
         self.settings = Settings(
             # A throwaway development database whatever this shell's FRACTAL_ENV (production demands secrets).
             env=Environment.DEVELOPMENT,
-            database_url=f"sqlite:///{self.database_path}",
+            # In memory, one shared connection (StaticPool): a throwaway database has nothing to keep on disk.
+            database_url="sqlite:///:memory:",
             target_free_mandelboxes=cfg.default_target_free,
             scaler_interval_s=cfg.scaler_interval_s,
             scale_down_delay_s=cfg.scale_down_delay_s,
@@ -269,7 +273,8 @@ class Simulation:
         self._next_scaler = self.started_at
         self._next_sample = self.started_at
         self.scaler_passes = 0
-        self.assign_calls = 0
+        self.assign_calls = 0  # answers users got (every retry counts)
+        self.service_calls = 0  # of which assign_mandelbox gave (the others: refusals known beforehand)
         self.last_report: ReconcileReport | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------------
@@ -280,7 +285,9 @@ class Simulation:
         @event.listens_for(engine, "connect")
         def _fast(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous=OFF")  # a throwaway database: durability buys nothing
+            # A throwaway database: durability buys nothing.
+            for pragma in ("synchronous=OFF", "journal_mode=MEMORY", "temp_store=MEMORY"):
+                cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
         attach_virtual_clock(engine, lambda: self.now)
@@ -458,8 +465,35 @@ class Simulation:
             due.append(heapq.heappop(self._retries)[1])
         return sorted(due)  # indices are in arrival order
 
+    def _regions_without_room(self) -> set[str]:
+        """Enabled regions where no ACTIVE instance has a free slot: there ``assign_mandelbox`` can only answer
+        NO_INSTANCE_AVAILABLE (the region check passes, a simulated user asking has no live mandelbox, and neither
+        the asked version nor another has room), and it stays so for the rest of the tick (only assigns run in
+        between, and they take slots, never give them)."""
+        enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
+        with_room = set(
+            self.session.scalars(
+                select(Instance.region)
+                .where(
+                    Instance.status == InstanceStatus.ACTIVE,
+                    Instance.live_mandelboxes < Instance.mandelbox_capacity,
+                )
+                .distinct()
+            )
+        )
+        self.session.commit()
+        return enabled - with_room
+
     def _serve_users(self, now: datetime) -> None:
-        for index in self._due_users(now):
+        due = self._due_users(now)
+        if not due:
+            return
+        # Asks that can only be refused are answered here, with the event the service would record (the scaler's
+        # demand reads count them), in one statement: the same outcome as calling the service, for a fraction of
+        # its cost (most asks during a cold start are such retries).
+        full = self._regions_without_room()
+        refusals: list[dict[str, Any]] = []
+        for index in due:
             user = self._users[index]
             request = user.request
             region = self._result(request.region)
@@ -467,6 +501,15 @@ class Simulation:
                 self._waiting[request.region] -= 1
             user.tries += 1
             self.assign_calls += 1
+            if request.region in full:
+                refusals.append(
+                    refusal_event(
+                        user_id=f"sim-{index}", regions=[request.region], commit=request.client_commit_hash, error=_NO_ROOM
+                    )
+                )
+                self._refused(user, now)
+                continue
+            self.service_calls += 1
             try:
                 result = assign_mandelbox(
                     self.session,
@@ -476,17 +519,10 @@ class Simulation:
                     max_per_user=1,
                     cache=self.cache,
                 )
-            except FractalError:
-                region.refusals_503 += 1
-                user.first_refused_at = user.first_refused_at or now
-                waited = (now - user.first_refused_at).total_seconds()
-                if waited + self.config.retry_s > self.config.give_up_s:
-                    region.refused += 1
-                    self._waits[request.region].append(self.config.give_up_s)
-                    user.done = True
-                else:
-                    heapq.heappush(self._retries, (now + timedelta(seconds=self.config.retry_s), index))
-                    self._waiting[request.region] += 1
+            except FractalError as refusal:
+                if isinstance(refusal, NoInstanceAvailableError):
+                    full.add(request.region)  # no version has room there now, nor will this tick
+                self._refused(user, now)
                 continue
             mandelbox_id = result.assignment.mandelbox_id
             region.served += 1
@@ -495,6 +531,24 @@ class Simulation:
             user.done = True
             heapq.heappush(self._ends, (now + timedelta(seconds=request.session_s), mandelbox_id))
             self._unclaimed.append(mandelbox_id)
+        if refusals:
+            record_events(self.session, refusals)
+            self.session.commit()
+
+    def _refused(self, user: _User, now: datetime) -> None:
+        """A 503: the user retries after Retry-After, or gives up when that would pass ``give_up_s``."""
+        request = user.request
+        region = self._result(request.region)
+        region.refusals_503 += 1
+        user.first_refused_at = user.first_refused_at or now
+        waited = (now - user.first_refused_at).total_seconds()
+        if waited + self.config.retry_s > self.config.give_up_s:
+            region.refused += 1
+            self._waits[request.region].append(self.config.give_up_s)
+            user.done = True
+        else:
+            heapq.heappush(self._retries, (now + timedelta(seconds=self.config.retry_s), user.index))
+            self._waiting[request.region] += 1
 
     def _sample(self, now: datetime) -> None:
         rows = self.session.execute(
