@@ -14,6 +14,7 @@ import heapq
 import math
 import random
 import shutil
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -170,6 +171,8 @@ class SimulationResult:
     elapsed_s: float = 0.0
     scaler_passes: int = 0
     assign_calls: int = 0
+    service_calls: int = 0  # assign answers that came from assign_mandelbox (the others were known refusals)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per part of the ticks
 
     def as_dict(self) -> dict[str, Any]:
         def region(r: RegionResult) -> dict[str, Any]:
@@ -183,6 +186,7 @@ class SimulationResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "scaler_passes": self.scaler_passes,
             "assign_calls": self.assign_calls,
+            "service_calls": self.service_calls,
             "overall": region(self.overall),
             "regions": [region(r) for r in self.regions],
         }
@@ -206,6 +210,19 @@ class _User:
     first_refused_at: datetime | None = None  # the first 503: the wait runs from here to the 201
 
 
+class _PhaseClock:
+    """Adds the CPU time since the last lap to ``into[name]``."""
+
+    def __init__(self, into: defaultdict[str, float]) -> None:
+        self.into = into
+        self.last = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.into[name] += now - self.last
+        self.last = now
+
+
 class Simulation:
     """One run of one policy over one trace. ``run()`` does it all; the steps are public for tests."""
 
@@ -224,7 +241,6 @@ class Simulation:
         self.config = config or SimulationConfig()
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fractal-sim-"))
-        self.database_path = self.workdir / "simulation.db"
         cfg = self.config
         first = self.trace[0].arrival.replace(second=0, microsecond=0)
         self.started_at = first - timedelta(seconds=cfg.warmup_s)
@@ -275,6 +291,7 @@ class Simulation:
         self.scaler_passes = 0
         self.assign_calls = 0  # answers users got (every retry counts)
         self.service_calls = 0  # of which assign_mandelbox gave (the others: refusals known beforehand)
+        self.cpu_s: defaultdict[str, float] = defaultdict(float)  # CPU seconds: hosts, users, scaler, sample
         self.last_report: ReconcileReport | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------------
@@ -357,22 +374,28 @@ class Simulation:
     def step(self) -> None:
         """One tick at ``self.now``: images, hosts, sessions, users, the scaler, a sample."""
         now = self.now
+        clock = _PhaseClock(self.cpu_s)
         self._apply_images(now)
         self._boot_hosts(now)
         self._end_sessions(now)
+        clock.lap("hosts")
         self._serve_users(now)
+        clock.lap("users")
         if now >= self._next_heartbeat:
             # The hosts' reports ride on the heartbeat cadence: one batch of claims, one of heartbeats (well within
             # FRACTAL_CONNECT_TIMEOUT_S and FRACTAL_HOST_TIMEOUT_S).
             self._claim()
             self._heartbeat(now)
             self._next_heartbeat = now + timedelta(seconds=self.config.heartbeat_interval_s)
+            clock.lap("hosts")
         if now >= self._next_scaler:
             self.scaler_step()
             self._next_scaler = now + timedelta(seconds=self.config.scaler_interval_s)
+            clock.lap("scaler")
         if now >= self._next_sample:
             self._sample(now)
             self._next_sample = now + timedelta(seconds=self.config.sample_s)
+            clock.lap("sample")
 
     def scaler_step(self) -> ReconcileReport:
         """One scaler pass: the live scaler's ``reconcile_fleet``, its clock the database's (virtual) one."""
@@ -502,10 +525,9 @@ class Simulation:
             user.tries += 1
             self.assign_calls += 1
             if request.region in full:
+                commit = request.client_commit_hash
                 refusals.append(
-                    refusal_event(
-                        user_id=f"sim-{index}", regions=[request.region], commit=request.client_commit_hash, error=_NO_ROOM
-                    )
+                    refusal_event(user_id=f"sim-{index}", regions=[request.region], commit=commit, error=_NO_ROOM)
                 )
                 self._refused(user, now)
                 continue
@@ -636,7 +658,20 @@ class Simulation:
             ended_at=until,
             scaler_passes=self.scaler_passes,
             assign_calls=self.assign_calls,
+            service_calls=self.service_calls,
+            cpu_s={name: round(seconds, 3) for name, seconds in sorted(self.cpu_s.items())},
         )
+
+    def save_database(self, path: Path) -> Path:
+        """Copy the (in-memory) database to a SQLite file at ``path``, as it stands now (for tools and tests)."""
+        self.session.commit()
+        raw = self.engine.raw_connection()  # StaticPool: the simulation's one connection
+        try:
+            with sqlite3.connect(path) as target:
+                raw.driver_connection.backup(target)  # type: ignore[union-attr]
+        finally:
+            raw.close()
+        return path
 
     def close(self) -> None:
         self.session.close()
