@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
@@ -174,11 +174,14 @@ def _release_slots(session: Session, freed: Counter[str], *, stamp: Any) -> None
 
 
 # Statements of the SQLite allocation path, built once (building a statement costs more CPU than running it on
-# SQLite; the compiled form is cached by shape, the values travel as parameters).
+# SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they
+# run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects).
+_instances = cast(Table, Instance.__table__)
+_mandelboxes = cast(Table, Mandelbox.__table__)
 _LIVE_COUNT_FOR_USER = (
     select(func.count())
-    .select_from(Mandelbox)
-    .where(Mandelbox.user_id == bindparam("p_user_id"), Mandelbox.status.in_(LIVE_MANDELBOX_STATUSES))
+    .select_from(_mandelboxes)
+    .where(_mandelboxes.c.user_id == bindparam("p_user_id"), _mandelboxes.c.status.in_(LIVE_MANDELBOX_STATUSES))
 )
 
 
@@ -295,28 +298,27 @@ def allocate_in_one_statement(
 
 
 _WAITING_CANDIDATES = (
-    select(Instance.instance_name)
+    select(_instances.c.instance_name)
     .where(
-        Instance.region == bindparam("p_region"),
-        Instance.client_commit_hash == bindparam("p_commit"),
-        Instance.status == InstanceStatus.ACTIVE,
-        Instance.live_mandelboxes < Instance.mandelbox_capacity,
+        _instances.c.region == bindparam("p_region"),
+        _instances.c.client_commit_hash == bindparam("p_commit"),
+        _instances.c.status == InstanceStatus.ACTIVE,
+        _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
     )
-    .order_by(Instance.live_mandelboxes.desc(), Instance.instance_name)
+    .order_by(_instances.c.live_mandelboxes.desc(), _instances.c.instance_name)
 )
 _TAKE_SLOT = (
-    update(Instance)
+    update(_instances)
     .where(
-        Instance.instance_name == bindparam("p_name"),
-        Instance.status == InstanceStatus.ACTIVE,
-        Instance.live_mandelboxes < Instance.mandelbox_capacity,
+        _instances.c.instance_name == bindparam("p_name"),
+        _instances.c.status == InstanceStatus.ACTIVE,
+        _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
     )
-    .values(live_mandelboxes=Instance.live_mandelboxes + 1, empty_since=None)
-    .returning(Instance.instance_name, Instance.ip, Instance.region)
-    .execution_options(synchronize_session=False)
+    .values(live_mandelboxes=_instances.c.live_mandelboxes + 1, empty_since=None)
+    .returning(_instances.c.instance_name, _instances.c.ip, _instances.c.region)
 )
-_CREATE_ALLOCATED = insert(Mandelbox).values(
-    mandelbox_id=bindparam("p_mandelbox_id", type_=Mandelbox.mandelbox_id.type),
+_CREATE_ALLOCATED = insert(_mandelboxes).values(
+    mandelbox_id=bindparam("p_mandelbox_id", type_=_mandelboxes.c.mandelbox_id.type),
     instance_name=bindparam("p_name"),
     user_id=bindparam("p_user_id"),
     session_id=bindparam("p_session_id"),
