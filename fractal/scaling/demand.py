@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from fractal.errors import ErrorCode
@@ -38,9 +38,12 @@ def recent_arrivals(
         return {}
     cutoff = now - timedelta(seconds=window_s)
     users: dict[tuple[str, str], set[str]] = defaultdict(set)
-    # DISTINCT: a user retrying every 10 s writes the same refusal over and over; one row of it is enough.
+    # DISTINCT: a user retrying every 10 s writes the same refusal over and over; one row of it is enough. Only a
+    # refusal's detail is read (an assignment's key is its instance's): the others' is not fetched nor parsed.
+    refusal = str(EventKind.ASSIGNMENT_REFUSED)
+    detail = case((events.c.kind == refusal, events.c.detail), else_=None)
     rows = session.execute(
-        select(events.c.kind, events.c.actor, events.c.detail, instances.c.region, instances.c.client_commit_hash)
+        select(events.c.kind, events.c.actor, detail, instances.c.region, instances.c.client_commit_hash)
         .select_from(events)
         .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
         .where(
