@@ -36,7 +36,7 @@ from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
 from fractal.config import Environment, Settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.errors import FractalError, NoInstanceAvailableError
+from fractal.errors import CommitHashMismatchError, FractalError, NoInstanceAvailableError
 from fractal.events import record_events
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.host_service.service import handshake_host
@@ -62,6 +62,8 @@ DEFAULT_PRICE = 1.0
 SIM_ACTOR = "simulator"
 # What assign_mandelbox raises when nothing has room (see Simulation._regions_without_room).
 _NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
+# What it raises when only other versions have room in the region.
+_OTHER_VERSION = CommitHashMismatchError(details={})
 
 
 @dataclass(frozen=True)
@@ -488,24 +490,20 @@ class Simulation:
             due.append(heapq.heappop(self._retries)[1])
         return sorted(due)  # indices are in arrival order
 
-    def _regions_without_room(self) -> set[str]:
-        """Enabled regions where no ACTIVE instance has a free slot: there ``assign_mandelbox`` can only answer
-        NO_INSTANCE_AVAILABLE (the region check passes, a simulated user asking has no live mandelbox, and neither
-        the asked version nor another has room), and it stays so for the rest of the tick (only assigns run in
-        between, and they take slots, never give them)."""
+    def _free_slots(self) -> tuple[set[str], Counter[tuple[str, str]]]:
+        """The enabled regions, and the free slots on ACTIVE instances per (region, version), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
-        with_room = set(
-            self.session.scalars(
-                select(Instance.region)
-                .where(
-                    Instance.status == InstanceStatus.ACTIVE,
-                    Instance.live_mandelboxes < Instance.mandelbox_capacity,
-                )
-                .distinct()
+        rows = self.session.execute(
+            select(
+                Instance.region,
+                Instance.client_commit_hash,
+                func.sum(Instance.mandelbox_capacity - Instance.live_mandelboxes),
             )
-        )
+            .where(Instance.status == InstanceStatus.ACTIVE)
+            .group_by(Instance.region, Instance.client_commit_hash)
+        ).all()
         self.session.commit()
-        return enabled - with_room
+        return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
     def _serve_users(self, now: datetime) -> None:
         due = self._due_users(now)
@@ -513,8 +511,12 @@ class Simulation:
             return
         # Asks that can only be refused are answered here, with the event the service would record (the scaler's
         # demand reads count them), in one statement: the same outcome as calling the service, for a fraction of
-        # its cost (most asks during a cold start are such retries).
-        full = self._regions_without_room()
+        # its cost. Which they are follows from the free slots per (region, version), read once per tick and kept
+        # exact through it (only assigns run in between, and each takes one slot of its own region and version):
+        # in an enabled region (the service's first check) a simulated user asking holds no live mandelbox, so
+        # with no room for its version the service answers COMMIT_HASH_MISMATCH when another version has room in
+        # the region, else NO_INSTANCE_AVAILABLE (``_assign_in_transaction``'s order).
+        enabled, free = self._free_slots()
         refusals: list[dict[str, Any]] = []
         for index in due:
             user = self._users[index]
@@ -524,11 +526,12 @@ class Simulation:
                 self._waiting[request.region] -= 1
             user.tries += 1
             self.assign_calls += 1
-            if request.region in full:
-                commit = request.client_commit_hash
-                refusals.append(
-                    refusal_event(user_id=f"sim-{index}", regions=[request.region], commit=commit, error=_NO_ROOM)
-                )
+            commit = request.client_commit_hash
+            if request.region in enabled and not free[(request.region, commit)]:
+                room_elsewhere = any(n for (r, _), n in free.items() if r == request.region)
+                error = _OTHER_VERSION if room_elsewhere else _NO_ROOM
+                asked = [request.region]
+                refusals.append(refusal_event(user_id=f"sim-{index}", regions=asked, commit=commit, error=error))
                 self._refused(user, now)
                 continue
             self.service_calls += 1
@@ -541,11 +544,10 @@ class Simulation:
                     max_per_user=1,
                     cache=self.cache,
                 )
-            except FractalError as refusal:
-                if isinstance(refusal, NoInstanceAvailableError):
-                    full.add(request.region)  # no version has room there now, nor will this tick
+            except FractalError:
                 self._refused(user, now)
                 continue
+            free[(result.assignment.region, commit)] -= 1
             mandelbox_id = result.assignment.mandelbox_id
             region.served += 1
             waited = (now - user.first_refused_at).total_seconds() if user.first_refused_at else 0.0
