@@ -5,7 +5,9 @@ up after a while, end their session), the hosts (they boot after a drawn delay, 
 service, heartbeat, report their mandelboxes running and exited) and the cloud (``SimulatedCloud``). Everything
 Fractal decides — which host gets a user, what the scaler launches, drains and terminates — is the production
 code: ``assign_mandelbox``, ``handshake_host``, the fleet's movers and ``reconcile_fleet``, unchanged, against a
-throwaway SQLite database whose clock (``db_now``) is the virtual one (``fractal.clock.attach_virtual_clock``).
+throwaway in-memory SQLite database whose clock (``db_now``) is the virtual one
+(``fractal.clock.attach_virtual_clock``). Asks the free slots show can only be refused get the service's answer and event without the call
+(``Simulation._serve_users``); every ask that can succeed goes through ``assign_mandelbox``.
 """
 
 from __future__ import annotations
