@@ -6,8 +6,9 @@ service, heartbeat, report their mandelboxes running and exited) and the cloud (
 Fractal decides — which host gets a user, what the scaler launches, drains and terminates — is the production
 code: ``assign_mandelbox``, ``handshake_host``, the fleet's movers and ``reconcile_fleet``, unchanged, against a
 throwaway in-memory SQLite database whose clock (``db_now``) is the virtual one
-(``fractal.clock.attach_virtual_clock``). Asks the free slots show can only be refused get the service's answer and event without the call
-(``Simulation._serve_users``); every ask that can succeed goes through ``assign_mandelbox``.
+(``fractal.clock.attach_virtual_clock``). Asks that the free slots show can only be refused get the service's
+answer and event without the call (``Simulation._serve_users``); every ask that can succeed goes through
+``assign_mandelbox``.
 """
 
 from __future__ import annotations
