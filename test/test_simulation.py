@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -128,9 +127,7 @@ def _planned(report: ReconcileReport) -> list[tuple[Any, ...]]:
 def _live_pass_on_a_copy(simulation: Simulation, copy: Path) -> ReconcileReport:
     """The live scaler's pass on a copy of the simulator's database: a plain engine on the real clock (no virtual
     clock), the pass told the time as a test tells it, and another cloud."""
-    simulation.session.commit()
-    with sqlite3.connect(simulation.database_path) as source, sqlite3.connect(copy) as target:
-        source.backup(target)
+    simulation.save_database(copy)
     live_settings = Settings(**{**simulation.settings.model_dump(), "database_url": f"sqlite:///{copy}"})
     engine = create_db_engine(live_settings)
 
@@ -243,7 +240,7 @@ def test_the_fractal_command_exports_the_audit_log_and_replays_it(tmp_path: Path
             simulation.now = simulation.next_time()
         simulation.session.commit()
         until = simulation.now
-        database = simulation.database_path
+        database = simulation.save_database(tmp_path / "simulation.db")
         exported_csv = tmp_path / "week.csv"
         runner = CliRunner()
         result = runner.invoke(

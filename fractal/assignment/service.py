@@ -384,15 +384,19 @@ def _other_versions_have_room(session: Session, regions: Sequence[str], commit: 
     )
 
 
+def refusal_event(*, user_id: str, regions: Sequence[str], commit: str, error: FractalError) -> dict[str, Any]:
+    """The audit event a refused assign records (what the scaler's demand reads count as waiting users)."""
+    return {
+        "kind": EventKind.ASSIGNMENT_REFUSED,
+        "actor": f"user:{user_id}",
+        "detail": {"code": str(error.code), "regions": list(regions)[:20], "client_commit_hash": commit},
+    }
+
+
 def _record_refusal(
     session: Session, *, user_id: str, regions: Sequence[str], commit: str, error: FractalError
 ) -> None:
-    record_event(
-        session,
-        kind=EventKind.ASSIGNMENT_REFUSED,
-        actor=f"user:{user_id}",
-        detail={"code": str(error.code), "regions": list(regions)[:20], "client_commit_hash": commit},
-    )
+    record_event(session, **refusal_event(user_id=user_id, regions=regions, commit=commit, error=error))
     session.commit()
 
 
@@ -443,5 +447,6 @@ __all__ = [
     "assign_mandelbox",
     "delete_mandelbox_for_user",
     "get_mandelbox_for_user",
+    "refusal_event",
     "request_fingerprint",
 ]

@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, case, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
@@ -173,15 +173,21 @@ def _release_slots(session: Session, freed: Counter[str], *, stamp: Any) -> None
     )
 
 
+# Statements of the SQLite allocation path, built once (building a statement costs more CPU than running it on
+# SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they
+# run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects).
+_instances = cast(Table, Instance.__table__)
+_mandelboxes = cast(Table, Mandelbox.__table__)
+_LIVE_COUNT_FOR_USER = (
+    select(func.count())
+    .select_from(_mandelboxes)
+    .where(_mandelboxes.c.user_id == bindparam("p_user_id"), _mandelboxes.c.status.in_(LIVE_MANDELBOX_STATUSES))
+)
+
+
 def live_count_for_user(session: Session, user_id: str) -> int:
     """How many live mandelboxes ``user_id`` holds."""
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Mandelbox)
-            .where(Mandelbox.user_id == user_id, Mandelbox.status.in_(LIVE_MANDELBOX_STATUSES))
-        ).scalar_one()
-    )
+    return int(session.execute(_LIVE_COUNT_FOR_USER, {"p_user_id": user_id}).scalar_one())
 
 
 # --- allocation: the one place a mandelbox is created and a slot taken -----------------------------------------
@@ -291,6 +297,37 @@ def allocate_in_one_statement(
     return Slot(row.instance_name, row.ip, row.region)
 
 
+_WAITING_CANDIDATES = (
+    select(_instances.c.instance_name)
+    .where(
+        _instances.c.region == bindparam("p_region"),
+        _instances.c.client_commit_hash == bindparam("p_commit"),
+        _instances.c.status == InstanceStatus.ACTIVE,
+        _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
+    )
+    .order_by(_instances.c.live_mandelboxes.desc(), _instances.c.instance_name)
+)
+_TAKE_SLOT = (
+    update(_instances)
+    .where(
+        _instances.c.instance_name == bindparam("p_name"),
+        _instances.c.status == InstanceStatus.ACTIVE,
+        _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
+    )
+    .values(live_mandelboxes=_instances.c.live_mandelboxes + 1, empty_since=None)
+    .returning(_instances.c.instance_name, _instances.c.ip, _instances.c.region)
+)
+_CREATE_ALLOCATED = insert(_mandelboxes).values(
+    mandelbox_id=bindparam("p_mandelbox_id", type_=_mandelboxes.c.mandelbox_id.type),
+    instance_name=bindparam("p_name"),
+    user_id=bindparam("p_user_id"),
+    session_id=bindparam("p_session_id"),
+    status=MandelboxStatus.ALLOCATED,
+    created_at=db_now(),
+    status_changed_at=db_now(),
+)
+
+
 def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
     """Wait for candidates one row at a time; the only path on SQLite (the development default).
 
@@ -299,39 +336,20 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
     lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could).
     """
     candidates = session.scalars(
-        select(Instance.instance_name)
-        .where(
-            Instance.region == wanted.region,
-            Instance.client_commit_hash == wanted.client_commit_hash,
-            Instance.status == InstanceStatus.ACTIVE,
-            Instance.live_mandelboxes < Instance.mandelbox_capacity,
-        )
-        .order_by(Instance.live_mandelboxes.desc(), Instance.instance_name)
+        _WAITING_CANDIDATES, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
     ).all()
     for name in candidates:
-        taken = session.execute(
-            update(Instance)
-            .where(
-                Instance.instance_name == name,
-                Instance.status == InstanceStatus.ACTIVE,
-                Instance.live_mandelboxes < Instance.mandelbox_capacity,
-            )
-            .values(live_mandelboxes=Instance.live_mandelboxes + 1, empty_since=None)
-            .returning(Instance.instance_name, Instance.ip, Instance.region)
-            .execution_options(synchronize_session=False)
-        ).first()
+        taken = session.execute(_TAKE_SLOT, {"p_name": name}).first()
         if taken is None:
             continue
         session.execute(
-            insert(Mandelbox).values(
-                mandelbox_id=wanted.mandelbox_id,
-                instance_name=name,
-                user_id=wanted.user_id,
-                session_id=wanted.session_id,
-                status=MandelboxStatus.ALLOCATED,
-                created_at=db_now(),
-                status_changed_at=db_now(),
-            )
+            _CREATE_ALLOCATED,
+            {
+                "p_mandelbox_id": wanted.mandelbox_id,
+                "p_name": name,
+                "p_user_id": wanted.user_id,
+                "p_session_id": wanted.session_id,
+            },
         )
         record_event(
             session,

@@ -5,7 +5,10 @@ up after a while, end their session), the hosts (they boot after a drawn delay, 
 service, heartbeat, report their mandelboxes running and exited) and the cloud (``SimulatedCloud``). Everything
 Fractal decides — which host gets a user, what the scaler launches, drains and terminates — is the production
 code: ``assign_mandelbox``, ``handshake_host``, the fleet's movers and ``reconcile_fleet``, unchanged, against a
-throwaway SQLite database whose clock (``db_now``) is the virtual one (``fractal.clock.attach_virtual_clock``).
+throwaway in-memory SQLite database whose clock (``db_now``) is the virtual one
+(``fractal.clock.attach_virtual_clock``). Asks that the free slots show can only be refused get the service's
+answer and event without the call (``Simulation._serve_users``); every ask that can succeed goes through
+``assign_mandelbox``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import heapq
 import math
 import random
 import shutil
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -30,15 +34,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from fractal.admin.schemas import BufferPolicyIn
-from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox
+from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelbox, refusal_event
 from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
 from fractal.config import Environment, Settings
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.errors import FractalError
+from fractal.errors import CommitHashMismatchError, FractalError, NoInstanceAvailableError
+from fractal.events import record_events
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.host_service.service import handshake_host
-from fractal.images import ImageSpec, upsert_image
+from fractal.images import ImageSpec, active_image_summary, upsert_image
 from fractal.models import Base, EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
@@ -58,6 +63,10 @@ PRICES_USD_PER_HOUR = {
 }
 DEFAULT_PRICE = 1.0
 SIM_ACTOR = "simulator"
+# What assign_mandelbox raises when nothing has room (see Simulation._regions_without_room).
+_NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
+# What it raises when only other versions have room in the region.
+_OTHER_VERSION = CommitHashMismatchError(details={})
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,8 @@ class SimulationResult:
     elapsed_s: float = 0.0
     scaler_passes: int = 0
     assign_calls: int = 0
+    service_calls: int = 0  # assign answers that came from assign_mandelbox (the others were known refusals)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per part of the ticks
 
     def as_dict(self) -> dict[str, Any]:
         def region(r: RegionResult) -> dict[str, Any]:
@@ -180,6 +191,7 @@ class SimulationResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "scaler_passes": self.scaler_passes,
             "assign_calls": self.assign_calls,
+            "service_calls": self.service_calls,
             "overall": region(self.overall),
             "regions": [region(r) for r in self.regions],
         }
@@ -203,6 +215,19 @@ class _User:
     first_refused_at: datetime | None = None  # the first 503: the wait runs from here to the 201
 
 
+class _PhaseClock:
+    """Adds the CPU time since the last lap to ``into[name]``."""
+
+    def __init__(self, into: defaultdict[str, float]) -> None:
+        self.into = into
+        self.last = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.into[name] += now - self.last
+        self.last = now
+
+
 class Simulation:
     """One run of one policy over one trace. ``run()`` does it all; the steps are public for tests."""
 
@@ -221,7 +246,6 @@ class Simulation:
         self.config = config or SimulationConfig()
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fractal-sim-"))
-        self.database_path = self.workdir / "simulation.db"
         cfg = self.config
         first = self.trace[0].arrival.replace(second=0, microsecond=0)
         self.started_at = first - timedelta(seconds=cfg.warmup_s)
@@ -238,7 +262,8 @@ class Simulation:
         self.settings = Settings(
             # A throwaway development database whatever this shell's FRACTAL_ENV (production demands secrets).
             env=Environment.DEVELOPMENT,
-            database_url=f"sqlite:///{self.database_path}",
+            # In memory, one shared connection (StaticPool): a throwaway database has nothing to keep on disk.
+            database_url="sqlite:///:memory:",
             target_free_mandelboxes=cfg.default_target_free,
             scaler_interval_s=cfg.scaler_interval_s,
             scale_down_delay_s=cfg.scale_down_delay_s,
@@ -269,7 +294,9 @@ class Simulation:
         self._next_scaler = self.started_at
         self._next_sample = self.started_at
         self.scaler_passes = 0
-        self.assign_calls = 0
+        self.assign_calls = 0  # answers users got (every retry counts)
+        self.service_calls = 0  # of which assign_mandelbox gave (the others: refusals known beforehand)
+        self.cpu_s: defaultdict[str, float] = defaultdict(float)  # CPU seconds: hosts, users, scaler, sample
         self.last_report: ReconcileReport | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------------
@@ -280,7 +307,9 @@ class Simulation:
         @event.listens_for(engine, "connect")
         def _fast(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous=OFF")  # a throwaway database: durability buys nothing
+            # A throwaway database: durability buys nothing.
+            for pragma in ("synchronous=OFF", "journal_mode=MEMORY", "temp_store=MEMORY"):
+                cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
         attach_virtual_clock(engine, lambda: self.now)
@@ -350,22 +379,28 @@ class Simulation:
     def step(self) -> None:
         """One tick at ``self.now``: images, hosts, sessions, users, the scaler, a sample."""
         now = self.now
+        clock = _PhaseClock(self.cpu_s)
         self._apply_images(now)
         self._boot_hosts(now)
         self._end_sessions(now)
+        clock.lap("hosts")
         self._serve_users(now)
+        clock.lap("users")
         if now >= self._next_heartbeat:
             # The hosts' reports ride on the heartbeat cadence: one batch of claims, one of heartbeats (well within
             # FRACTAL_CONNECT_TIMEOUT_S and FRACTAL_HOST_TIMEOUT_S).
             self._claim()
             self._heartbeat(now)
             self._next_heartbeat = now + timedelta(seconds=self.config.heartbeat_interval_s)
+            clock.lap("hosts")
         if now >= self._next_scaler:
             self.scaler_step()
             self._next_scaler = now + timedelta(seconds=self.config.scaler_interval_s)
+            clock.lap("scaler")
         if now >= self._next_sample:
             self._sample(now)
             self._next_sample = now + timedelta(seconds=self.config.sample_s)
+            clock.lap("sample")
 
     def scaler_step(self) -> ReconcileReport:
         """One scaler pass: the live scaler's ``reconcile_fleet``, its clock the database's (virtual) one."""
@@ -458,8 +493,35 @@ class Simulation:
             due.append(heapq.heappop(self._retries)[1])
         return sorted(due)  # indices are in arrival order
 
+    def _free_slots(self) -> tuple[set[str], Counter[tuple[str, str]]]:
+        """The enabled regions, and the free slots on ACTIVE instances per (region, version), at this instant."""
+        enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
+        rows = self.session.execute(
+            select(
+                Instance.region,
+                Instance.client_commit_hash,
+                func.sum(Instance.mandelbox_capacity - Instance.live_mandelboxes),
+            )
+            .where(Instance.status == InstanceStatus.ACTIVE)
+            .group_by(Instance.region, Instance.client_commit_hash)
+        ).all()
+        self.session.commit()
+        return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
+
     def _serve_users(self, now: datetime) -> None:
-        for index in self._due_users(now):
+        due = self._due_users(now)
+        if not due:
+            return
+        # Asks that can only be refused are answered here, with the event the service would record (the scaler's
+        # demand reads count them), in one statement: the same outcome as calling the service, for a fraction of
+        # its cost. Which they are follows from the free slots per (region, version), read once per tick and kept
+        # exact through it (only assigns run in between, and each takes one slot of its own region and version):
+        # in an enabled region (the service's first check) a simulated user asking holds no live mandelbox, so
+        # with no room for its version the service answers COMMIT_HASH_MISMATCH when another version has room in
+        # the region, else NO_INSTANCE_AVAILABLE (``_assign_in_transaction``'s order).
+        enabled, free = self._free_slots()
+        refusals: list[dict[str, Any]] = []
+        for index in due:
             user = self._users[index]
             request = user.request
             region = self._result(request.region)
@@ -467,6 +529,15 @@ class Simulation:
                 self._waiting[request.region] -= 1
             user.tries += 1
             self.assign_calls += 1
+            commit = request.client_commit_hash
+            if request.region in enabled and not free[(request.region, commit)]:
+                room_elsewhere = any(n for (r, _), n in free.items() if r == request.region)
+                error = _OTHER_VERSION if room_elsewhere else _NO_ROOM
+                asked = [request.region]
+                refusals.append(refusal_event(user_id=f"sim-{index}", regions=asked, commit=commit, error=error))
+                self._refused(user, now)
+                continue
+            self.service_calls += 1
             try:
                 result = assign_mandelbox(
                     self.session,
@@ -477,17 +548,9 @@ class Simulation:
                     cache=self.cache,
                 )
             except FractalError:
-                region.refusals_503 += 1
-                user.first_refused_at = user.first_refused_at or now
-                waited = (now - user.first_refused_at).total_seconds()
-                if waited + self.config.retry_s > self.config.give_up_s:
-                    region.refused += 1
-                    self._waits[request.region].append(self.config.give_up_s)
-                    user.done = True
-                else:
-                    heapq.heappush(self._retries, (now + timedelta(seconds=self.config.retry_s), index))
-                    self._waiting[request.region] += 1
+                self._refused(user, now)
                 continue
+            free[(result.assignment.region, commit)] -= 1
             mandelbox_id = result.assignment.mandelbox_id
             region.served += 1
             waited = (now - user.first_refused_at).total_seconds() if user.first_refused_at else 0.0
@@ -495,6 +558,24 @@ class Simulation:
             user.done = True
             heapq.heappush(self._ends, (now + timedelta(seconds=request.session_s), mandelbox_id))
             self._unclaimed.append(mandelbox_id)
+        if refusals:
+            record_events(self.session, refusals)
+            self.session.commit()
+
+    def _refused(self, user: _User, now: datetime) -> None:
+        """A 503: the user retries after Retry-After, or gives up when that would pass ``give_up_s``."""
+        request = user.request
+        region = self._result(request.region)
+        region.refusals_503 += 1
+        user.first_refused_at = user.first_refused_at or now
+        waited = (now - user.first_refused_at).total_seconds()
+        if waited + self.config.retry_s > self.config.give_up_s:
+            region.refused += 1
+            self._waits[request.region].append(self.config.give_up_s)
+            user.done = True
+        else:
+            heapq.heappush(self._retries, (now + timedelta(seconds=self.config.retry_s), user.index))
+            self._waiting[request.region] += 1
 
     def _sample(self, now: datetime) -> None:
         rows = self.session.execute(
@@ -582,7 +663,20 @@ class Simulation:
             ended_at=until,
             scaler_passes=self.scaler_passes,
             assign_calls=self.assign_calls,
+            service_calls=self.service_calls,
+            cpu_s={name: round(seconds, 3) for name, seconds in sorted(self.cpu_s.items())},
         )
+
+    def save_database(self, path: Path) -> Path:
+        """Copy the (in-memory) database to a SQLite file at ``path``, as it stands now (for tools and tests)."""
+        self.session.commit()
+        raw = self.engine.raw_connection()  # StaticPool: the simulation's one connection
+        try:
+            with sqlite3.connect(path) as target:
+                raw.driver_connection.backup(target)  # type: ignore[union-attr]
+        finally:
+            raw.close()
+        return path
 
     def close(self) -> None:
         self.session.close()
