@@ -1,4 +1,4 @@
-"""Rate limits (Flask-Limiter): shared by every replica through Redis, in memory without it.
+"""Rate limits: shared by every replica through Redis, in memory without it (Flask-Limiter's storages, our decorator).
 
 One module-level :data:`limiter` carries the route decorators; ``init_rate_limits`` binds it to each app in
 the factory. Keys: the verified JWT ``sub`` on user routes (the decorator goes *under* ``@user_required``, so
