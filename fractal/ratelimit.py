@@ -1,9 +1,9 @@
 """Rate limits: shared by every replica through Redis, in memory without it (Flask-Limiter's storages, our decorator).
 
-One module-level :data:`limiter` carries the route decorators; ``init_rate_limits`` binds it to each app in
-the factory. Keys: the verified JWT ``sub`` on user routes (the decorator goes *under* ``@user_required``, so
-the limit is counted after authentication and a forged token can never spend another user's budget), the
-client address on public or host routes.
+One module-level :data:`limiter` holds the storage (bound to each app by ``init_rate_limits`` in the factory);
+:func:`route_limit` decorators count through its strategy. Keys: the verified JWT ``sub`` on user routes (the
+decorator goes *under* ``@user_required``, so the limit is counted after authentication and a forged token can
+never spend another user's budget), the client address on public or host routes.
 
 Redis unreachable: the limiter falls back to per-process in-memory counters (logging a warning, and
 re-checking Redis with backoff), and any other storage error is logged and swallowed: limits fail open,
