@@ -1,9 +1,10 @@
 """Gunicorn settings for every Fractal API, all from the environment (env.py execs gunicorn with this file).
 
 GUNICORN_BIND (default 0.0.0.0:8000, or 0.0.0.0:$PORT), GUNICORN_WORKERS (default 2 x CPUs + 1, capped at 8),
-GUNICORN_THREADS (default 4), GUNICORN_TIMEOUT (30), GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5),
-GUNICORN_MAX_REQUESTS (0: never recycle), GUNICORN_CONTROL_SOCKET (unset: no control socket), FRACTAL_LOG_LEVEL,
-FRACTAL_LOG_JSON (gunicorn's own lines as JSON, like the app's).
+GUNICORN_THREADS (default 4), GUNICORN_WORKER_CLASS (default gthread), GUNICORN_TIMEOUT (30),
+GUNICORN_GRACEFUL_TIMEOUT (30), GUNICORN_KEEPALIVE (5), GUNICORN_MAX_REQUESTS (0: never recycle),
+GUNICORN_CONTROL_SOCKET (unset: no control socket), FRACTAL_LOG_LEVEL, FRACTAL_LOG_JSON (gunicorn's own lines as
+JSON, like the app's).
 
 Prometheus multiprocess mode: every worker writes its counters and histograms to files under
 PROMETHEUS_MULTIPROC_DIR (created here when unset, wiped at start so a restart never reports stale counts), and any
@@ -31,7 +32,9 @@ def _default_workers() -> int:
 bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = _int("GUNICORN_WORKERS", _default_workers())
 threads = _int("GUNICORN_THREADS", 4)
-worker_class = "gthread"
+# Chosen by measurement on 2 cores (docs/benchmarks.md, "Worker model"); GUNICORN_WORKER_CLASS=sync for one
+# request per worker process at a time (then GUNICORN_THREADS is ignored).
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "").strip() or "gthread"
 timeout = _int("GUNICORN_TIMEOUT", 30)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)

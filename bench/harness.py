@@ -348,7 +348,12 @@ def database_backend_pids(url: str) -> list[int]:
 
 def server_env(*, database_url: str, public_pem: str, redis_prefix: str, port: int) -> dict[str, str]:
     """The environment a benchmarked server runs with: test env, real JWT checks, limits on but never refusing."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("FRACTAL_", "GUNICORN_"))}
+    # The worker model may be chosen for a run (GUNICORN_WORKER_CLASS=sync ./commands bench yardsticks); any other
+    # FRACTAL_/GUNICORN_ setting of the caller's shell is left out.
+    kept = ("GUNICORN_WORKER_CLASS", "GUNICORN_THREADS")
+    env = {
+        key: value for key, value in os.environ.items() if key in kept or not key.startswith(("FRACTAL_", "GUNICORN_"))
+    }
     env.update(
         {
             "FRACTAL_ENV": "test",
@@ -372,6 +377,10 @@ def gunicorn_command(app: str, port: int, workers: int | None) -> tuple[list[str
     if conf.exists():
         extra = ["--workers", str(workers)] if workers else []
         shown = f"gunicorn.conf.py --workers {workers}" if workers else "gunicorn.conf.py"
+        model = [
+            f"{key}={os.environ[key]}" for key in ("GUNICORN_WORKER_CLASS", "GUNICORN_THREADS") if key in os.environ
+        ]
+        shown = " ".join([shown, *model])
         return [*base, "-c", str(conf), *extra, app], shown
     count = workers or 2 * (os.cpu_count() or 1)
     flags = [

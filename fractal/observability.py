@@ -24,6 +24,7 @@ REDACTED = "[REDACTED]"
 # Probes and scrapes would drown the access log.
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _NOT_SENSITIVE = frozenset({"request_id", "event"})
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
 
 def redact_text(value: str) -> str:
@@ -91,10 +92,9 @@ def register_request_context(app: Flask) -> None:
     @app.before_request
     def _bind_request_id() -> None:
         g.request_started = time.perf_counter()
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else uuid.uuid4().hex
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.request_id = request_id
-        g.request_started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
 

@@ -1,9 +1,9 @@
-"""Rate limits (Flask-Limiter): shared by every replica through Redis, in memory without it.
+"""Rate limits: shared by every replica through Redis, in memory without it (Flask-Limiter's storages, our decorator).
 
-One module-level :data:`limiter` carries the route decorators; ``init_rate_limits`` binds it to each app in
-the factory. Keys: the verified JWT ``sub`` on user routes (the decorator goes *under* ``@user_required``, so
-the limit is counted after authentication and a forged token can never spend another user's budget), the
-client address on public or host routes.
+One module-level :data:`limiter` holds the storage (bound to each app by ``init_rate_limits`` in the factory);
+:func:`route_limit` decorators count through its strategy. Keys: the verified JWT ``sub`` on user routes (the
+decorator goes *under* ``@user_required``, so the limit is counted after authentication and a forged token can
+never spend another user's budget), the client address on public or host routes.
 
 Redis unreachable: the limiter falls back to per-process in-memory counters (logging a warning, and
 re-checking Redis with backoff), and any other storage error is logged and swallowed: limits fail open,
@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter, RateLimitExceeded, RouteLimit
+from flask_limiter import Limiter
+from limits import RateLimitItem, parse_many
 from limits import parse as parse_limit
 from limits.storage import RedisClusterStorage, Storage
 
@@ -115,41 +116,159 @@ def init_rate_limits(app: Flask, app_settings: Settings, redis_client: RedisClie
         }
     app.config.update(RATELIMIT_STORAGE_URI=uri, RATELIMIT_STORAGE_OPTIONS=options)
     limiter.init_app(app)
-    _drop_middleware_check(app)
-    app.register_error_handler(RateLimitExceeded, _rate_limited)
+    _drop_request_hooks(app)
+    _storage_health.reset()
+    app.register_error_handler(RouteRateLimitedError, _rate_limited)
 
 
-def _drop_middleware_check(app: Flask) -> None:
-    """Every Fractal limit is a route decorator, which checks its limit itself when the view is called; the
-    before_request check Flask-Limiter also installs only looks for default, application and blueprint limits
-    (Fractal has none), yet costs a quarter of a /healthz request's CPU on every request."""
-    check = limiter._check_request_limit
-    hooks = app.before_request_funcs.get(None, [])
-    app.before_request_funcs[None] = [hook for hook in hooks if hook != check]
+def _drop_request_hooks(app: Flask) -> None:
+    """Flask-Limiter is kept for its storages (Redis, Redis Cluster, memory fallback) and strategy; every Fractal
+    limit is a :func:`route_limit` decorator that checks itself, so the hooks Flask-Limiter installs on every
+    request (a before_request check for default/application/blueprint limits, an after_request header and
+    deduction pass, a teardown resetting its per-request context) would only cost CPU on every request."""
+    registries: tuple[dict[Any, list[Any]], ...] = (
+        app.before_request_funcs,
+        app.after_request_funcs,
+        app.teardown_request_funcs,
+    )
+    for registry in registries:
+        for name, hooks in registry.items():
+            registry[name] = [hook for hook in hooks if not _is_limiter_hook(hook)]
 
 
-def _rate_limited(error: RateLimitExceeded) -> Response:
-    retry_after = 1
-    try:
-        current = limiter.current_limit
-        if current is not None:
-            retry_after = max(1, math.ceil(current.reset_at - time.time()))
-    except Exception:  # the storage just failed: a 1 s hint is better than none
-        retry_after = 1
-    response = error_response(RateLimitedError(details={"limit": str(error.limit.limit)}, retry_after_s=retry_after))
-    response.headers["X-RateLimit-Limit"] = str(error.limit.limit.amount)
+def _is_limiter_hook(hook: Callable[..., Any]) -> bool:
+    # before_request and teardown are bound methods of the limiter; after_request is
+    # functools.partial(Limiter.__inject_headers, limiter).
+    if isinstance(hook, functools.partial):
+        return hook.args[:1] == (limiter,)
+    return getattr(hook, "__self__", None) is limiter
+
+
+class RouteRateLimitedError(RateLimitedError):
+    """A route limit refused the request: 429 with Retry-After and X-RateLimit-Limit."""
+
+    def __init__(self, item: RateLimitItem, retry_after_s: int) -> None:
+        super().__init__(details={"limit": str(item)}, retry_after_s=retry_after_s)
+        self.amount = item.amount
+
+
+def _rate_limited(error: RouteRateLimitedError) -> Response:
+    response = error_response(error)
+    response.headers["X-RateLimit-Limit"] = str(error.amount)
     return response
 
 
-def user_limit(limit: Callable[[], str], *, scope: str, exempt_when: Callable[[], bool] | None = None) -> RouteLimit:
+class _StorageHealth:
+    """Flask-Limiter's fallback, for the route decorators: the first storage error switches every limit to the
+    per-process memory storage (one warning); Redis is re-checked with exponential backoff (1, 2, 4 … 32 s, then
+    from 1 s again) and used again once it answers."""
+
+    MAX_BACKOFF_EXPONENT = 5
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._last_check = 0.0
+        self._checks = 0
+
+    def mark_dead(self) -> None:
+        limiter.logger.warning("Rate limit storage unreachable - falling back to in-memory storage")
+        limiter._storage_dead = True
+        self._last_check = time.time()
+        self._checks = 0
+
+    def maybe_recover(self) -> None:
+        now = time.time()
+        if now - self._last_check <= 2 ** min(self._checks, self.MAX_BACKOFF_EXPONENT):
+            return
+        self._last_check = now
+        self._checks = 0 if self._checks >= self.MAX_BACKOFF_EXPONENT else self._checks + 1
+        storage = limiter._storage
+        if storage is not None and storage.check():
+            limiter.logger.info("Rate limit storage recovered")
+            limiter._storage_dead = False
+
+
+_storage_health = _StorageHealth()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(limit: str) -> tuple[RateLimitItem, ...]:
+    return tuple(sorted(parse_many(limit)))
+
+
+def _spend(items: tuple[RateLimitItem, ...], key: str, scope: str) -> RouteRateLimitedError | None:
+    """Count one request against each limit (one Redis round trip each: limits' INCR+EXPIRE script on one key)
+    in order, up to the first that is spent: its refusal, else None."""
+    strategy = limiter.limiter
+    for item in items:
+        if not strategy.hit(item, key, scope):
+            reset = strategy.get_window_stats(item, key, scope).reset_time  # only refusals pay this round trip
+            limiter.logger.info("ratelimit %s (%s) exceeded at endpoint: %s", item, key, scope)
+            return RouteRateLimitedError(item, retry_after_s=max(1, math.ceil(reset - time.time())))
+    return None
+
+
+def check_route_limit(limit: str, *, key: str, scope: str) -> None:
+    """Count this request against ``limit`` (limits' syntax, ``;``-separated for several) under ``key`` and
+    ``scope``; raise :class:`RouteRateLimitedError` when spent. Storage errors never fail the request: the first
+    switches to memory (see :class:`_StorageHealth`), any later one is logged and the request goes through."""
+    if not limiter.enabled:
+        return
+    items = _parsed(limit)
+    if limiter._storage_dead:
+        _storage_health.maybe_recover()
+    try:
+        refusal = _spend(items, key, scope)
+    except Exception:
+        if limiter._storage_dead or not limiter._in_memory_fallback_enabled:
+            limiter.logger.exception("Failed to rate limit. Swallowing error")
+            return
+        _storage_health.mark_dead()
+        try:
+            refusal = _spend(items, key, scope)
+        except Exception:
+            limiter.logger.exception("Failed to rate limit. Swallowing error")
+            return
+    if refusal is not None:
+        raise refusal
+
+
+def route_limit(
+    limit: Callable[[], str],
+    *,
+    key_func: Callable[[], str],
+    scope: str,
+    exempt_when: Callable[[], bool] | None = None,
+) -> Callable[[F], F]:
+    """Decorate a view: each call counts against ``limit()`` per ``key_func()`` (Redis keys and windows as
+    Flask-Limiter's fixed window: ``LIMITER/<key>/<scope>/<amount>/<multiples>/<granularity>``, one key, so one
+    cluster slot). ``exempt_when`` True: not counted (nor refused)."""
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if exempt_when is None or not exempt_when():
+                check_route_limit(limit(), key=key_func(), scope=scope)
+            return view(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def user_limit(
+    limit: Callable[[], str], *, scope: str, exempt_when: Callable[[], bool] | None = None
+) -> Callable[[F], F]:
     """Limit a user route per verified user; apply it *below* ``@user_required``. ``exempt_when`` True: not counted
     (nor refused)."""
-    return limiter.limit(limit, key_func=user_key, scope=scope, exempt_when=exempt_when)
+    return route_limit(limit, key_func=user_key, scope=scope, exempt_when=exempt_when)
 
 
-def address_limit(limit: Callable[[], str], *, scope: str) -> RouteLimit:
+def address_limit(limit: Callable[[], str], *, scope: str) -> Callable[[F], F]:
     """Limit a public route per client address (every request counts)."""
-    return limiter.limit(limit, key_func=client_address_key, scope=scope)
+    return route_limit(limit, key_func=client_address_key, scope=scope)
 
 
 class FailureBudget:

@@ -63,12 +63,13 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def throwaway_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of our own on a free loopback port (so a test may stop it); yields (url, process)."""
+def throwaway_redis(port: int | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of our own on a free loopback port, or on ``port`` (to stand in for a stopped one), so a test
+    may stop it; yields (url, process)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed")
-    port = free_port()
+    port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="fractal-redis-")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],

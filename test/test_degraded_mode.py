@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from apiflask import APIFlask
 
 from fractal.models import InstanceStatus
@@ -65,3 +67,28 @@ def test_readyz_names_redis_on_a_dead_port(make_app: Callable[..., APIFlask]) ->
     response = make_app("host", redis_url="redis://127.0.0.1:1/0").test_client().get("/readyz")
     assert response.status_code == 503
     assert response.json["checks"]["redis"] == "unavailable"
+
+
+def test_limits_fall_back_to_memory_and_return_to_redis_when_it_answers_again(
+    make_app: Callable[..., APIFlask], factories: Factories, user_headers: Headers
+) -> None:
+    factories.image()
+    factories.instance(mandelbox_capacity=10)
+    prefix = unique_prefix()
+    with throwaway_redis() as (url, server):
+        client = make_app(
+            "public", redis_url=url, redis_prefix=prefix, assign_rate_limit="3 per minute", max_mandelboxes_per_user=10
+        ).test_client()
+        assert client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code == 201
+        stop_process(server)
+        # Redis down: this process counts in memory, and still refuses past the limit.
+        codes = [
+            client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u2")).status_code for _ in range(4)
+        ]
+        assert codes == [201, 201, 201, 429]
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with throwaway_redis(port) as (again, _server):
+            time.sleep(1.2)  # the first re-check comes 1 s after the outage was noticed
+            assert client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u3")).status_code == 201
+            keys = [key.decode() for key in redis.Redis.from_url(again).keys(f"{prefix}limits*")]
+            assert len(keys) == 1 and "user:u3" in keys[0]  # counted in Redis again

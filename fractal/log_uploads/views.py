@@ -12,7 +12,7 @@ from fractal.auth.api_keys import ApiScope
 from fractal.auth.decorators import admin_required, current_host_instance_name, host_required, user_required
 from fractal.log_uploads import service
 from fractal.log_uploads.schemas import LogListOut, LogStoredOut
-from fractal.ratelimit import limiter
+from fractal.ratelimit import route_limit
 from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
 host_logs_blueprint = APIBlueprint("host_logs", __name__, tag="Host", url_prefix="/host")
@@ -73,7 +73,7 @@ def _sender_key() -> str:
 
 
 # Per sender across all its mandelboxes: a host or a user spraying uploads is refused 429 with Retry-After.
-log_upload_limit = limiter.limit(lambda: settings().log_upload_rate_limit, key_func=_sender_key, scope="log-uploads")
+log_upload_limit = route_limit(lambda: settings().log_upload_rate_limit, key_func=_sender_key, scope="log-uploads")
 
 
 @host_logs_blueprint.put("/mandelboxes/<mandelbox_id>/logs")
@@ -131,8 +131,7 @@ def put_client_log(mandelbox_id: str) -> Any:
 @admin_logs_blueprint.doc(
     summary="A mandelbox's logs with short-lived download URLs",
     description=(
-        "The client and host logs uploaded for a mandelbox, each with a presigned download URL valid for 5 "
-        "minutes."
+        "The client and host logs uploaded for a mandelbox, each with a presigned download URL valid for 5 minutes."
     ),
     security="UserToken",
     responses={401: "Unauthorized", 403: "Forbidden", 404: "Not found"},
