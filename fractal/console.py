@@ -75,6 +75,26 @@ def json_option(command: F) -> F:
 # output
 
 
+def wait_options(what: str) -> Callable[[F], F]:
+    """``--wait`` (showing ``what``), ``--timeout`` (then exit 4) and the hidden poll ``--interval``."""
+
+    def decorate(command: F) -> F:
+        command = click.option(
+            "--interval", "interval_s", type=click.FloatRange(0.05), default=2, show_default=True, hidden=True
+        )(command)
+        command = click.option(
+            "--timeout",
+            "timeout_s",
+            type=click.FloatRange(0),
+            default=600,
+            show_default=True,
+            help="Seconds --wait waits (then exit 4).",
+        )(command)
+        return click.option("--wait", is_flag=True, help=what)(command)
+
+    return decorate
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
@@ -229,16 +249,7 @@ def images_list(ctx: Context) -> None:
     default=None,
     help='The buffer policy as JSON, e.g. \'{"kind": "demand", "floor": 2}\' (docs/simulation.md); default static.',
 )
-@click.option("--wait", is_flag=True, help="Show progress until the version's buffer is warm.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(0),
-    default=600,
-    show_default=True,
-    help="Seconds --wait waits (then exit 4).",
-)
-@click.option("--interval", "interval_s", type=click.FloatRange(0.05), default=2, show_default=True, hidden=True)
+@wait_options("Show progress until the version's buffer is warm.")
 @json_option
 @pass_context
 def images_publish(
@@ -398,16 +409,7 @@ def instances_register(
 
 @instances.command("drain")
 @click.argument("instance_name")
-@click.option("--wait", is_flag=True, help="Show progress until the host is terminated.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(0),
-    default=600,
-    show_default=True,
-    help="Seconds --wait waits (then exit 4).",
-)
-@click.option("--interval", "interval_s", type=click.FloatRange(0.05), default=2, show_default=True, hidden=True)
+@wait_options("Show progress until the host is terminated.")
 @json_option
 @pass_context
 def instances_drain(ctx: Context, instance_name: str, wait: bool, timeout_s: float, interval_s: float) -> None:

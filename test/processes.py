@@ -60,6 +60,20 @@ class StartedProcess:
         return self.process.returncode
 
 
+def start_gunicorn(app: str, env: dict[str, str], *, port: int, log_path: Path) -> StartedProcess:
+    """gunicorn with the repository's gunicorn.conf.py serving ``app`` (``"app:app"``), configured by ``env`` only
+    (it must carry GUNICORN_BIND for ``port``); output captured in ``log_path``. Stop it with ``.stop()``."""
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return StartedProcess(process=process, port=port, log_path=log_path, _log=log)
+
+
 def start_sequence(
     role: str,
     database_url: str,

@@ -193,6 +193,23 @@ def throwaway_redis_cluster(*, masters: int = 3, node_timeout_ms: int = 1000) ->
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def replica_env(
+    *, database_url: str, redis_url: str, prefix: str, public_pem: str, assign_limit: int
+) -> dict[str, str]:
+    """The environment of the app replicas the shared-Redis tests start (single server or cluster alike)."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "FRACTAL_REDIS_PREFIX": prefix,
+        "FRACTAL_ENV": "test",
+        "FRACTAL_JWT_PUBLIC_KEY": public_pem,
+        "FRACTAL_ASSIGN_RATE_LIMIT": f"{assign_limit} per minute",
+        "FRACTAL_CACHE_TTL_S": "300",  # far longer than the tests: only invalidation can explain fresh reads
+        "FRACTAL_MAX_MANDELBOXES_PER_USER": "100",
+        "FRACTAL_LOG_LEVEL": "WARNING",
+    }
+
+
 @contextmanager
 def app_replica(env: dict[str, str], *, log_path: Path) -> Iterator[str]:
     """Start test/serve_app.py in another process with ``env``; yields its base URL; stopped by pid."""

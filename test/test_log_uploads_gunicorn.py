@@ -7,8 +7,6 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from fractal.auth.dev_keys import DevKeyPair
 from fractal.database import SessionFactory
 from fractal.models import LogUpload, Mandelbox, MandelboxStatus
 from test.factories import Factories
-from test.processes import StartedProcess, wait_until_ready
+from test.processes import StartedProcess, start_gunicorn, wait_until_ready
 from test.throwaway import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,16 +66,7 @@ def gunicorn_host(
             "GUNICORN_GRACEFUL_TIMEOUT": "3",
         }
     )
-    log_path = tmp_path / "gunicorn.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "host_service_app:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    started = StartedProcess(process=process, port=port, log_path=log_path, _log=log)
+    started = start_gunicorn("host_service_app:app", env, port=port, log_path=tmp_path / "gunicorn.log")
     try:
         wait_until_ready(started, timeout_s=60)
         yield started

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,7 +29,7 @@ import pytest
 from apiflask import APIFlask
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from test.processes import ROOT, StartedProcess, wait_until_ready
+from test.processes import ROOT, StartedProcess, start_gunicorn, wait_until_ready
 from test.servers import wait_for_port
 from test.throwaway import free_port
 
@@ -322,16 +321,7 @@ def test_gunicorn_configured_by_environment_trusts_the_provider_through_a_rotati
             "GUNICORN_GRACEFUL_TIMEOUT": "3",
         }
     )
-    log_path = tmp_path / "gunicorn.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    server = StartedProcess(process=process, port=port, log_path=log_path, _log=log)
+    server = start_gunicorn("app:app", env, port=port, log_path=tmp_path / "gunicorn.log")
 
     def statuses(token: str, n: int = 8) -> list[int]:
         answers = []

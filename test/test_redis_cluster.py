@@ -27,6 +27,7 @@ from test.redis_support import (
     ThrowawayCluster,
     app_replica,
     call,
+    replica_env,
     seed_shared_fleet,
     throwaway_redis_cluster,
     unique_prefix,
@@ -53,17 +54,13 @@ def replicas(
 ) -> Iterator[tuple[str, str, str]]:
     """Replicas A and B (public + admin APIs, each its own process) on the cluster; yields (a, b, prefix)."""
     prefix = unique_prefix()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": cluster.url,
-        "FRACTAL_REDIS_PREFIX": prefix,
-        "FRACTAL_ENV": "test",
-        "FRACTAL_JWT_PUBLIC_KEY": keypair.public_pem,
-        "FRACTAL_ASSIGN_RATE_LIMIT": f"{ASSIGN_LIMIT} per minute",
-        "FRACTAL_CACHE_TTL_S": "300",  # far longer than the test: only invalidation can explain fresh reads
-        "FRACTAL_MAX_MANDELBOXES_PER_USER": "100",
-        "FRACTAL_LOG_LEVEL": "WARNING",
-    }
+    env = replica_env(
+        database_url=database_url,
+        redis_url=cluster.url,
+        prefix=prefix,
+        public_pem=keypair.public_pem,
+        assign_limit=ASSIGN_LIMIT,
+    )
     logs: Path = tmp_path_factory.mktemp("cluster-replicas")
     with app_replica(env, log_path=logs / "a.log") as a, app_replica(env, log_path=logs / "b.log") as b:
         yield a, b, prefix

@@ -19,6 +19,7 @@ from test.redis_support import (
     app_replica,
     call,
     delete_prefixed,
+    replica_env,
     seed_shared_fleet,
     unique_prefix,
 )
@@ -33,17 +34,13 @@ def replicas(
 ) -> Iterator[tuple[str, str, str]]:
     """Replicas A and B (public + admin APIs) sharing the test database and one Redis; yields (a, b, prefix)."""
     prefix = unique_prefix()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": REDIS_SERVER_URL,
-        "FRACTAL_REDIS_PREFIX": prefix,
-        "FRACTAL_ENV": "test",
-        "FRACTAL_JWT_PUBLIC_KEY": keypair.public_pem,
-        "FRACTAL_ASSIGN_RATE_LIMIT": f"{ASSIGN_LIMIT} per minute",
-        "FRACTAL_CACHE_TTL_S": "300",  # far longer than the test: only invalidation can explain fresh reads
-        "FRACTAL_MAX_MANDELBOXES_PER_USER": "100",
-        "FRACTAL_LOG_LEVEL": "WARNING",
-    }
+    env = replica_env(
+        database_url=database_url,
+        redis_url=REDIS_SERVER_URL,
+        prefix=prefix,
+        public_pem=keypair.public_pem,
+        assign_limit=ASSIGN_LIMIT,
+    )
     logs: Path = tmp_path_factory.mktemp("replicas")
     try:
         with app_replica(env, log_path=logs / "a.log") as a, app_replica(env, log_path=logs / "b.log") as b:

@@ -179,9 +179,7 @@ def post_instance(body: InstanceIn) -> Any:
 )
 @admin_required(ApiScope.ADMIN_WRITE)
 def drain_instance(instance_name: str) -> Any:
-    view = service.drain_instance_view(
-        db_session(), instance_name=instance_name, actor=current_admin_actor()
-    )
+    view = service.drain_instance_view(db_session(), instance_name=instance_name, actor=current_admin_actor())
     return view
 
 

@@ -16,7 +16,7 @@ health_blueprint = APIBlueprint("health", __name__, tag="Health")
 @health_blueprint.doc(
     summary="Process is alive (no I/O)",
     description=(
-        "Liveness: answers 200 `{\"status\": \"ok\"}` without touching the database or Redis, so a slow dependency "
+        'Liveness: answers 200 `{"status": "ok"}` without touching the database or Redis, so a slow dependency '
         "never gets a healthy process restarted."
     ),
 )
