@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar, get_type_hints
@@ -465,9 +465,24 @@ class AdminClient(_Client):
         body = self.transport.request("GET", "/admin/capacity")
         return [_build(Capacity, row) for row in body["capacity"]]
 
-    def iter_events(self, *, page_size: int = 100) -> Iterator[Event]:
-        """The audit log, newest first, to its beginning (stop iterating when you have seen enough)."""
-        for row in self.transport.pages("/admin/events", "events", {"limit": page_size}):
+    def iter_events(
+        self,
+        *,
+        page_size: int = 100,
+        kinds: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[Event]:
+        """The audit log, newest first, to its beginning or to ``since`` (stop iterating when you have seen
+        enough); only ``kinds`` when given, only events written before ``until`` when given."""
+        params: dict[str, Any] = {"limit": page_size}
+        if kinds:
+            params["kind"] = ",".join(kinds)
+        if since is not None:
+            params["since"] = since.isoformat()
+        if until is not None:
+            params["until"] = until.isoformat()
+        for row in self.transport.pages("/admin/events", "events", params):
             yield _build(Event, row)
 
     def events(self, *, limit: int = 100) -> list[Event]:

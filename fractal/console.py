@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -532,19 +533,50 @@ def events(
         return
 
 
-# The simulator has its own argparse command line (python -m fractal.simulation); these hand it the arguments as
+RFC3339 = click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"])
+
+
+@events.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The CSV.")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option("--since", type=RFC3339, help="RFC 3339 with an offset (default: --days before --until).")
+@click.option("--until", type=RFC3339, help="RFC 3339 with an offset (default: now).")
+@click.option(
+    "--database-url",
+    help="Read this database's events table directly instead of the admin API (a replica, or a copy).",
+)
+@pass_context
+def events_export(
+    ctx: Context, output: Path, days: float, since: datetime | None, until: datetime | None, database_url: str | None
+) -> None:
+    """The sessions the audit log records, as a simulator trace CSV (`fractal simulate run --trace FILE`).
+
+    Reads GET /admin/events (assigns, refusals, mandelbox status moves) page by page through the admin API;
+    with --database-url, that database instead."""
+    from fractal.simulation.trace import EXPORT_KINDS, AuditRecord, trace_from_events, write_csv
+
+    if database_url is not None:
+        from fractal.simulation.__main__ import main as simulation_main  # SQLAlchemy engine and friends
+
+        window = [f"--{name}={value.isoformat()}" for name, value in (("since", since), ("until", until)) if value]
+        raise SystemExit(
+            simulation_main(["export", "-o", str(output), "--days", str(days), "--database-url", database_url, *window])
+        )
+    until = until or datetime.now(UTC)
+    since = since or until - timedelta(days=days)
+    newest_first = [
+        AuditRecord(event.kind, event.actor, event.created_at, event.mandelbox_id, event.detail or {})
+        for event in ctx.client.iter_events(page_size=1000, kinds=EXPORT_KINDS, since=since, until=until)
+        if event.created_at is not None
+    ]
+    exported = trace_from_events(reversed(newest_first), until=until)
+    write_csv(exported, output)
+    click.echo(f"wrote {len(exported)} sessions ({since.isoformat()} .. {until.isoformat()}) to {output}")
+
+
+# The simulator has its own argparse command line (python -m fractal.simulation); this hands it the arguments as
 # they are, so `fractal simulate --help` is its help and nothing is parsed twice.
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
-
-
-@events.command("export", context_settings=PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def events_export(args: tuple[str, ...]) -> None:
-    """The audit log's sessions as a simulator trace CSV: -o FILE [--days N | --since T --until T]; reads the
-    database (DATABASE_URL or --database-url), not the admin API."""
-    from fractal.simulation.__main__ import main as simulation_main  # matplotlib and friends only when asked
-
-    raise SystemExit(simulation_main(["export", *args]))
 
 
 @main.command(context_settings=PASS_THROUGH)

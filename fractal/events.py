@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select
@@ -93,13 +95,28 @@ EVENTS_LIST = "events"
 EVENT_ORDER = (SortKey(Event.id, descending=True),)
 
 
-def list_events(session: Session, *, limit: int = 100, cursor: str | None = None) -> Page[Event]:
-    """One page of the audit log, newest first.
+def list_events(
+    session: Session,
+    *,
+    limit: int = 100,
+    cursor: str | None = None,
+    kinds: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Page[Event]:
+    """One page of the audit log, newest first; only ``kinds`` when given, only rows written at or after
+    ``since`` and before ``until`` when given (pass the same filters with every page's cursor).
 
     Raises:
         ValidationError: ``cursor`` is not a cursor of this list.
     """
     query = select(Event)
+    if kinds:
+        query = query.where(Event.kind.in_(list(kinds)))
+    if since is not None:
+        query = query.where(Event.created_at >= since)
+    if until is not None:
+        query = query.where(Event.created_at < until)
     if cursor is not None:
         (last_id,) = decode_cursor(cursor, list_name=EVENTS_LIST, key_types=(int,))
         query = query.where(after_key(EVENT_ORDER, (last_id,)))

@@ -19,7 +19,7 @@ from fractal.database import create_db_engine, create_session_factory
 from fractal.events import EventKind, record_event
 from fractal.fleet.views import list_mandelbox_views
 from fractal.migrations import upgrade_to_head
-from fractal.models import Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.models import Event, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.pagination import encode_cursor
 from test.factories import Factories
 
@@ -225,3 +225,41 @@ def test_mandelbox_pages_on_sqlite_with_mixed_timestamp_forms(tmp_path: Path, se
             assert [view.mandelbox_id for view in everything] == seen
     finally:
         engine.dispose()
+
+
+def test_events_filter_by_kind_and_time_window_across_pages(
+    admin_client: Any, admin_headers: dict[str, str], db: Session
+) -> None:
+    """`kind`, `since` and `until` select rows (sent again with every page's cursor, as fractal.client does)."""
+    start = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    kinds = (EventKind.MANDELBOX_ASSIGNED, EventKind.ASSIGNMENT_REFUSED, EventKind.IMAGE_CHANGED)
+    for n in range(30):
+        db.add(Event(kind=str(kinds[n % 3]), actor=f"user-{n}", created_at=start + timedelta(minutes=n), detail={}))
+    db.commit()
+    window = {"since": (start + timedelta(minutes=5)).isoformat(), "until": (start + timedelta(minutes=20)).isoformat()}
+    wanted = f"{EventKind.MANDELBOX_ASSIGNED},{EventKind.ASSIGNMENT_REFUSED}"
+    rows = page_through(admin_client, "/admin/events", admin_headers, "events", limit=4, kind=wanted, **window)
+    # minutes 5..19, kinds 0 and 1 of every three: n % 3 != 2
+    assert [row["actor"] for row in rows] == [f"user-{n}" for n in range(19, 4, -1) if n % 3 != 2]
+    assert {row["kind"] for row in rows} == {str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)}
+    everything = page_through(admin_client, "/admin/events", admin_headers, "events", limit=1000)
+    assert len(everything) == 30  # no filter, no window: every row
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"kind": "mandelbox.assigned,no.such.kind"},
+        {"kind": ","},
+        {"since": "2026-12-01T00:00:00"},  # no offset: ambiguous
+        {"until": "yesterday"},
+        {"since": "2026-12-02T00:00:00Z", "until": "2026-12-01T00:00:00Z"},
+        {"kind": "x" * 2000},
+    ],
+)
+def test_bad_event_filters_are_validation_errors(
+    admin_client: Any, admin_headers: dict[str, str], params: dict[str, str]
+) -> None:
+    response = admin_client.get("/admin/events", query_string=params, headers=admin_headers)
+    assert response.status_code == 400, (params, response.get_json())
+    assert response.get_json()["error"] == "VALIDATION_ERROR"

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from click.testing import CliRunner, Result
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from fractal.client import AdminClient, ApiError, UnreachableError
+from fractal.client import AdminClient, ApiError, PublicClient, UnreachableError
 from fractal.console import EXIT_API_ERROR, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_USAGE, main
+from fractal.simulation.trace import read_csv
 from test.devserver import DevServer, running_devserver
 from test.servers import free_port
 
@@ -193,6 +195,46 @@ def test_client_follows_pages_and_raises_typed_errors(server: DevServer) -> None
     assert (caught.value.status, caught.value.code) == (404, "NOT_FOUND") and caught.value.message
     with pytest.raises(UnreachableError):
         AdminClient(f"http://127.0.0.1:{free_port()}", "x").capacity()
+
+
+def test_events_export_through_the_api_is_the_audit_logs_sessions(server: DevServer, tmp_path: Path) -> None:
+    """`fractal events export` reads GET /admin/events (kind and time filters, paged) into a trace: one session per
+    assigned mandelbox, ended ones as long as they lived; the same rows as reading the database directly."""
+    commit = f"exp{uuid.uuid4().hex[:8]}"
+    ok(run(
+        server, "images", "publish", REGION, commit, "--ami-id", "ami-cli", "--instance-type", "local.sim",
+        "--capacity", "2", "--target-free", "2", "--wait", "--timeout", "60", "--interval", "0.2",
+    ))  # fmt: skip
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    users = [f"export-{uuid.uuid4().hex[:8]}-{n}" for n in range(2)]
+    clients = [PublicClient(server.url("public"), server.user_token(user)) for user in users]
+    ended, live = (client.assign([REGION], commit) for client in clients)
+    time.sleep(1.2)  # the ended session lasts at least a second of audit-log time
+    clients[0].delete_mandelbox(ended.mandelbox_id)
+    deadline = time.monotonic() + 30
+    while clients[0].mandelbox(ended.mandelbox_id).status != "EXITED":  # the simulated host stops it
+        assert time.monotonic() < deadline, "the deleted mandelbox never EXITED"
+        time.sleep(0.2)
+
+    assert clients[1].mandelbox(live.mandelbox_id).status != "EXITED"  # still live: lasts until the export's end
+    through_api, from_database = tmp_path / "api.csv", tmp_path / "db.csv"
+    exported = ok(run(server, "events", "export", "-o", str(through_api), "--since", since.isoformat()))
+    assert f"to {through_api}" in exported
+    ours = [row for row in read_csv(through_api) if row.client_commit_hash == commit]
+    assert [row.region for row in ours] == [REGION, REGION]
+    lengths = sorted(row.session_s for row in ours)
+    assert 1.0 <= lengths[0] < 30 and lengths[1] >= 1.0  # the ended one lived from its assign to its EXITED
+
+    database = f"sqlite:///{server.directory / 'instance' / 'fractal.db'}"
+    until = datetime.now(UTC)
+    ok(run(server, "events", "export", "-o", str(from_database), "--database-url", database,
+           "--since", since.isoformat(), "--until", until.isoformat()))  # fmt: skip
+    direct = [row for row in read_csv(from_database) if row.client_commit_hash == commit]
+    assert [(row.arrival, row.region) for row in direct] == [(row.arrival, row.region) for row in ours]
+    assert min(row.session_s for row in direct) == lengths[0]
+
+    bad = run(server, "events", "export", "-o", str(tmp_path / "x.csv"), "--since", "2026-12-01T00:00:00")
+    assert bad.exit_code == EXIT_USAGE and not (tmp_path / "x.csv").exists()  # no offset: refused by click
 
 
 def _busy(retry_after: str = "1") -> Response:

@@ -11,6 +11,7 @@ from fractal.auth.api_keys import ApiScope
 from fractal.clock import Timestamp
 from fractal.config import Settings
 from fractal.errors import ValidationError
+from fractal.events import EventKind
 from fractal.fleet.views import InstanceView
 from fractal.models import InstanceStatus, MandelboxStatus
 from fractal.regions import region_problem
@@ -126,6 +127,30 @@ class ImageFilterIn(PageIn):
 
 class EventFilterIn(PageIn):
     limit: int = Field(default=100, ge=1, le=1000, description="Rows per page (at most 1000)")
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="Only these kinds, comma-separated (e.g. `mandelbox.assigned,assignment.refused`)."
+    )
+    since: Annotated[AwareDatetime, Field(strict=False)] | None = Field(
+        default=None, description="Only events written at or after this time (RFC 3339 with an offset)."
+    )
+    until: Annotated[AwareDatetime, Field(strict=False)] | None = Field(
+        default=None, description="Only events written before this time (RFC 3339 with an offset)."
+    )
+
+    @model_validator(mode="after")
+    def _known_kinds(self) -> EventFilterIn:
+        if self.kind is not None and not self.kinds:
+            raise ValueError("kind names no event kind")
+        unknown = sorted(set(self.kinds) - {str(kind) for kind in EventKind})
+        if unknown:
+            raise ValueError(f"unknown event kind(s): {', '.join(unknown)[:200]}")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError("since must not be after until")
+        return self
+
+    @property
+    def kinds(self) -> list[str]:
+        return [part.strip() for part in (self.kind or "").split(",") if part.strip()]
 
 
 class InstanceFilterIn(PageIn):

@@ -203,13 +203,21 @@ def event_body(event: Event) -> dict[str, Any]:
     summary="Audit events, newest first (paged)",
     description=(
         "The audit log: every status change, registration, image change and scaler decision with its actor and "
-        "detail, newest first by id; page with `limit` and `cursor`."
+        "detail, newest first by id; page with `limit` and `cursor` (send the same `kind`, `since` and `until` "
+        "filters with every page)."
     ),
     security="UserToken",
     responses=_AUTH,
 )
 def get_events(filters: EventFilterIn) -> Any:
-    page = list_events(db_session(), limit=filters.limit, cursor=filters.cursor)
+    page = list_events(
+        db_session(),
+        limit=filters.limit,
+        cursor=filters.cursor,
+        kinds=filters.kinds,
+        since=filters.since,
+        until=filters.until,
+    )
     return {"events": [event_body(event) for event in page.items], "next_cursor": page.next_cursor}
 
 

@@ -14,14 +14,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, NamedTuple, TextIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fractal.clock import as_utc, format_timestamp
 from fractal.events import EventKind
-from fractal.models import Event, Instance, Mandelbox
+from fractal.models import Event
 
 CSV_FIELDS = ("arrival", "region", "client_commit_hash", "session_s")
 # An exported refusal never followed by an assign within this long is a user who gave up.
@@ -68,38 +68,59 @@ def write_csv(trace: Iterable[SessionRequest], target: Path | TextIO) -> None:
 # --- the audit log ---------------------------------------------------------------------------------------------
 
 
+# The audit records an export reads: the assigns and refusals (arrivals) and the status moves (a session ends when
+# its mandelbox moves to EXITED).
+EXPORT_KINDS = (
+    str(EventKind.MANDELBOX_ASSIGNED),
+    str(EventKind.ASSIGNMENT_REFUSED),
+    str(EventKind.MANDELBOX_STATUS),
+    str(EventKind.MANDELBOX_RELEASED),
+)
+
+
+class AuditRecord(NamedTuple):
+    """The part of one audit event an export needs (a row of the ``events`` table, or of ``GET /admin/events``)."""
+
+    kind: str
+    actor: str
+    created_at: datetime
+    mandelbox_id: object | None
+    detail: dict[str, Any]
+
+
 def export_events(
     session: Session, *, since: datetime | None = None, until: datetime | None = None, default_session_s: float = 1800
 ) -> list[SessionRequest]:
-    """A trace from a deployment's audit log (the ``events`` table) and its mandelboxes.
-
-    Each assigned mandelbox is one session: it arrived at its user's first refusal before the assign (they were
-    retrying after 503s) or else at the assign, and lasted until the mandelbox ended (one still live: until the
-    export's last event). A user refused and never assigned within an hour is one session of
-    ``default_session_s`` that never got a mandelbox.
-    """
-    query = (
-        select(Event.kind, Event.actor, Event.created_at, Event.detail, Event.mandelbox_id, Instance.region)
-        .outerjoin(Instance, Instance.instance_name == Event.instance_name)
-        .where(Event.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]))
-        .order_by(Event.id)
+    """A trace from a deployment's audit log (the ``events`` table): :func:`trace_from_events` over its rows."""
+    query = select(Event.kind, Event.actor, Event.created_at, Event.mandelbox_id, Event.detail).where(
+        Event.kind.in_(EXPORT_KINDS)
     )
     if since is not None:
         query = query.where(Event.created_at >= since)
     if until is not None:
         query = query.where(Event.created_at < until)
-    ends: dict[object, tuple[datetime, datetime | None]] = {
-        box_id: (created, ended)
-        for box_id, created, ended in session.execute(
-            select(Mandelbox.mandelbox_id, Mandelbox.created_at, Mandelbox.ended_at)
-        )
-    }
+    records = (
+        AuditRecord(kind, actor, as_utc(created_at), mandelbox_id, detail or {})
+        for kind, actor, created_at, mandelbox_id, detail in session.execute(query.order_by(Event.id))
+    )
+    return trace_from_events(records, until=until, default_session_s=default_session_s)
+
+
+def trace_from_events(
+    records: Iterable[AuditRecord], *, until: datetime | None = None, default_session_s: float = 1800
+) -> list[SessionRequest]:
+    """The sessions an audit log records, oldest record first (the same for the database and the admin API).
+
+    Each assigned mandelbox is one session: it arrived at its user's first refusal before the assign (they were
+    retrying after 503s) or else at the assign, and lasted until the mandelbox moved to EXITED (one still live:
+    until ``until``, or the last record when None). A user refused and never assigned within an hour is one session
+    of ``default_session_s`` that never got a mandelbox.
+    """
     last_seen: datetime | None = None
     waiting: dict[str, tuple[datetime, str, str]] = {}  # actor -> first refusal (time, region, commit)
+    started: dict[object, tuple[datetime, str, str, datetime]] = {}  # mandelbox -> (arrival, region, commit, assign)
     trace: list[SessionRequest] = []
-    live: list[tuple[datetime, str, str, datetime]] = []  # sessions whose mandelbox had not ended
-    for kind, actor, created_at, detail, mandelbox_id, region in session.execute(query):
-        detail = detail or {}
+    for kind, actor, created_at, mandelbox_id, detail in records:
         last_seen = created_at if last_seen is None or created_at > last_seen else last_seen
         commit = str(detail.get("client_commit_hash", ""))
         if kind == EventKind.ASSIGNMENT_REFUSED:
@@ -110,20 +131,18 @@ def export_events(
                 first = None
             if first is None and regions:
                 waiting[actor] = (created_at, str(regions[0]), commit)
-            continue
-        first = waiting.pop(actor, None)
-        arrival = first[0] if first is not None else created_at
-        where = str(region or detail.get("region", ""))
-        started, ended = ends.get(mandelbox_id, (created_at, None))
-        if ended is None:
-            live.append((arrival, where, commit, started))
-        else:
-            trace.append(SessionRequest(arrival, where, commit, max(1.0, (ended - started).total_seconds())))
-    # A mandelbox still live at the end of the export lasted at least until then (the last event, or ``until``).
+        elif kind == EventKind.MANDELBOX_ASSIGNED:
+            first = waiting.pop(actor, None)
+            arrival = first[0] if first is not None else created_at
+            started[mandelbox_id] = (arrival, str(detail.get("region", "")), commit, created_at)
+        elif detail.get("to") == "EXITED" and mandelbox_id in started:
+            arrival, region, commit, assigned_at = started.pop(mandelbox_id)
+            trace.append(SessionRequest(arrival, region, commit, max(1.0, (created_at - assigned_at).total_seconds())))
+    # A mandelbox still live at the end of the export lasted at least until then (``until``, or the last record).
     end = min(until, last_seen) if until is not None and last_seen is not None else (last_seen or until)
-    for arrival, where, commit, started in live:
-        length = (end - started).total_seconds() if end is not None else default_session_s
-        trace.append(SessionRequest(arrival, where, commit, max(1.0, length)))
+    for arrival, region, commit, assigned_at in started.values():
+        length = (end - assigned_at).total_seconds() if end is not None else default_session_s
+        trace.append(SessionRequest(arrival, region, commit, max(1.0, length)))
     for first in waiting.values():
         trace.append(SessionRequest(first[0], first[1], first[2], default_session_s))
     return sorted(trace)
