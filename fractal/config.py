@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,33 +55,57 @@ def normalise_database_url(url: str) -> str:
 # REDIS_URL forms: one server (redis-py's from_url) or a Redis Cluster (every listed node can seed the topology).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_CLUSTER_SCHEME = "redis+cluster"
+REDIS_CLUSTER_TLS_SCHEME = "rediss+cluster"
 REDIS_CLUSTER_FORM = "redis+cluster://[user:password@]host:port[,host:port...]"
+REDIS_CLUSTER_TLS_FORM = "rediss+cluster://[user:password@]host:port[,...][?ssl_ca_certs=/path&ssl_cert_reqs=required]"
+# What ssl_cert_reqs may say (redis-py's names); `required` is the default: a TLS cluster whose certificate is not
+# checked is one an attacker on the path can stand in for.
+REDIS_CERT_REQS = ("required", "optional", "none")
 
 
 @dataclass(frozen=True)
 class RedisClusterUrl:
-    """A parsed ``redis+cluster://`` URL: the startup nodes and the credentials they share."""
+    """A parsed ``redis+cluster://`` or ``rediss+cluster://`` (TLS) URL: the startup nodes, the credentials they
+    share, and for TLS the CA bundle (None: the system's) and how strictly the nodes' certificates are checked."""
 
     nodes: tuple[tuple[str, int], ...]
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "required"
 
 
 def is_redis_cluster_url(url: str) -> bool:
-    return url.lower().startswith(REDIS_CLUSTER_SCHEME + "://")
+    return url.lower().startswith((REDIS_CLUSTER_SCHEME + "://", REDIS_CLUSTER_TLS_SCHEME + "://"))
 
 
 def parse_redis_cluster_url(url: str) -> RedisClusterUrl:
-    """The nodes and credentials of a ``redis+cluster://`` URL (Flask-Limiter's grammar); ValueError says what is
-    wrong without repeating the password."""
+    """The nodes and credentials of a ``redis+cluster://`` URL (Flask-Limiter's grammar), or of its TLS form
+    ``rediss+cluster://`` (which alone takes ``ssl_ca_certs`` and ``ssl_cert_reqs``); ValueError says what is wrong
+    without repeating the password."""
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme.lower() != REDIS_CLUSTER_SCHEME:
-        raise ValueError(f"a Redis Cluster URL is {REDIS_CLUSTER_FORM}")
+    scheme = parsed.scheme.lower()
+    if scheme not in (REDIS_CLUSTER_SCHEME, REDIS_CLUSTER_TLS_SCHEME):
+        raise ValueError(f"a Redis Cluster URL is {REDIS_CLUSTER_FORM} or {REDIS_CLUSTER_TLS_FORM}")
+    tls = scheme == REDIS_CLUSTER_TLS_SCHEME
+    form = REDIS_CLUSTER_TLS_FORM if tls else REDIS_CLUSTER_FORM
     credentials, _, locations = parsed.netloc.rpartition("@")
     if parsed.path not in ("", "/", "/0"):
-        raise ValueError(f"a Redis Cluster has only database 0; write {REDIS_CLUSTER_FORM}")
-    if parsed.query or parsed.fragment:
-        raise ValueError(f"a Redis Cluster URL takes no query or fragment; write {REDIS_CLUSTER_FORM}")
+        raise ValueError(f"a Redis Cluster has only database 0; write {form}")
+    if parsed.fragment or (parsed.query and not tls):
+        raise ValueError(f"a Redis Cluster URL takes no query or fragment; write {form}")
+    options: dict[str, str] = {}
+    for name, values in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items():
+        if name not in ("ssl_ca_certs", "ssl_cert_reqs") or len(values) != 1 or not values[0]:
+            raise ValueError(f"{name[:40]!r}: a TLS Redis Cluster URL takes ssl_ca_certs and ssl_cert_reqs once each")
+        options[name] = values[0]
+    cert_reqs = options.get("ssl_cert_reqs", "required").lower()
+    if cert_reqs not in REDIS_CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs is one of {', '.join(REDIS_CERT_REQS)}")
+    ca_certs = options.get("ssl_ca_certs")
+    if ca_certs is not None and not os.path.isfile(ca_certs):
+        raise ValueError(f"ssl_ca_certs: no file {ca_certs[:200]!r}")
     nodes: list[tuple[str, int]] = []
     for location in locations.split(","):
         location = location.strip()
@@ -90,14 +115,21 @@ def parse_redis_cluster_url(url: str) -> RedisClusterUrl:
         except ValueError:
             host = port = None
         if not location or not host or port is None or node.username is not None or port == 0:
-            raise ValueError(f"{location!r} is not host:port (with a port); write {REDIS_CLUSTER_FORM}")
+            raise ValueError(f"{location!r} is not host:port (with a port); write {form}")
         nodes.append((host, port))
     username = password = None
     if credentials:
         user, has_password, secret = credentials.partition(":")
         username = urllib.parse.unquote(user) or None
         password = urllib.parse.unquote(secret) if has_password else None
-    return RedisClusterUrl(nodes=tuple(nodes), username=username, password=password)
+    return RedisClusterUrl(
+        nodes=tuple(nodes),
+        username=username,
+        password=password,
+        tls=tls,
+        ssl_ca_certs=ca_certs,
+        ssl_cert_reqs=cert_reqs,
+    )
 
 
 def validate_redis_url(url: str | None) -> str | None:
@@ -105,12 +137,12 @@ def validate_redis_url(url: str | None) -> str | None:
     if url is None or not url.strip():
         return None
     scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme == REDIS_CLUSTER_SCHEME:
+    if scheme in (REDIS_CLUSTER_SCHEME, REDIS_CLUSTER_TLS_SCHEME):
         parse_redis_cluster_url(url)
     elif scheme not in REDIS_SCHEMES:
         raise ValueError(
             f"unknown scheme {scheme + '://' if scheme else '(none)'}; use redis://host:port/db, rediss:// (TLS), "
-            f"unix:///path or {REDIS_CLUSTER_FORM}"
+            f"unix:///path, {REDIS_CLUSTER_FORM} or {REDIS_CLUSTER_TLS_FORM}"
         )
     return url
 

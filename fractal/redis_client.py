@@ -1,7 +1,8 @@
 """The Redis clients Fractal uses (built lazily, never at import): one server, or a Redis Cluster.
 
 ``REDIS_URL=redis://…`` names one server (redis-py's ``Redis.from_url``); ``redis+cluster://host:port[,host:port…]``
-names a Redis Cluster, any listed node seeding the topology (redis-py's ``RedisCluster``). Either client connects on
+names a Redis Cluster, any listed node seeding the topology (redis-py's ``RedisCluster``), and
+``rediss+cluster://…[?ssl_ca_certs=…]`` the same over TLS. Either client connects on
 first use, so an app starts while Redis is down, and fails fast: Redis only makes things faster or fairer.
 
 Keys that one command or script must see together carry a hash tag (``{…}``) so they share a cluster slot; every
@@ -62,6 +63,12 @@ class LazyRedisCluster:
             "require_full_coverage": False,
             "health_check_interval": 30,
         }
+        if parsed.tls:  # rediss+cluster://: every node, the ones discovered from the topology too, over TLS
+            self._options |= {
+                "ssl": True,
+                "ssl_ca_certs": parsed.ssl_ca_certs,
+                "ssl_cert_reqs": parsed.ssl_cert_reqs,
+            }
         self._lock = threading.Lock()
         self._client: RedisCluster[bytes] | None = None
         self._retry_at = 0.0

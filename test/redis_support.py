@@ -3,6 +3,7 @@ processes."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import select
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +99,18 @@ def throwaway_redis(port: int | None = None) -> Iterator[tuple[str, subprocess.P
 
 @dataclass
 class ThrowawayCluster:
-    """A Redis Cluster of our own: its ``redis+cluster://`` URL, its masters' ports and their processes."""
+    """A Redis Cluster of our own: its ``redis+cluster://`` URL (``rediss+cluster://`` when it speaks only TLS,
+    with ``ca_file`` the CA that signed its certificate), its masters' ports and their processes."""
 
     url: str
     ports: list[int]
     processes: list[subprocess.Popen[bytes]]
+    ca_file: str | None = None
 
     def node(self, port: int) -> redis.Redis[bytes]:
         """A plain client on one master (to look at what that node holds)."""
-        return redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=1)
+        tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.ca_file} if self.ca_file else {}
+        return redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=1, **tls)
 
     def state(self, port: int) -> str:
         """cluster_state as ``port`` sees it (``ok`` or ``fail``)."""
@@ -138,22 +143,75 @@ def _cluster_port() -> int:
         return port
 
 
+def write_loopback_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1 (and localhost): (ca.pem, server.pem, server.key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, *, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fractal test CA")])
+    ca_cert = certificate("fractal test CA", ca_key, ca_name, ca_key, ca=True)
+    server_cert = certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
 @contextmanager
-def throwaway_redis_cluster(*, masters: int = 3, node_timeout_ms: int = 1000) -> Iterator[ThrowawayCluster]:
+def throwaway_redis_cluster(
+    *, masters: int = 3, node_timeout_ms: int = 1000, tls: bool = False
+) -> Iterator[ThrowawayCluster]:
     """``masters`` cluster-enabled redis-servers on loopback joined by ``redis-cli --cluster create`` (no replicas);
     yields once every node says cluster_state:ok. A short node timeout lets a stopped master fail the cluster soon.
-    Every server is stopped by pid afterwards."""
+    ``tls``: the nodes speak only TLS, to clients and to each other (``--port 0``, ``--tls-cluster yes``), with a
+    certificate from a throwaway CA. Every server is stopped by pid afterwards."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
         raise RuntimeError("redis-server / redis-cli are not installed")
     workdir = tempfile.mkdtemp(prefix="fractal-redis-cluster-")
     ports = [_cluster_port() for _ in range(masters)]
     processes: list[subprocess.Popen[bytes]] = []
+    ca_file: str | None = None
+    cli_tls: list[str] = []
     try:
+        if tls:
+            ca, cert, key = write_loopback_certificates(Path(workdir))
+            ca_file, cli_tls = str(ca), ["--tls", "--cacert", str(ca)]
         for port in ports:
+            listen = (
+                ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-cert-file", str(cert),
+                 "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+                if tls else ["--port", str(port)]
+            )  # fmt: skip
             processes.append(
                 subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                    [server, *listen, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                      "--cluster-config-file", f"{workdir}/nodes-{port}.conf",
                      "--cluster-node-timeout", str(node_timeout_ms), "--save", "", "--appendonly", "no",
                      "--dir", workdir, "--daemonize", "no"],
@@ -161,9 +219,9 @@ def throwaway_redis_cluster(*, masters: int = 3, node_timeout_ms: int = 1000) ->
                     stderr=subprocess.DEVNULL,
                 )
             )  # fmt: skip
-        cluster = ThrowawayCluster(
-            url="redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports), ports=ports, processes=processes
-        )
+        nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
+        url = f"rediss+cluster://{nodes}?ssl_ca_certs={ca_file}" if tls else f"redis+cluster://{nodes}"
+        cluster = ThrowawayCluster(url=url, ports=ports, processes=processes, ca_file=ca_file)
         deadline = time.monotonic() + 10
         for port in ports:
             client = cluster.node(port)
@@ -177,8 +235,8 @@ def throwaway_redis_cluster(*, masters: int = 3, node_timeout_ms: int = 1000) ->
                     time.sleep(0.05)
             client.close()
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas", "0",
-             "--cluster-yes"],
+            [cli, *cli_tls, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas",
+             "0", "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,

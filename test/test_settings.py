@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -208,6 +209,34 @@ def test_bad_redis_urls_are_refused_naming_the_form(url: str, says: str) -> None
     assert says in str(refused.value) and "redis+cluster://[user:password@]host:port[,host:port...]" in str(
         refused.value
     )
+
+
+def test_tls_cluster_urls_take_a_ca_bundle_and_check_certificates_by_default(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until the client connects")
+    assert parse_redis_cluster_url("rediss+cluster://:pw@a:1,b:2") == RedisClusterUrl(
+        (("a", 1), ("b", 2)), password="pw", tls=True, ssl_ca_certs=None, ssl_cert_reqs="required"
+    )
+    url = f"rediss+cluster://a:1?ssl_ca_certs={ca}&ssl_cert_reqs=optional"
+    assert parse_redis_cluster_url(url) == RedisClusterUrl((("a", 1),), tls=True, ssl_ca_certs=str(ca),
+                                                           ssl_cert_reqs="optional")  # fmt: skip
+    assert Settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("ssl_ca_certs=/no/such/ca.pem", "ssl_ca_certs: no file '/no/such/ca.pem'"),
+        ("ssl_cert_reqs=maybe", "ssl_cert_reqs is one of required, optional, none"),
+        ("ssl_cert_reqs=none&ssl_cert_reqs=required", "takes ssl_ca_certs and ssl_cert_reqs once each"),
+        ("ssl_ca_certs=", "takes ssl_ca_certs and ssl_cert_reqs once each"),
+        ("read_from_replicas=1", "'read_from_replicas': a TLS Redis Cluster URL takes"),
+    ],
+)
+def test_bad_tls_cluster_options_are_refused(query: str, says: str) -> None:
+    with pytest.raises(ValueError, match="redis_url") as refused:
+        Settings(redis_url=f"rediss+cluster://:secret-pw@a:1,b:2?{query}")
+    assert says in str(refused.value) and "secret-pw" not in str(refused.value)
 
 
 def test_a_bad_cluster_url_stops_start_up_naming_the_variable_without_the_password() -> None:
