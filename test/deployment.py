@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -410,18 +409,6 @@ def _is_stopped(pid: int) -> bool:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return fields[0] == "T"
     return False
-
-
-def wait_for(predicate: Any, *, timeout_s: float, interval_s: float = 0.1, message: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout_s}s")
-        time.sleep(interval_s)
 
 
 # --- clients --------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from fractal.config import Settings
 from fractal.database import SessionFactory
 from fractal.models import Image, Instance, InstanceStatus
 from fractal.scaling.reconcile import reconcile_fleet
+from test.waiting import wait_for
 
 S = InstanceStatus
 REQUEST = LaunchRequest("host-1", "us-east-1", "v1", "ami-12345678", "g4dn.xlarge", 4, "s3cr3t", "http://h:8002")
@@ -214,15 +214,6 @@ def host_api(make_app: Callable[..., Any], committed_factory: SessionFactory) ->
     thread.join(10)
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 15) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def statuses(factory: SessionFactory) -> dict[str, InstanceStatus]:
     with factory() as session:
         return dict(session.execute(select(Instance.instance_name, Instance.status)).all())  # type: ignore[arg-type]
@@ -251,7 +242,9 @@ def test_simulated_hosts_boot_shake_hands_serve_and_drain(
     try:
         assert reconcile_fleet(committed_factory, settings=local, cloud=cloud).count("launch") == 2
         assert set(statuses(committed_factory).values()) == {S.PRE_CONNECTION}
-        assert wait_for(lambda: set(statuses(committed_factory).values()) == {S.ACTIVE})
+        wait_for(
+            lambda: set(statuses(committed_factory).values()) == {S.ACTIVE}, timeout_s=15, message="every host ACTIVE"
+        )
 
         with committed_factory() as session:
             box = assign_mandelbox(
@@ -272,6 +265,6 @@ def test_simulated_hosts_boot_shake_hands_serve_and_drain(
         agent.report(box.mandelbox_id, "EXITED")
         reconcile_fleet(committed_factory, settings=local, cloud=cloud)
         assert statuses(committed_factory)[box.instance_name] is S.TERMINATED
-        assert wait_for(lambda: not agent.running, timeout_s=5)
+        wait_for(lambda: not agent.running, timeout_s=5, message="the agent to stop")
     finally:
         cloud.shutdown()

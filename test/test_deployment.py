@@ -35,9 +35,9 @@ from test.deployment import (
     ec2_hosts,
     stop_all,
     tag,
-    wait_for,
 )
 from test.redis_support import REDIS_SERVER_URL, delete_prefixed, unique_prefix
+from test.waiting import wait_for
 
 pytestmark = [
     pytest.mark.slow,

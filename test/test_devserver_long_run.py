@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from test.devserver import DevServer, running_devserver
+from test.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +25,13 @@ USERS = 10  # the demo image packs 4 per host, and the buffer is one host: 10 us
 IMAGE = {"ami_id": "ami-demo", "instance_type": "local.sim", "mandelbox_capacity": 4, "target_free": 4}
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout_s: float = 60, server: DevServer) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
+def alive(server: DevServer) -> Callable[[], None]:
+    """For wait_for: fail at once, with the server's last output, if it has exited."""
+
+    def check() -> None:
         assert server.process.poll() is None, server.output()[-3000:]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+
+    return check
 
 
 def instances(server: DevServer, **where: str) -> list[dict[str, Any]]:
@@ -70,7 +69,13 @@ def test_the_fleet_grows_shrinks_and_rolls_over_with_no_failed_pass(tmp_path: Pa
             return len(boxes) == USERS
 
         # 1. Growth: every user gets a mandelbox, on hosts the scaler launched for them.
-        wait_for("every user to get a mandelbox", everyone_assigned, timeout_s=90, server=server)
+        wait_for(
+            everyone_assigned,
+            timeout_s=90,
+            interval_s=0.25,
+            message="every user to get a mandelbox",
+            still_alive=alive(server),
+        )
         hosting = {box["instance_name"] for box in boxes.values()}
         assert len(hosting) >= 3
         active = instances(server, status="ACTIVE")
@@ -82,9 +87,11 @@ def test_the_fleet_grows_shrinks_and_rolls_over_with_no_failed_pass(tmp_path: Pa
             status, _ = server.call("public", "DELETE", f"/mandelbox/{box['mandelbox_id']}", tokens[user])
             assert status == 202
         wait_for(
-            "spare hosts to be terminated",
             lambda: len(instances(server, status="ACTIVE")) == 1 and len(instances(server, status="TERMINATED")) >= 2,
-            server=server,
+            timeout_s=60,
+            interval_s=0.25,
+            message="spare hosts to be terminated",
+            still_alive=alive(server),
         )
 
         # 3. Roll-over: a new version becomes active and the old one inactive; the fleet follows.
@@ -99,7 +106,13 @@ def test_the_fleet_grows_shrinks_and_rolls_over_with_no_failed_pass(tmp_path: Pa
             new = instances(server, client_commit_hash="demo-0002", status="ACTIVE")
             return bool(new) and all(i["status"] == "TERMINATED" for i in old)
 
-        wait_for("the fleet to roll over to demo-0002", rolled_over, server=server)
+        wait_for(
+            rolled_over,
+            timeout_s=60,
+            interval_s=0.25,
+            message="the fleet to roll over to demo-0002",
+            still_alive=alive(server),
+        )
         status, body = server.call(
             "public", "POST", "/mandelbox/assign", tokens["user-0"], {**assign, "client_commit_hash": "demo-0002"}
         )
@@ -108,10 +121,11 @@ def test_the_fleet_grows_shrinks_and_rolls_over_with_no_failed_pass(tmp_path: Pa
         # Many passes, none failed: the scenario above takes about 20 on a quiet machine and fewer when the machine
         # is busy (each pass is slower), so the scaler is given the time to reach 20 before the failures are read.
         wait_for(
-            "20 scaler passes",
             lambda: metric(server, "fractal_reconcile_duration_seconds_count") >= 20,
             timeout_s=60,
-            server=server,
+            interval_s=0.25,
+            message="20 scaler passes",
+            still_alive=alive(server),
         )
         assert metric(server, "fractal_reconcile_failures_total") == 0
         assert time.time() - metric(server, "fractal_reconcile_last_success_timestamp_seconds") < 30

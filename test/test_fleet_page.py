@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from fractal.auth.dev_keys import ensure_dev_keypair, mint_token
 from fractal.config import DEV_PRIVATE_KEY_PATH, DEV_PUBLIC_KEY_PATH
 from fractal.ui.views import ASSET_FILES, CONTENT_SECURITY_POLICY, static_dir
 from test.processes import ROOT, Stack
+from test.waiting import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -131,13 +131,6 @@ class Admin:
         return str(row["status"])
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_the_page_shows_the_fleet_new_hosts_and_drains_through_the_api(
     three_shells: Stack, browser: Any, operator_token: str, tmp_path: Path
 ) -> None:
@@ -200,7 +193,7 @@ def test_the_page_shows_the_fleet_new_hosts_and_drains_through_the_api(
         dialog.wait_for(state="visible", timeout=WAIT_MS)
         assert first in dialog.inner_text()
         page.click("#drain-confirm", timeout=WAIT_MS)
-        wait_for(lambda: admin.status(first, region) == "DRAINING")
+        wait_for(lambda: admin.status(first, region) == "DRAINING", timeout_s=10, message="the host DRAINING")
         page.locator(f'tr[data-instance="{first}"] td.status:text-is("DRAINING")').wait_for(timeout=WAIT_MS)
         assert row.locator("button.drain").is_disabled()
         page.locator("#notice:has-text('now DRAINING')").wait_for(timeout=WAIT_MS)

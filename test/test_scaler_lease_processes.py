@@ -22,9 +22,10 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from test.deployment import debian_binary, ec2_hosts, start_pgbouncer, stop_all, tag, wait_for
+from test.deployment import debian_binary, ec2_hosts, start_pgbouncer, stop_all, tag
 from test.processes import StartedProcess, start_sequence
 from test.throwaway import throwaway_database
+from test.waiting import wait_for
 
 pytestmark = [
     pytest.mark.slow,
