@@ -146,6 +146,8 @@ class Capacity:
     free: int
     target_free: int
     live_mandelboxes: int = 0
+    target_reason: str | None = None  # static, demand, floor, ceiling or schedule: why target_free is what it is
+    target_detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

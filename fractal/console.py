@@ -213,7 +213,17 @@ INSTANCE_COLUMNS = (
     "ip",
     "last_heartbeat_at",
 )
-CAPACITY_COLUMNS = ("region", "client_commit_hash", "active", "instances", "capacity", "used", "free", "target_free")
+CAPACITY_COLUMNS = (
+    "region",
+    "client_commit_hash",
+    "active",
+    "instances",
+    "capacity",
+    "used",
+    "free",
+    "target_free",
+    "target_reason",
+)
 MANDELBOX_COLUMNS = ("mandelbox_id", "status", "user_id", "instance_name", "region", "created_at", "end_reason")
 EVENT_COLUMNS = ("id", "created_at", "kind", "actor", "instance_name", "detail")
 KEY_COLUMNS = ("id", "name", "scopes", "created_by", "created_at", "expires_at", "revoked_at", "last_used_at")

@@ -83,7 +83,9 @@ def test_publish_wait_warm_then_drain_wait_then_deactivate(server: DevServer) ->
     assert active and sum(host["mandelbox_capacity"] - host["live_mandelboxes"] for host in active) >= 2
 
     table = ok(run(server, "capacity"))
-    assert commit in table and "TARGET_FREE" in table.splitlines()[0]
+    assert commit in table and "TARGET_FREE" in table.splitlines()[0] and "TARGET_REASON" in table.splitlines()[0]
+    ours = [line.split() for line in table.splitlines() if commit in line]
+    assert ours[0][-2:] == ["2", "static"]  # target_free 2, and why: the image's static target
 
     name = active[0]["instance_name"]
     drained = run(server, "instances", "drain", name, "--wait", "--timeout", "60", "--interval", "0.2", "--json")
@@ -224,6 +226,16 @@ def test_events_export_through_the_api_is_the_audit_logs_sessions(server: DevSer
     assert [row.region for row in ours] == [REGION, REGION]
     lengths = sorted(row.session_s for row in ours)
     assert 1.0 <= lengths[0] < 30 and lengths[1] >= 1.0  # the ended one lived from its assign to its EXITED
+
+    # The operator's last step: switch the image to a demand-aware buffer; capacity shows the new target and why.
+    ok(run(
+        server, "images", "publish", REGION, commit, "--ami-id", "ami-cli", "--instance-type", "local.sim",
+        "--capacity", "2", "--buffer-policy", '{"kind": "demand", "floor": 3}',
+    ))  # fmt: skip
+    rows = json.loads(ok(run(server, "capacity", "--json")))
+    switched = next(row for row in rows if row["client_commit_hash"] == commit)
+    assert switched["target_reason"] in ("demand", "floor") and switched["target_free"] >= 3
+    assert switched["target_detail"]["floor"] == 3 and switched["target_detail"]["arrivals"] >= 2
 
     database = f"sqlite:///{server.directory / 'instance' / 'fractal.db'}"
     until = datetime.now(UTC)
