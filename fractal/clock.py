@@ -127,8 +127,13 @@ def attach_virtual_clock(engine: Engine, now: Callable[[], datetime]) -> None:
     if engine.dialect.name != "sqlite":
         raise ValueError("a virtual clock needs a SQLite engine")
 
+    last: list[Any] = [None, ""]  # the last instant and its text: SQLite calls this per row of some statements
+
     def clock_text() -> str:
-        return as_utc(now()).strftime(SQLITE_TEXT_FORMAT)
+        instant = now()
+        if instant != last[0]:
+            last[:] = [instant, as_utc(instant).strftime(SQLITE_TEXT_FORMAT)]
+        return str(last[1])
 
     @event.listens_for(engine, "connect")
     def _register(dbapi_connection: Any, _record: Any) -> None:
