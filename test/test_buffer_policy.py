@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import create_engine, insert, update
 from sqlalchemy.orm import Session
 
 from fractal.assignment.service import assign_mandelbox
@@ -18,7 +18,8 @@ from fractal.cloud.memory import MemoryCloud
 from fractal.config import Settings
 from fractal.errors import NoInstanceAvailableError
 from fractal.events import EventKind, record_event
-from fractal.models import Event
+from fractal.models import Base, Event, Instance, InstanceStatus
+from fractal.scaling.demand import launch_lead_times, recent_arrivals
 from fractal.scaling.policy import BufferKind, BufferPolicy, DemandStats, ImageTarget, ScheduledMinimum, decide_target
 from fractal.scaling.reconcile import reconcile_fleet
 from test.factories import Factories
@@ -129,3 +130,92 @@ def test_capacity_metrics_and_the_plan_show_the_demand_target_and_why(
     assert planned[0].detail["waiting"] == 6
     assert planned[0].detail["count"] == 6
     assert report.count("launch") == 6
+
+
+def _demand_history(session: Session, now: datetime) -> None:
+    """Events the demand reads count, with the cases a SQL aggregate could get wrong."""
+
+    def host(name: str, region: str, commit: str, launched: datetime) -> None:
+        session.execute(
+            insert(Instance).values(
+                instance_name=name,
+                region=region,
+                client_commit_hash=commit,
+                ami_id="ami",
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=4,
+                live_mandelboxes=0,
+                status=InstanceStatus.ACTIVE,
+                host_secret_hash=f"hash-{name}",
+                created_at=launched,
+            )
+        )
+
+    def event(kind: EventKind, actor: str, at: datetime, name: str | None = None, **detail: Any) -> None:
+        session.execute(
+            insert(Event).values(
+                kind=str(kind), actor=actor, instance_name=name, detail=detail, created_at=at, mandelbox_id=None
+            )
+        )
+
+    refused = EventKind.ASSIGNMENT_REFUSED
+    code = "NO_INSTANCE_AVAILABLE"
+    host("a-v1", "region-a", "v1", now - timedelta(hours=1))
+    host("a-v2", "region-a", "v2", now - timedelta(hours=1))
+    for second in (10, 20, 30):  # one user retrying: one arrival
+        event(
+            refused,
+            "user:retry",
+            now - timedelta(seconds=second),
+            regions=["region-a", "region-b"],
+            code=code,
+            client_commit_hash="v1",
+        )
+    # refused, then served: still one arrival of (region-a, v1)
+    event(
+        refused, "user:served", now - timedelta(seconds=100), regions=["region-a"], code=code, client_commit_hash="v1"
+    )
+    event(EventKind.MANDELBOX_ASSIGNED, "user:served", now - timedelta(seconds=90), "a-v1")
+    event(EventKind.MANDELBOX_ASSIGNED, "user:other", now - timedelta(seconds=50), "a-v1")
+    event(EventKind.MANDELBOX_ASSIGNED, "user:v2", now - timedelta(seconds=50), "a-v2")
+    event(refused, "user:old", now - timedelta(seconds=700), regions=["region-a"], code=code, client_commit_hash="v1")
+    event(refused, "user:future", now + timedelta(seconds=5), regions=["region-a"], code=code, client_commit_hash="v1")
+    event(refused, "user:none", now - timedelta(seconds=5), regions=[], code=code, client_commit_hash="v1")
+    # Lead times: region-a has 53 activations in the window (the newest 50 count), region-b an even number.
+    for n in range(53):
+        name = f"lead-a-{n}"
+        activated = now - timedelta(minutes=n + 1)
+        # the three oldest took 1000 s (ignored: not among the newest 50); the others n seconds + 100.
+        took = 1000.0 if n >= 50 else 100.0 + n
+        host(name, "region-a", "v1", activated - timedelta(seconds=took))
+        event(EventKind.INSTANCE_ACTIVATED, "host", activated, name)
+    for n, took in enumerate((60.5, 70.0, 80.0, 300.0)):
+        name = f"lead-b-{n}"
+        host(name, "region-b", "v1", now - timedelta(minutes=10, seconds=took))
+        event(EventKind.INSTANCE_ACTIVATED, "host", now - timedelta(minutes=10), name)
+    host("lead-c-old", "region-c", "v1", now - timedelta(hours=7))  # activated before the window: no sample
+    event(EventKind.INSTANCE_ACTIVATED, "host", now - timedelta(hours=6, seconds=1), "lead-c-old")
+    session.commit()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_the_demand_reads_count_distinct_users_and_take_the_median_of_the_newest_launches(
+    backend: str, db: Session
+) -> None:
+    if backend == "sqlite":
+        engine = create_engine("sqlite://")
+        Base.metadata.create_all(engine)
+        session = Session(engine)
+    else:
+        session = db
+    now = NOW
+    _demand_history(session, now)
+    keys = [("region-a", "v1"), ("region-a", "v2"), ("region-b", "v1"), ("region-c", "v1")]
+    arrivals = recent_arrivals(session, now=now, window_s=600, keys=keys)
+    # retry, served, other in (region-a, v1); v2 in (region-a, v2); the retrying user's first region only.
+    assert arrivals == {("region-a", "v1"): 3, ("region-a", "v2"): 1, ("region-b", "v1"): 0, ("region-c", "v1"): 0}
+    lead = launch_lead_times(session, now=now, regions=["region-a", "region-b", "region-c"])
+    # region-a: 100..149 s, median (124 + 125) / 2; region-b: (70 + 80) / 2; region-c: nothing in the window.
+    assert lead == {"region-a": 124.5, "region-b": 75.0}
+    if backend == "sqlite":
+        session.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
@@ -112,7 +112,12 @@ def release_unclaimed_mandelboxes(
     Returns the ids that ended.
     """
     now = now or database_now(session)
-    stuck = Mandelbox.status_changed_at < now - timedelta(seconds=connect_timeout_s)
+    # "Not EXITED" is what the live-mandelbox indexes are partial on: saying it lets the planner walk those (the live
+    # boxes) instead of every mandelbox ever made, which is what this sweep would otherwise read every pass.
+    stuck = and_(
+        Mandelbox.status != MandelboxStatus.EXITED,
+        Mandelbox.status_changed_at < now - timedelta(seconds=connect_timeout_s),
+    )
     unclaimed = move_mandelboxes(
         session,
         where=stuck,

@@ -193,6 +193,9 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
 
 
 _instances = Instance.__table__
+# The statuses of the fleet the policy sees, named rather than "not TERMINATED": an IN list can use the status index,
+# a "<>" reads every instance row ever made (the TERMINATED history grows all day).
+NOT_TERMINATED = sorted(status for status in InstanceStatus if status is not InstanceStatus.TERMINATED)
 
 
 def observe(
@@ -242,7 +245,7 @@ def observe(
                 _instances.c.mandelbox_capacity,
                 _instances.c.live_mandelboxes,
                 func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
-            ).where(_instances.c.status != InstanceStatus.TERMINATED)
+            ).where(_instances.c.status.in_(NOT_TERMINATED))
         )
     ]
     return FleetSnapshot(images=images, instances=instances)

@@ -47,6 +47,7 @@ from fractal.images import ImageSpec, active_image_summary, upsert_image
 from fractal.models import Base, EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
+from fractal.scaling.steps import NOT_TERMINATED
 from fractal.simulation.cloud import BootDistribution, SimulatedCloud
 from fractal.simulation.trace import SessionRequest
 
@@ -587,7 +588,7 @@ class Simulation:
                 func.coalesce(func.sum(Instance.live_mandelboxes), 0),
                 func.coalesce(func.sum(case((Instance.live_mandelboxes > 0, 1), else_=0)), 0),
             )
-            .where(Instance.status != InstanceStatus.TERMINATED)
+            .where(Instance.status.in_(NOT_TERMINATED))  # the status index, not every row ever made
             .group_by(Instance.region, Instance.status)
         ).all()
         self.session.commit()
