@@ -47,7 +47,7 @@ from typing import Any, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from apiflask import APIFlask
-from flask import Response, request
+from flask import Request, Response, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -328,13 +328,13 @@ def install_request_metrics(app: APIFlask, registry: CollectorRegistry) -> None:
     )
     children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
-    def record(status: int) -> None:
-        environ = request.environ
+    def record(current: Request, status: int) -> None:
+        environ = current.environ
         started = environ.get(_STARTED)
-        if started is None or environ.get(_REPORTED):
+        if started is None or _REPORTED in environ:
             return
         environ[_REPORTED] = True
-        key = (request.method, str(request.url_rule), status)
+        key = (current.method, str(current.url_rule), status)
         pair = children.get(key)
         if pair is None:
             pair = (duration.labels(key[0], key[1], status), total.labels(key[0], status))
@@ -342,22 +342,31 @@ def install_request_metrics(app: APIFlask, registry: CollectorRegistry) -> None:
         pair[0].observe(max(default_timer() - started, 0.0))
         pair[1].inc()
 
+    # Each hook fetches the request object once: every ``request.x`` is a context-local lookup.
     @app.before_request
     def _start_request_timer() -> None:
-        if not request.path.startswith(METRICS_PATH):  # as the exporter's excluded_paths pattern matched
-            request.environ[_STARTED] = default_timer()
+        current = _current_request()
+        if not current.path.startswith(METRICS_PATH):  # as the exporter's excluded_paths pattern matched
+            current.environ[_STARTED] = default_timer()
 
     @app.after_request
     def _count_request(response: Response) -> Response:
-        record(response.status_code)
+        record(_current_request(), response.status_code)
         return response
 
     @app.teardown_request
     def _count_exception(exception: BaseException | None) -> None:
-        if exception is None or request.environ.get(_STARTED) is None:
+        if exception is None:
             return
-        exceptions.labels(request.method, 500).inc()
-        record(500)
+        current = _current_request()
+        if current.environ.get(_STARTED) is None:
+            return
+        exceptions.labels(current.method, 500).inc()
+        record(current, 500)
+
+
+def _current_request() -> Request:
+    return cast(Request, cast(Any, request)._get_current_object())
 
 
 def register_metrics(
