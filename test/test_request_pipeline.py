@@ -11,6 +11,7 @@ from typing import Any
 import flask
 import pytest
 import structlog
+from apiflask import APIFlask
 
 from fractal.observability import new_request_id
 
@@ -20,7 +21,7 @@ def access_lines(err: str) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("event") == "request"]
 
 
-def test_no_session_cookie_is_read_or_set(make_app: Callable[..., Any]) -> None:
+def test_no_session_cookie_is_read_or_set(make_app: Callable[..., APIFlask]) -> None:
     app = make_app("public")
 
     @app.get("/read-session")
@@ -40,7 +41,7 @@ def test_no_session_cookie_is_read_or_set(make_app: Callable[..., Any]) -> None:
     healthz = client.get("/healthz")
     assert "Set-Cookie" not in healthz.headers
     written = client.get("/write-session")  # a view that tried would fail loudly, not set a cookie
-    assert written.status_code == 500 and written.json["error"] == "INTERNAL_ERROR"
+    assert written.status_code == 500 and written.json == {"error": "INTERNAL_ERROR", "message": "Internal error."}
     assert "Set-Cookie" not in written.headers
 
 
@@ -57,7 +58,7 @@ def test_generated_request_ids_are_uuid4_hex(public_client: Any) -> None:
 
 
 def test_access_line_fields_and_no_context_leak_between_requests(
-    make_app: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+    make_app: Callable[..., APIFlask], capsys: pytest.CaptureFixture[str]
 ) -> None:
     app = make_app("public")
 
@@ -88,7 +89,7 @@ def test_access_line_fields_and_no_context_leak_between_requests(
     assert structlog.contextvars.get_contextvars() == {}
 
 
-def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[..., Any]) -> None:
+def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[..., APIFlask]) -> None:
     app = make_app("public")
 
     def plain() -> None:
