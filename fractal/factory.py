@@ -65,14 +65,14 @@ def create_app(
     register_error_handlers(app)
     register_path_guard(app)
     install_request_guards(app)
-    register_request_context(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
-    register_metrics(
+    request_metrics = register_metrics(
         app,
         operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served),
         readiness=lambda: readiness_checks(app),
         default_target_free=settings.target_free_mandelboxes,
     )
+    register_request_context(app, observer=request_metrics)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)

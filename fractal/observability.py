@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any, cast
+from typing import Any, Protocol
 
 import structlog
 from flask import Flask, Request, Response, request
@@ -99,32 +99,48 @@ def configure_logging(*, level: str = "INFO", json: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def current_request_id() -> str | None:
-    """The id of the request being served (None outside a request's hooks)."""
-    return cast(str | None, request.environ.get(REQUEST_ID_KEY))
+class RequestObserver(Protocol):
+    """What else the pipeline's hooks drive on every request (the request metrics)."""
+
+    def start(self, current: Request, started: float) -> None: ...
+
+    def finish(self, current: Request, status: int) -> None: ...
+
+    def failed(self, current: Request) -> None: ...
 
 
-def register_request_context(app: Flask) -> None:
-    """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line.
+# The proxy, typed loosely: its _get_current_object() (werkzeug's documented way to the object behind a
+# proxy) is one lookup, where each ``request.x`` is one.
+_request_proxy: Any = request
 
-    The hooks fetch the request object once (each ``request.x`` is a context-local lookup) and keep their state
-    in its WSGI environ.
+
+def register_request_context(app: Flask, *, observer: RequestObserver | None = None) -> None:
+    """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line, write one
+    access line per request, and drive ``observer`` (the request metrics).
+
+    One before, one after and one teardown hook for all of it: Flask dispatches each hook on every request. The
+    hooks fetch the request object once and keep their state in its WSGI environ.
     """
 
     @app.before_request
-    def _bind_request_id() -> None:
-        current = cast(Request, cast(Any, request)._get_current_object())
+    def _start_request() -> None:
+        current: Request = _request_proxy._get_current_object()
         environ = current.environ
-        environ[_STARTED_KEY] = time.perf_counter()
+        started = time.perf_counter()
+        environ[_STARTED_KEY] = started
         incoming = environ.get(_REQUEST_ID_ENVIRON)
         request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else new_request_id()
         environ[REQUEST_ID_KEY] = request_id
         # The previous request's teardown cleared the context: binding is all a request needs.
         structlog.contextvars.bind_contextvars(request_id=request_id, path=current.path, method=current.method)
+        if observer is not None:
+            observer.start(current, started)
 
     @app.after_request
-    def _echo_request_id(response: Response) -> Response:
-        current = cast(Request, cast(Any, request)._get_current_object())
+    def _finish_request(response: Response) -> Response:
+        current: Request = _request_proxy._get_current_object()
+        if observer is not None:
+            observer.finish(current, response.status_code)
         environ = current.environ
         request_id = environ.get(REQUEST_ID_KEY)
         if request_id:
@@ -141,5 +157,7 @@ def register_request_context(app: Flask) -> None:
         return response
 
     @app.teardown_request
-    def _unbind(_exc: BaseException | None) -> None:
+    def _end_request(exc: BaseException | None) -> None:
+        if exc is not None and observer is not None:
+            observer.failed(_request_proxy._get_current_object())
         structlog.contextvars.clear_contextvars()

@@ -12,6 +12,7 @@ import flask
 import pytest
 import structlog
 from apiflask import APIFlask
+from prometheus_client.parser import text_string_to_metric_families
 
 from fractal.observability import new_request_id
 
@@ -106,3 +107,30 @@ def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[.
             assert "async" in str(error)
         else:
             assert converted is not coroutine
+
+
+class Unanswerable(BaseException):
+    """Not an Exception: no error handler answers it, so it ends the request in the teardown hook."""
+
+
+def test_an_unanswered_exception_is_counted_once_as_a_500(make_app: Callable[..., APIFlask]) -> None:
+    app = make_app("admin")
+
+    @app.get("/unanswerable")
+    def unanswerable() -> Any:
+        raise Unanswerable()
+
+    client = app.test_client()
+    with pytest.raises(Unanswerable):
+        client.get("/unanswerable")
+    body = client.get("/metrics").get_data(as_text=True)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+    rule = (("method", "GET"), ("status", "500"), ("url_rule", "/unanswerable"))
+    assert samples[("flask_http_request_exceptions_total", (("method", "GET"), ("status", "500")))] == 1
+    assert samples[("flask_http_request_duration_seconds_count", rule)] == 1
+    assert samples[("flask_http_request_total", (("method", "GET"), ("status", "500")))] == 1
+    assert structlog.contextvars.get_contextvars() == {}
