@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from types import FunctionType, MethodType
+from typing import Any, NoReturn
 
 from apiflask import APIBlueprint, APIFlask
-from flask import Flask
-from flask.sessions import SecureCookieSessionInterface
-from itsdangerous import URLSafeTimedSerializer
+from flask import Flask, Request, Response
+from flask.sessions import NullSession, SessionInterface
 from sqlalchemy import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -56,7 +56,7 @@ def create_app(
     """Build a Flask app serving ``blueprints`` plus health, error handling and request logging."""
     settings = settings or load_settings_or_exit()
     served = list(blueprints)
-    app = APIFlask(__name__, title=title, version="0.1.0", json_errors=True, docs_path="/docs")
+    app = FractalFlask(__name__, title=title, version="0.1.0", json_errors=True, docs_path="/docs")
     configure_app(app, settings)
     configure_logging(level=settings.log_level, json=settings.log_json)
     state = register_extensions(app, settings, session_factory)
@@ -65,14 +65,14 @@ def create_app(
     register_error_handlers(app)
     register_path_guard(app)
     install_request_guards(app)
-    register_request_context(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
-    register_metrics(
+    request_metrics = register_metrics(
         app,
         operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served),
         readiness=lambda: readiness_checks(app),
         default_target_free=settings.target_free_mandelboxes,
     )
+    register_request_context(app, observer=request_metrics)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)
@@ -113,25 +113,59 @@ def configure_app(app: APIFlask, settings: Settings) -> None:
         TESTING=settings.env == "test",
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.session_interface = CachedSigningSessionInterface()
+    app.session_interface = NoSessionInterface()
 
 
-class CachedSigningSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie sessions, with the signing serializer built once per key set instead of on every
-    request (Flask opens the session of every request, even where no view reads it: building the serializer was
-    about a seventh of a /healthz request's in-process time)."""
+class FractalFlask(APIFlask):
+    """APIFlask, remembering ``ensure_sync``'s answer per function.
 
-    def __init__(self) -> None:
-        self._serializers: dict[tuple[Any, ...], URLSafeTimedSerializer | None] = {}
+    Flask asks, on every call of every hook and view, whether the function is a coroutine function (inspect's
+    flag check, about a microsecond each): ten times per /healthz request, an eighth of its in-process profile.
+    A function's kind never changes, so the answer is kept; only plain functions and methods are remembered, so
+    the cache is bounded by the code, not by the traffic.
+    """
 
-    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
-        keys = (app.secret_key, *(app.config["SECRET_KEY_FALLBACKS"] or ()))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync_callables: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
         try:
-            return self._serializers[keys]
+            return self._sync_callables[func]
         except KeyError:
-            serializer = super().get_signing_serializer(app)
-            self._serializers = {keys: serializer}  # one key set at a time: a rotated key replaces it
-            return serializer
+            sync = super().ensure_sync(func)
+            if isinstance(func, FunctionType | MethodType):
+                self._sync_callables[func] = sync
+            return sync
+        except TypeError:  # unhashable: never remembered
+            return super().ensure_sync(func)
+
+
+class NoSession(NullSession):
+    """The empty, read-only session every request gets: reading answers nothing, writing fails loudly."""
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise RuntimeError(
+            "Fractal's APIs keep no Flask session: they authenticate every request by its token or host secret"
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = update = setdefault = _refuse
+
+
+class NoSessionInterface(SessionInterface):
+    """No Flask session: the APIs are token-authenticated JSON APIs, and nothing in them reads ``flask.session``
+    (the fleet page keeps its credential in the browser's sessionStorage, not in a cookie). Flask's signed-cookie
+    session parsed the request's cookies and looked for a session cookie on every request, and checked whether
+    to write one back on every answer (about a tenth of a /healthz request's in-process time); with this, no
+    cookie is read and none is ever set."""
+
+    null_session_class = NoSession
+
+    def open_session(self, app: Flask, request: Request) -> NoSession:
+        return NoSession()
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        return None  # never called: Flask skips saving a null session
 
 
 def register_extensions(app: APIFlask, settings: Settings, session_factory: SessionFactory | None) -> FractalState:

@@ -47,7 +47,7 @@ from typing import Any, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from apiflask import APIFlask
-from flask import Response, request
+from flask import Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -304,60 +304,63 @@ _STARTED = "fractal.metrics_started"
 _REPORTED = "fractal.metrics_reported"
 
 
-def install_request_metrics(app: APIFlask, registry: CollectorRegistry) -> None:
+class RequestMetrics:
     """Every request except /metrics, as prometheus-flask-exporter's default metrics (same names, labels and
     buckets): ``flask_http_request_duration_seconds{method,url_rule,status}``, ``flask_http_request_total
     {method,status}``, and ``flask_http_request_exceptions_total{method,status}`` for an exception no handler
-    answered (then status 500). The exporter looked the labelled children up (``labels(**...)``, validation and a
-    lock) twice per request, about an eighth of a /healthz request's in-process time; here each label combination
-    is looked up once per process and kept."""
-    duration = Histogram(
-        "flask_http_request_duration_seconds",
-        "Flask HTTP request duration in seconds",
-        ("method", "url_rule", "status"),
-        registry=registry,
-    )
-    total = Counter(
-        "flask_http_request_total", "Total number of HTTP requests", ("method", "status"), registry=registry
-    )
-    exceptions = Counter(
-        "flask_http_request_exceptions_total",
-        "Total number of HTTP requests which resulted in an exception",
-        ("method", "status"),
-        registry=registry,
-    )
-    children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+    answered (then status 500).
 
-    def record(status: int) -> None:
-        environ = request.environ
+    Called from the request pipeline's own hooks (``observability.register_request_context``: one before, one
+    after and one teardown hook for the request id, the access line and these), not hooks of its own: each hook
+    Flask dispatches costs a lookup of the request and a call on every request. The exporter looked the labelled
+    children up (``labels(**...)``, validation and a lock) twice per request; here each label combination is
+    looked up once per process and kept.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._duration = Histogram(
+            "flask_http_request_duration_seconds",
+            "Flask HTTP request duration in seconds",
+            ("method", "url_rule", "status"),
+            registry=registry,
+        )
+        self._total = Counter(
+            "flask_http_request_total", "Total number of HTTP requests", ("method", "status"), registry=registry
+        )
+        self._exceptions = Counter(
+            "flask_http_request_exceptions_total",
+            "Total number of HTTP requests which resulted in an exception",
+            ("method", "status"),
+            registry=registry,
+        )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def start(self, current: Request, started: float) -> None:
+        """The request began at ``started`` (``timeit.default_timer``); /metrics itself is not counted."""
+        if not current.path.startswith(METRICS_PATH):  # as the exporter's excluded_paths pattern matched
+            current.environ[_STARTED] = started
+
+    def finish(self, current: Request, status: int) -> None:
+        """Count the answer (once per request, whichever of finish and failed comes first)."""
+        environ = current.environ
         started = environ.get(_STARTED)
-        if started is None or environ.get(_REPORTED):
+        if started is None or _REPORTED in environ:
             return
         environ[_REPORTED] = True
-        key = (request.method, str(request.url_rule), status)
-        pair = children.get(key)
+        key = (current.method, str(current.url_rule), status)
+        pair = self._children.get(key)
         if pair is None:
-            pair = (duration.labels(key[0], key[1], status), total.labels(key[0], status))
-            children[key] = pair
+            pair = (self._duration.labels(key[0], key[1], status), self._total.labels(key[0], status))
+            self._children[key] = pair
         pair[0].observe(max(default_timer() - started, 0.0))
         pair[1].inc()
 
-    @app.before_request
-    def _start_request_timer() -> None:
-        if not request.path.startswith(METRICS_PATH):  # as the exporter's excluded_paths pattern matched
-            request.environ[_STARTED] = default_timer()
-
-    @app.after_request
-    def _count_request(response: Response) -> Response:
-        record(response.status_code)
-        return response
-
-    @app.teardown_request
-    def _count_exception(exception: BaseException | None) -> None:
-        if exception is None or request.environ.get(_STARTED) is None:
+    def failed(self, current: Request) -> None:
+        """An exception no handler answered ended the request: a 500."""
+        if current.environ.get(_STARTED) is None:
             return
-        exceptions.labels(request.method, 500).inc()
-        record(500)
+        self._exceptions.labels(current.method, 500).inc()
+        self.finish(current, 500)
 
 
 def register_metrics(
@@ -366,8 +369,10 @@ def register_metrics(
     operator_facing: bool,
     readiness: Callable[[], Mapping[str, str]] | None = None,
     default_target_free: int = 0,
-) -> PrometheusMetrics:
+) -> RequestMetrics:
     """Request metrics by route rule and the process metrics; the operators' app also serves them on /metrics.
+
+    Returns the request metrics, for the request pipeline's hooks to call (``register_request_context``).
 
     The public and host APIs face the internet: their port serves no /metrics (free capacity and error counts
     are not for everyone) and they run no fleet query. Their counters still reach Prometheus through
@@ -380,15 +385,15 @@ def register_metrics(
         app,
         path=None,  # served below, so the fleet collector joins the multiprocess output too
         registry=registry,
-        export_defaults=False,  # the request metrics are recorded by install_request_metrics, same names
+        export_defaults=False,  # the request metrics are recorded by RequestMetrics, same names
     )
     exporter.info("flask_exporter_info", "Information about the Prometheus Flask exporter", version=exporter.version)
-    install_request_metrics(app, registry)
+    request_metrics = RequestMetrics(registry)
     if not multiprocess_mode():
         for collector in PROCESS_METRICS:
             registry.register(collector)
     if not operator_facing:
-        return exporter
+        return request_metrics
     fleet = FleetCollector(
         lambda: cast(SessionFactory, app.extensions["fractal"].session_factory),
         default_target_free=default_target_free,
@@ -410,4 +415,4 @@ def register_metrics(
                 scrape.register(collector)
         return Response(generate_latest(scrape), mimetype=CONTENT_TYPE_LATEST)
 
-    return exporter
+    return request_metrics

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the incoming header, as WSGI names it
+# Kept in the WSGI environ, a plain dict, rather than in flask.g (a context-local lookup per read and write).
+REQUEST_ID_KEY = "fractal.request_id"
+_STARTED_KEY = "fractal.request_started"
 _access_log = structlog.get_logger("fractal.access")
 _SENSITIVE_KEYS = re.compile(r"(authorization|token|secret|password|passwd|api[_-]?key|cookie)", re.IGNORECASE)
 _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
@@ -25,6 +29,15 @@ REDACTED = "[REDACTED]"
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _NOT_SENSITIVE = frozenset({"request_id", "event"})
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+# The version (4) and variant (RFC 4122) bits of a UUID4, as uuid.UUID(version=4) sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    """A random UUID4 as 32 hex digits: what ``uuid.uuid4().hex`` gives, without building a UUID object (which
+    validates its arguments in Python: most of what a request id cost)."""
+    return "%032x" % ((int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET)
 
 
 def redact_text(value: str) -> str:
@@ -86,27 +99,56 @@ def configure_logging(*, level: str = "INFO", json: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def register_request_context(app: Flask) -> None:
-    """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line."""
+class RequestObserver(Protocol):
+    """What else the pipeline's hooks drive on every request (the request metrics)."""
+
+    def start(self, current: Request, started: float) -> None: ...
+
+    def finish(self, current: Request, status: int) -> None: ...
+
+    def failed(self, current: Request) -> None: ...
+
+
+# The proxy, typed loosely: its _get_current_object() (werkzeug's documented way to the object behind a
+# proxy) is one lookup, where each ``request.x`` is one.
+_request_proxy: Any = request
+
+
+def register_request_context(app: Flask, *, observer: RequestObserver | None = None) -> None:
+    """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line, write one
+    access line per request, and drive ``observer`` (the request metrics).
+
+    One before, one after and one teardown hook for all of it: Flask dispatches each hook on every request. The
+    hooks fetch the request object once and keep their state in its WSGI environ.
+    """
 
     @app.before_request
-    def _bind_request_id() -> None:
-        g.request_started = time.perf_counter()
-        incoming = request.headers.get(REQUEST_ID_HEADER)
-        request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        g.request_id = request_id
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
+    def _start_request() -> None:
+        current: Request = _request_proxy._get_current_object()
+        environ = current.environ
+        started = time.perf_counter()
+        environ[_STARTED_KEY] = started
+        incoming = environ.get(_REQUEST_ID_ENVIRON)
+        request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else new_request_id()
+        environ[REQUEST_ID_KEY] = request_id
+        # The previous request's teardown cleared the context: binding is all a request needs.
+        structlog.contextvars.bind_contextvars(request_id=request_id, path=current.path, method=current.method)
+        if observer is not None:
+            observer.start(current, started)
 
     @app.after_request
-    def _echo_request_id(response: Response) -> Response:
-        request_id = g.get("request_id")
+    def _finish_request(response: Response) -> Response:
+        current: Request = _request_proxy._get_current_object()
+        if observer is not None:
+            observer.finish(current, response.status_code)
+        environ = current.environ
+        request_id = environ.get(REQUEST_ID_KEY)
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
-        started = g.get("request_started")
         # One access line per request (gunicorn's access log is off): the bound context adds the request id
         # and, once authenticated, the user id or instance name. The query string is left out on purpose.
-        if request.path not in _QUIET_PATHS:
+        if current.path not in _QUIET_PATHS:
+            started = environ.get(_STARTED_KEY)
             _access_log.info(
                 "request",
                 status=response.status_code,
@@ -115,5 +157,7 @@ def register_request_context(app: Flask) -> None:
         return response
 
     @app.teardown_request
-    def _unbind(_exc: BaseException | None) -> None:
+    def _end_request(exc: BaseException | None) -> None:
+        if exc is not None and observer is not None:
+            observer.failed(_request_proxy._get_current_object())
         structlog.contextvars.clear_contextvars()

@@ -1,0 +1,136 @@
+"""The per-request pipeline every API shares: no Flask session, request ids, the access line, hook dispatch."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import flask
+import pytest
+import structlog
+from apiflask import APIFlask
+from prometheus_client.parser import text_string_to_metric_families
+
+from fractal.observability import new_request_id
+
+
+def access_lines(err: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "request"]
+
+
+def test_no_session_cookie_is_read_or_set(make_app: Callable[..., APIFlask]) -> None:
+    app = make_app("public")
+
+    @app.get("/read-session")
+    def read_session() -> Any:
+        return {"keys": sorted(flask.session.keys())}
+
+    @app.get("/write-session")
+    def write_session() -> Any:
+        flask.session["user"] = "someone"
+        return {}
+
+    client = app.test_client()
+    client.set_cookie("session", "eyJ1c2VyIjoic29tZW9uZSJ9.forged.signature")
+    read = client.get("/read-session")
+    assert read.status_code == 200 and read.json == {"keys": []}  # the cookie is never parsed into a session
+    assert "Set-Cookie" not in read.headers and "Cookie" not in read.headers.get("Vary", "")
+    healthz = client.get("/healthz")
+    assert "Set-Cookie" not in healthz.headers
+    written = client.get("/write-session")  # a view that tried would fail loudly, not set a cookie
+    assert written.status_code == 500 and written.json == {"error": "INTERNAL_ERROR", "message": "Internal error."}
+    assert "Set-Cookie" not in written.headers
+
+
+def test_generated_request_ids_are_uuid4_hex(public_client: Any) -> None:
+    ids = [public_client.get("/healthz").headers["X-Request-ID"] for _ in range(3)]
+    ids.append(public_client.get("/healthz", headers={"X-Request-ID": "not sane!"}).headers["X-Request-ID"])
+    ids.append(public_client.get("/healthz", headers={"X-Request-ID": "short"}).headers["X-Request-ID"])
+    assert len(set(ids)) == len(ids)
+    for request_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert uuid.UUID(hex=new_request_id()).hex != uuid.UUID(hex=new_request_id()).hex
+
+
+def test_access_line_fields_and_no_context_leak_between_requests(
+    make_app: Callable[..., APIFlask], capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = make_app("public")
+
+    @app.get("/binds-a-user")
+    def binds_a_user() -> Any:
+        structlog.contextvars.bind_contextvars(user_id="user-1")
+        return {}
+
+    @app.get("/plain")
+    def plain() -> Any:
+        return {}
+
+    client = app.test_client()
+    capsys.readouterr()
+    client.get("/binds-a-user", headers={"X-Request-ID": "req-first-0001"})
+    client.get("/plain", headers={"X-Request-ID": "req-second-002"})
+    client.get("/healthz", headers={"X-Request-ID": "req-quiet-0003"})
+    first, second = access_lines(capsys.readouterr().err)  # /healthz writes no access line
+    assert first["request_id"] == "req-first-0001" and first["user_id"] == "user-1"
+    assert {key: second[key] for key in ("request_id", "path", "method", "status")} == {
+        "request_id": "req-second-002",
+        "path": "/plain",
+        "method": "GET",
+        "status": 200,
+    }
+    assert isinstance(second["duration_ms"], float | int) and second["duration_ms"] >= 0
+    assert "user_id" not in second  # the first request's context ended with it
+    assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[..., APIFlask]) -> None:
+    app = make_app("public")
+
+    def plain() -> None:
+        return None
+
+    async def coroutine() -> None:
+        return None
+
+    assert app.ensure_sync(plain) is plain and app.ensure_sync(plain) is plain
+    for _ in range(2):  # asked twice: the second answer is the same conversion, never the coroutine function
+        try:
+            converted = app.ensure_sync(coroutine)
+        except RuntimeError as error:  # Flask's async support needs asgiref, which this project does not install
+            assert "async" in str(error)
+        else:
+            assert converted is not coroutine
+
+
+class Unanswerable(BaseException):
+    """Not an Exception: no error handler answers it, so it ends the request in the teardown hook."""
+
+
+def test_an_unanswered_exception_is_counted_once_as_a_500(make_app: Callable[..., APIFlask]) -> None:
+    app = make_app("admin")
+
+    @app.get("/unanswerable")
+    def unanswerable() -> Any:
+        raise Unanswerable()
+
+    client = app.test_client()
+    with pytest.raises(Unanswerable):
+        client.get("/unanswerable")
+    body = client.get("/metrics").get_data(as_text=True)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+    rule = (("method", "GET"), ("status", "500"), ("url_rule", "/unanswerable"))
+    assert samples[("flask_http_request_exceptions_total", (("method", "GET"), ("status", "500")))] == 1
+    assert samples[("flask_http_request_duration_seconds_count", rule)] == 1
+    assert samples[("flask_http_request_total", (("method", "GET"), ("status", "500")))] == 1
+    assert structlog.contextvars.get_contextvars() == {}
