@@ -61,7 +61,7 @@ class RoundTrips:
         trips = self
 
         class CountingCursor(psycopg2.extensions.cursor):  # type: ignore[misc]
-            def execute(self, query: Any, vars: Any = None) -> Any:  # noqa: A002 - psycopg2's name
+            def execute(self, query: Any, vars: Any = None) -> Any:
                 connection = self.connection
                 if not connection.autocommit and connection.status == psycopg2.extensions.STATUS_READY:
                     trips.seen["BEGIN (sent by psycopg2)"] += 1
