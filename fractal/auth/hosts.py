@@ -50,10 +50,13 @@ class HostSecretDirectory:
             return name
         name = instance_name_for_secret_hash(session, digest)
         if name is not None:
-            if len(self._memo) >= self.MEMO_LIMIT:
-                self._memo.clear()  # bounded: a fleet larger than the memo only costs lookups
-            self._memo[digest] = name
+            self.remember(digest, name)
         return name
+
+    def remember(self, digest: str, name: str) -> None:
+        if len(self._memo) >= self.MEMO_LIMIT:
+            self._memo.clear()  # bounded: a fleet larger than the memo only costs lookups
+        self._memo[digest] = name
 
     def forget(self, digest: str) -> None:
         self._memo.pop(digest, None)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from fractal.models import InstanceStatus, MandelboxStatus
 from fractal.schemas import StrictIn
+from fractal.schemas import _has_nul as has_nul  # the same NUL check RequestIn applies to every field
 
 # A heartbeat lists at most this many mandelboxes (images allow up to 10 000 per instance; real hosts run a few).
 MAX_REPORTED_MANDELBOXES = 2048
@@ -61,6 +64,57 @@ class HeartbeatIn(StrictIn):
         if len(json.dumps(value, separators=(",", ":"))) > MAX_METRICS_BYTES:
             raise ValueError(f"at most {MAX_METRICS_BYTES} bytes once serialized")
         return value
+
+
+@dataclass(frozen=True)
+class HeartbeatReport:
+    """A validated heartbeat body, as the view uses it."""
+
+    instance_name: str
+    mandelboxes: list[tuple[uuid.UUID, MandelboxStatus]]
+    metrics: dict[str, Any]
+
+    @classmethod
+    def of(cls, body: HeartbeatIn) -> HeartbeatReport:
+        return cls(body.instance_name, [(box.mandelbox_id, box.status) for box in body.mandelboxes], body.metrics)
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_MANDELBOX_STATUSES = {str(status): status for status in MandelboxStatus}
+
+
+def accept_heartbeat(data: Any) -> HeartbeatReport | None:
+    """The body every host sends, checked by hand; None for anything else, which HeartbeatIn then judges.
+
+    HeartbeatIn (pydantic) costs more CPU than the rest of the body's handling on this, the hottest route. This
+    accepts only bodies HeartbeatIn accepts, with the same values (test/test_heartbeat_input.py compares the two
+    on generated bodies): JSON types as given (no coercion), mandelbox ids in the hyphenated form, statuses by
+    their exact names. Whatever it does not accept goes to HeartbeatIn, so every refusal keeps its answer.
+    """
+    if type(data) is not dict:
+        return None
+    name = data.get("instance_name")
+    if type(name) is not str or not 0 < len(name) <= 128 or "\x00" in name:
+        return None
+    reported = data.get("mandelboxes", [])
+    if type(reported) is not list or len(reported) > MAX_REPORTED_MANDELBOXES:
+        return None
+    mandelboxes: list[tuple[uuid.UUID, MandelboxStatus]] = []
+    for item in reported:
+        if type(item) is not dict:
+            return None
+        mandelbox_id, status = item.get("mandelbox_id"), item.get("status")
+        if type(mandelbox_id) is not str or type(status) is not str or status not in _MANDELBOX_STATUSES:
+            return None
+        if _CANONICAL_UUID.fullmatch(mandelbox_id) is None:
+            return None
+        mandelboxes.append((uuid.UUID(mandelbox_id), _MANDELBOX_STATUSES[status]))
+    metrics = data.get("metrics", {})
+    if type(metrics) is not dict or len(metrics) > MAX_METRICS_KEYS or has_nul(metrics):
+        return None
+    if len(json.dumps(metrics, separators=(",", ":"))) > MAX_METRICS_BYTES:
+        return None
+    return HeartbeatReport(name, mandelboxes, metrics)
 
 
 class HeartbeatOut(BaseModel):
