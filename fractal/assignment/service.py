@@ -33,7 +33,9 @@ from fractal.errors import (
 )
 from fractal.events import EventKind, record_event
 from fractal.fleet.mandelboxes import (
+    AnswerToStore,
     SlotRequest,
+    allocate_first_choice,
     allocate_in_one_statement,
     allocate_waiting,
     live_count_for_user,
@@ -188,7 +190,25 @@ def _assign_in_transaction(
     # else the first allocation): two statements in one query, run in order, each with its own snapshot, so the
     # second sees everything committed before the lock was granted.
     fast = is_postgres(session)
-    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast else None
+    locked = False
+    if fast:
+        first, locked = _first_choice(
+            session,
+            user_id=user_id,
+            regions=regions,
+            client_commit_hash=client_commit_hash,
+            session_id=session_id,
+            max_per_user=max_per_user,
+            allow_local_dev=allow_local_dev,
+            idempotency=idempotency,
+            cache=cache,
+        )
+        if first is not None:
+            return first
+        # Not settled in one round trip (no enabled region, or no unlocked instance with room in the nearest one):
+        # the general path below, in the same transaction, the user's lock held already. It reads the stored
+        # answer and the live count again, under the lock: what it decides on cannot have changed since.
+    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast and not locked else None
     if not fast:
         advisory_xact_lock(session, f"fractal:user:{user_id}")
     if idempotency is not None:
@@ -243,6 +263,76 @@ def _assign_in_transaction(
     if _other_versions_have_room(session, candidates, client_commit_hash, newest):
         raise CommitHashMismatchError(details={"client_commit_hash": client_commit_hash})
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
+
+
+def _first_choice(
+    session: Session,
+    *,
+    user_id: str,
+    regions: Sequence[str],
+    client_commit_hash: str,
+    session_id: str | None,
+    max_per_user: int,
+    allow_local_dev: bool,
+    idempotency: IdempotencyRequest | None,
+    cache: DataCache | None,
+) -> tuple[AssignResult | None, bool]:
+    """Postgres: settle the common assign in one round trip (see allocate_first_choice): the user's lock, the stored
+    answer, the live count and a slot in the nearest enabled region. Returns the result (None when it could not be
+    settled there: nothing was written then) and whether the user's lock is held now; on None the caller goes on
+    with the general path.
+
+    Raises what the general path would, in the same order: a live stored answer first (replay or reuse), then the
+    per-user limit."""
+    summary = active_image_summary(session, cache=cache)
+    enabled = summary["regions"]
+    nearest = next((region for region in regions if region in enabled), None)
+    if nearest is None:
+        return None, False  # the general path answers (a replay first, else RegionNotEnabled), under the lock
+    use_newest = allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH
+    commit = summary["newest"].get(nearest, client_commit_hash) if use_newest else client_commit_hash
+    mandelbox_id = uuid.uuid4()
+    wanted = SlotRequest(
+        mandelbox_id=mandelbox_id,
+        user_id=user_id,
+        session_id=session_id,
+        region=nearest,
+        client_commit_hash=commit,
+        max_per_user=max_per_user,
+        actor=f"user:{user_id}",
+    )
+    answer = (
+        AnswerToStore(
+            key=idempotency.key,
+            request_hash=idempotency.request_hash,
+            ttl_s=idempotency.ttl_s,
+            response_status=IDEMPOTENT_SUCCESS_STATUS,
+            purge_batch=IDEMPOTENCY_PURGE_BATCH,
+        )
+        if idempotency is not None
+        else None
+    )
+    found = allocate_first_choice(session, wanted, user_lock_key=advisory_key(f"fractal:user:{user_id}"), answer=answer)
+    stored = found.stored
+    if stored is not None and not stored.expired:
+        if idempotency is None or stored.request_hash != idempotency.request_hash:
+            raise IdempotencyKeyReusedError()
+        return AssignResult(Assignment.from_body(stored.response_body), replayed=True), True
+    if found.live_count >= max_per_user:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
+    if found.slot is None:
+        return None, True
+    slot = found.slot
+    result = AssignResult(
+        Assignment(
+            mandelbox_id=mandelbox_id,
+            instance_name=slot.instance_name,
+            ip=slot.ip,
+            region=slot.region,
+            status=MandelboxStatus.ALLOCATED,
+        )
+    )
+    return result, True
 
 
 # Statements of the idempotency path, built once: constructing a statement costs more CPU than running it on a

@@ -29,9 +29,13 @@ __all__ = [
     "HOST_REPORTABLE",
     "LIVE_MANDELBOX_STATUSES",
     "TRANSITIONS",
+    "AnswerToStore",
+    "FirstChoice",
     "MovedMandelbox",
     "Slot",
     "SlotRequest",
+    "StoredAnswerRow",
+    "allocate_first_choice",
     "allocate_in_one_statement",
     "allocate_waiting",
     "live_count_for_user",
@@ -295,6 +299,155 @@ def allocate_in_one_statement(
     if row.instance_name is None:
         return None
     return Slot(row.instance_name, row.ip, row.region)
+
+
+@dataclass(frozen=True)
+class AnswerToStore:
+    """An Idempotency-Key whose stored answer the allocation reads and, when it takes a slot, writes."""
+
+    key: str
+    request_hash: str
+    ttl_s: int
+    response_status: int
+    purge_batch: int
+
+
+@dataclass(frozen=True)
+class StoredAnswerRow:
+    """What an Idempotency-Key held when the statement began (judged on the database's clock)."""
+
+    request_hash: str
+    response_body: dict[str, Any]
+    expired: bool
+
+
+@dataclass(frozen=True)
+class FirstChoice:
+    """The answer of :func:`allocate_first_choice`: the user's live count before it, the slot taken (None: none
+    had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none)."""
+
+    live_count: int
+    slot: Slot | None
+    stored: StoredAnswerRow | None
+
+
+# The whole assign in one round trip (Postgres): the user's advisory lock, then one statement that reads the
+# Idempotency-Key's stored answer, counts the user's live mandelboxes, picks and locks the fullest instance with
+# room (as _ALLOCATE_SKIP_LOCKED), takes the slot, creates the mandelbox and its audit event and, with a key,
+# stores the answer (replacing an expired one) and purges a bounded batch of other expired keys.
+# - Nothing is written when the key holds a live answer (a replay, or a reuse with another body) or the user is
+#   at the limit: the pick's WHERE is false, so taken is empty and every write below it selects from nothing.
+# - The two statements run in order in one query; under READ COMMITTED the second takes its snapshot after the
+#   lock was granted, so it sees every assign of this user committed before (count and stored answer alike).
+# - Sub-statements of one statement must not modify one row twice: the purge leaves this request's own key to the
+#   upsert (ON CONFLICT ... WHERE expired), so an expired answer of ours is replaced exactly once.
+# - The answer stored is the JSON the view sends (Assignment.to_body: the same keys and values).
+_FIRST_CHOICE = """
+SELECT pg_advisory_xact_lock(%(user_lock_key)s);
+WITH stored AS (
+    {stored}
+), live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = %(user_id)s AND status <> 'EXITED'
+), candidate AS (
+    SELECT instance_name FROM instances
+    WHERE region = %(region)s AND client_commit_hash = %(commit)s AND status = 'ACTIVE'
+      AND live_mandelboxes < mandelbox_capacity
+      AND (SELECT n FROM live) < %(max_per_user)s
+      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)
+    ORDER BY live_mandelboxes DESC, instance_name
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE instances SET live_mandelboxes = instances.live_mandelboxes + 1, empty_since = NULL
+    FROM candidate WHERE instances.instance_name = candidate.instance_name
+    RETURNING instances.instance_name, instances.ip, instances.region
+), created AS (
+    INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
+                             created_at, status_changed_at)
+    SELECT %(mandelbox_id)s::uuid, taken.instance_name, %(user_id)s, %(session_id)s, 'ALLOCATED', now(), now()
+    FROM taken
+    RETURNING mandelbox_id
+), audited AS (
+    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
+    SELECT now(), %(event_kind)s, %(actor)s, taken.instance_name, %(mandelbox_id)s::uuid,
+           jsonb_build_object('region', taken.region, 'client_commit_hash', %(commit)s::text)
+    FROM taken
+    RETURNING id
+){answer_ctes}
+SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region,
+       stored.request_hash, stored.response_body, stored.expired
+FROM (SELECT 1) AS one LEFT JOIN taken ON true LEFT JOIN stored ON true
+"""
+_NO_STORED_ANSWER = "SELECT NULL::text AS request_hash, NULL::jsonb AS response_body, false AS expired WHERE false"
+_STORED_ANSWER = """SELECT request_hash, response_body, expires_at <= now() AS expired
+    FROM idempotency_keys WHERE user_id = %(user_id)s AND key = %(answer_key)s"""
+_ANSWER_CTES = """, kept AS (
+    INSERT INTO idempotency_keys (user_id, key, request_hash, response_status, response_body, mandelbox_id,
+                                  created_at, expires_at)
+    SELECT %(user_id)s, %(answer_key)s, %(request_hash)s, %(response_status)s,
+           jsonb_build_object('mandelbox_id', %(mandelbox_id)s::text, 'ip', taken.ip, 'region', taken.region,
+                              'instance_name', taken.instance_name, 'status', 'ALLOCATED'),
+           %(mandelbox_id)s::uuid, now(), now() + make_interval(secs => %(ttl_s)s)
+    FROM taken
+    ON CONFLICT (user_id, key) DO UPDATE
+        SET request_hash = EXCLUDED.request_hash, response_status = EXCLUDED.response_status,
+            response_body = EXCLUDED.response_body, mandelbox_id = EXCLUDED.mandelbox_id,
+            created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+        WHERE idempotency_keys.expires_at <= now()
+    RETURNING key
+), purged AS (
+    DELETE FROM idempotency_keys
+    WHERE (user_id, key) IN (
+        SELECT user_id, key FROM idempotency_keys
+        WHERE expires_at <= now() AND NOT (user_id = %(user_id)s AND key = %(answer_key)s)
+          AND EXISTS (SELECT 1 FROM taken)
+        LIMIT %(purge_batch)s
+        FOR UPDATE SKIP LOCKED
+    ) AND expires_at <= now()
+    RETURNING key
+)"""
+_FIRST_CHOICE_PLAIN = _FIRST_CHOICE.format(stored=_NO_STORED_ANSWER, answer_ctes="")
+_FIRST_CHOICE_WITH_ANSWER = _FIRST_CHOICE.format(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
+
+
+def allocate_first_choice(
+    session: Session, wanted: SlotRequest, *, user_lock_key: int, answer: AnswerToStore | None = None
+) -> FirstChoice:
+    """Postgres, one round trip: take the user's lock, then (one statement) read ``answer``'s stored answer, count
+    the user's live mandelboxes and, when the key holds no live answer and the user is under the limit, take a slot
+    in ``wanted.region`` (skipping locked instances) with the mandelbox, its audit event and the stored answer.
+
+    Runs on the session's connection, in its transaction (the lock is held until it ends), as one driver-level
+    query: the statement is fixed text with named parameters, so SQLAlchemy's compile and result machinery would
+    only cost CPU. The caller decides what the row means (a replay, a reuse, the limit, no room) and continues in
+    the same transaction when no slot was taken.
+    """
+    params: dict[str, Any] = {
+        "user_lock_key": user_lock_key,
+        "region": wanted.region,
+        "commit": wanted.client_commit_hash,
+        "mandelbox_id": str(wanted.mandelbox_id),
+        "user_id": wanted.user_id,
+        "session_id": wanted.session_id,
+        "max_per_user": wanted.max_per_user,
+        "actor": wanted.actor,
+        "event_kind": str(EventKind.MANDELBOX_ASSIGNED),
+    }
+    if answer is not None:
+        params.update(
+            answer_key=answer.key,
+            request_hash=answer.request_hash,
+            response_status=answer.response_status,
+            ttl_s=answer.ttl_s,
+            purge_batch=answer.purge_batch,
+        )
+    sql = _FIRST_CHOICE_PLAIN if answer is None else _FIRST_CHOICE_WITH_ANSWER
+    row = session.connection().exec_driver_sql(sql, params).one()
+    slot = Slot(row.instance_name, row.ip, row.region) if row.instance_name is not None else None
+    stored = None
+    if row.request_hash is not None:
+        stored = StoredAnswerRow(row.request_hash, row.response_body, bool(row.expired))
+    return FirstChoice(int(row.live_count), slot, stored)
 
 
 _WAITING_CANDIDATES = (
