@@ -162,7 +162,9 @@ def assign_mandelbox(
             cache=cache,
         )
     except FractalError as refusal:
-        session.rollback()
+        # A refusal is decided before anything is written (the one exception, an expired key's stored answer
+        # dropped, may as well stay dropped), so its audit event joins the transaction: one COMMIT, where a
+        # rollback and a transaction of its own would cost three more round trips.
         _record_refusal(session, user_id=user_id, regions=regions, commit=client_commit_hash, error=refusal)
         if isinstance(refusal, NoInstanceAvailableError) and on_no_capacity is not None:
             on_no_capacity(regions, client_commit_hash)
@@ -190,9 +192,9 @@ def _assign_in_transaction(
     # else the first allocation): two statements in one query, run in order, each with its own snapshot, so the
     # second sees everything committed before the lock was granted.
     fast = is_postgres(session)
-    locked = False
+    tried = _FirstTry()
     if fast:
-        first, locked = _first_choice(
+        tried = _first_choice(
             session,
             user_id=user_id,
             regions=regions,
@@ -203,21 +205,24 @@ def _assign_in_transaction(
             idempotency=idempotency,
             cache=cache,
         )
-        if first is not None:
-            return first
+        if tried.result is not None:
+            return tried.result
         # Not settled in one round trip (no enabled region, or no unlocked instance with room in the nearest one):
-        # the general path below, in the same transaction, the user's lock held already. It reads the stored
-        # answer and the live count again, under the lock: what it decides on cannot have changed since.
-    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast and not locked else None
+        # the general path below, in the same transaction. Once the first try took the user's lock, what it read
+        # under it (the stored answer, the live count) cannot have changed: only an expired answer is left to drop.
+    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast and not tried.locked else None
     if not fast:
         advisory_xact_lock(session, f"fractal:user:{user_id}")
-    if idempotency is not None:
+    if tried.locked:
+        if tried.expired_answer and idempotency is not None:
+            session.execute(_DROP_STORED_ANSWER, {"user_id": user_id, "key": idempotency.key})
+    elif idempotency is not None:
         stored = _stored_answer(session, user_id=user_id, idempotency=idempotency, lock_key=lock_key)
         lock_key = None  # taken
         if stored is not None:
             return AssignResult(stored, replayed=True)
 
-    summary = active_image_summary(session, cache=cache)
+    summary = tried.summary if tried.summary is not None else active_image_summary(session, cache=cache)
     enabled = set(summary["regions"])
     candidates = list(dict.fromkeys(region for region in regions if region in enabled))
     if not candidates:
@@ -243,7 +248,7 @@ def _assign_in_transaction(
         # A nearer region whose candidates are merely locked by concurrent assigns is waited for before a
         # farther one is tried: region order is the user's preference.
         slot = None
-        if fast:
+        if fast and region != tried.region:  # the first try did this one's skip-locked pick already
             slot = allocate_in_one_statement(session, wanted, user_lock_key=lock_key)
             lock_key = None  # taken with the first allocation
         slot = slot or allocate_waiting(session, wanted)
@@ -265,6 +270,17 @@ def _assign_in_transaction(
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
 
+@dataclass(frozen=True)
+class _FirstTry:
+    """What the one-round-trip try left for the general path."""
+
+    result: AssignResult | None = None  # settled
+    locked: bool = False  # the user's lock is held, the stored answer and live count were read under it
+    summary: dict[str, Any] | None = None  # the active-image summary it read
+    region: str | None = None  # the region whose unlocked instances it tried
+    expired_answer: bool = False  # the key held an expired answer (still there)
+
+
 def _first_choice(
     session: Session,
     *,
@@ -276,11 +292,10 @@ def _first_choice(
     allow_local_dev: bool,
     idempotency: IdempotencyRequest | None,
     cache: DataCache | None,
-) -> tuple[AssignResult | None, bool]:
+) -> _FirstTry:
     """Postgres: settle the common assign in one round trip (see allocate_first_choice): the user's lock, the stored
-    answer, the live count and a slot in the nearest enabled region. Returns the result (None when it could not be
-    settled there: nothing was written then) and whether the user's lock is held now; on None the caller goes on
-    with the general path.
+    answer, the live count and a slot in the nearest enabled region. Its result is None when it could not be
+    settled there (nothing was written then); the caller then goes on with the general path.
 
     Raises what the general path would, in the same order: a live stored answer first (replay or reuse), then the
     per-user limit."""
@@ -288,7 +303,7 @@ def _first_choice(
     enabled = summary["regions"]
     nearest = next((region for region in regions if region in enabled), None)
     if nearest is None:
-        return None, False  # the general path answers (a replay first, else RegionNotEnabled), under the lock
+        return _FirstTry(summary=summary)  # the general path answers (a replay first, else RegionNotEnabled)
     use_newest = allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH
     commit = summary["newest"].get(nearest, client_commit_hash) if use_newest else client_commit_hash
     mandelbox_id = uuid.uuid4()
@@ -317,11 +332,11 @@ def _first_choice(
     if stored is not None and not stored.expired:
         if idempotency is None or stored.request_hash != idempotency.request_hash:
             raise IdempotencyKeyReusedError()
-        return AssignResult(Assignment.from_body(stored.response_body), replayed=True), True
+        return _FirstTry(AssignResult(Assignment.from_body(stored.response_body), replayed=True))
     if found.live_count >= max_per_user:
         raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
     if found.slot is None:
-        return None, True
+        return _FirstTry(locked=True, summary=summary, region=nearest, expired_answer=stored is not None)
     slot = found.slot
     result = AssignResult(
         Assignment(
@@ -332,7 +347,7 @@ def _first_choice(
             status=MandelboxStatus.ALLOCATED,
         )
     )
-    return result, True
+    return _FirstTry(result)
 
 
 # Statements of the idempotency path, built once: constructing a statement costs more CPU than running it on a
@@ -457,21 +472,23 @@ def _purge_expired_keys_statement(*, postgres: bool) -> Delete | ReturningDelete
     return purge.returning(IdempotencyKey.key) if postgres else purge
 
 
-def _other_versions_have_room(session: Session, regions: Sequence[str], commit: str, newest: dict[str, str]) -> bool:
-    wanted = {newest.get(region, commit) for region in regions}
-    return (
-        session.execute(
-            select(Instance.instance_name)
-            .where(
-                Instance.region.in_(list(regions)),
-                Instance.status == InstanceStatus.ACTIVE,
-                Instance.live_mandelboxes < Instance.mandelbox_capacity,
-                Instance.client_commit_hash.not_in(list(wanted)),
-            )
-            .limit(1)
-        ).first()
-        is not None
+# Built once (with expanding parameters): a refusal pays the statement, not its construction and cache key.
+_OTHER_VERSIONS_WITH_ROOM = (
+    select(Instance.instance_name)
+    .where(
+        Instance.region.in_(bindparam("regions", expanding=True)),
+        Instance.status == InstanceStatus.ACTIVE,
+        Instance.live_mandelboxes < Instance.mandelbox_capacity,
+        Instance.client_commit_hash.not_in(bindparam("commits", expanding=True)),
     )
+    .limit(1)
+)
+
+
+def _other_versions_have_room(session: Session, regions: Sequence[str], commit: str, newest: dict[str, str]) -> bool:
+    wanted = sorted({newest.get(region, commit) for region in regions})
+    found = session.execute(_OTHER_VERSIONS_WITH_ROOM, {"regions": list(regions), "commits": wanted}).first()
+    return found is not None
 
 
 def refusal_event(*, user_id: str, regions: Sequence[str], commit: str, error: FractalError) -> dict[str, Any]:
