@@ -169,7 +169,8 @@ def assign_mandelbox(
         if isinstance(refusal, NoInstanceAvailableError) and on_no_capacity is not None:
             on_no_capacity(regions, client_commit_hash)
         raise
-    session.commit()
+    if session.in_transaction():  # not when the one-round-trip try committed in a transaction of its own
+        session.commit()
     return result
 
 
@@ -336,7 +337,9 @@ def _first_choice(
     if found.live_count >= max_per_user:
         raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
     if found.slot is None:
-        return _FirstTry(locked=True, summary=summary, region=nearest, expired_answer=stored is not None)
+        # In a transaction of its own, the try is over and the user's lock released: the general path starts over.
+        held = not found.own_transaction
+        return _FirstTry(locked=held, summary=summary, region=nearest, expired_answer=held and stored is not None)
     slot = found.slot
     result = AssignResult(
         Assignment(
@@ -541,8 +544,10 @@ def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: u
         actor=f"user:{user_id}",
         event_kind=EventKind.MANDELBOX_DELETED,
     )
-    session.commit()
+    # Read back before the commit, in the same transaction: it sees the move, and the answer costs no second
+    # transaction (BEGIN, bounds, the read, its end: three more round trips) after the commit.
     view = get_mandelbox_view(session, mandelbox_id=mandelbox_id)
+    session.commit()
     assert view is not None
     return view
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Collection, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Engine, Table, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
@@ -324,11 +326,13 @@ class StoredAnswerRow:
 @dataclass(frozen=True)
 class FirstChoice:
     """The answer of :func:`allocate_first_choice`: the user's live count before it, the slot taken (None: none
-    had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none)."""
+    had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none),
+    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back)."""
 
     live_count: int
     slot: Slot | None
     stored: StoredAnswerRow | None
+    own_transaction: bool = False
 
 
 # The whole assign in one round trip (Postgres): the user's advisory lock, then one statement that reads the
@@ -417,10 +421,13 @@ def allocate_first_choice(
     the user's live mandelboxes and, when the key holds no live answer and the user is under the limit, take a slot
     in ``wanted.region`` (skipping locked instances) with the mandelbox, its audit event and the stored answer.
 
-    Runs on the session's connection, in its transaction (the lock is held until it ends), as one driver-level
-    query: the statement is fixed text with named parameters, so SQLAlchemy's compile and result machinery would
-    only cost CPU. The caller decides what the row means (a replay, a reuse, the limit, no room) and continues in
-    the same transaction when no slot was taken.
+    The statement is fixed text with named parameters: it runs at the driver, SQLAlchemy's compile and result
+    machinery would only cost CPU. When ``session`` has not begun and is bound to an engine (every request), it
+    runs on a pooled connection of its own, in a transaction of its own that ends here, without the ORM session's
+    transaction bookkeeping (most of an assign's Postgres CPU in the worker): the pool's checkout still opens it
+    with the transaction bounds, and it commits when a slot was taken, else rolls back (nothing was written; the
+    user's lock is released). Otherwise (a transaction already begun, a session on a connection) it runs in the
+    session's transaction, which the caller continues. Driver errors are raised as SQLAlchemy's, as on the session.
     """
     params: dict[str, Any] = {
         "user_lock_key": user_lock_key,
@@ -442,12 +449,49 @@ def allocate_first_choice(
             purge_batch=answer.purge_batch,
         )
     sql = _FIRST_CHOICE_PLAIN if answer is None else _FIRST_CHOICE_WITH_ANSWER
-    row = session.connection().exec_driver_sql(sql, params).one()
-    slot = Slot(row.instance_name, row.ip, row.region) if row.instance_name is not None else None
-    stored = None
-    if row.request_hash is not None:
-        stored = StoredAnswerRow(row.request_hash, row.response_body, bool(row.expired))
-    return FirstChoice(int(row.live_count), slot, stored)
+    bind = session.get_bind()
+    own = isinstance(bind, Engine) and not session.in_transaction()
+    if isinstance(bind, Engine) and own:
+        row = _run_in_own_transaction(bind, sql, params)
+    else:
+        row = tuple(session.connection().exec_driver_sql(sql, params).one())
+    live_count, instance_name, ip, region, request_hash, response_body, expired = row
+    slot = Slot(instance_name, ip, region) if instance_name is not None else None
+    stored = StoredAnswerRow(request_hash, response_body, bool(expired)) if request_hash is not None else None
+    return FirstChoice(int(live_count), slot, stored, own_transaction=own)
+
+
+def _run_in_own_transaction(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    """Run the first-choice statement on a pooled DBAPI connection: commit when it took a slot, else roll back."""
+    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+    try:
+        connection = engine.raw_connection()  # the checkout hook sends the transaction bounds
+    except dbapi_error as error:
+        raise DBAPIError.instance(None, None, error, dbapi_error) from error
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            fetched = cursor.fetchone()  # the statement answers one row, always
+            assert fetched is not None
+            row = tuple(fetched)
+        finally:
+            cursor.close()
+        if row[1] is not None:
+            connection.commit()
+        else:
+            connection.rollback()
+        return row
+    except dbapi_error as error:
+        lost = engine.dialect.is_disconnect(cast(Any, error), connection.dbapi_connection, None)
+        if lost:
+            connection.invalidate(error)
+        else:
+            with suppress(dbapi_error):
+                connection.rollback()
+        raise DBAPIError.instance(sql, params, error, dbapi_error, connection_invalidated=lost) from error
+    finally:
+        connection.close()  # back to the pool (an ended transaction: its reset sends nothing)
 
 
 _WAITING_CANDIDATES = (
