@@ -10,6 +10,14 @@ process CPU time (time.process_time) by the requests, in 5 slices of which the c
 only add to a slice's CPU time): bare hello, healthz, reference assign, assign, reference heartbeat, heartbeat.
 The database's and Redis's own CPU are not in it (see yardsticks' db CPU column), nor gunicorn's (the same for
 every app). The apps log as in production; the log lines go to a file.
+
+Then where an assign's CPU goes, feature by feature (``part_*`` figures, the cheapest of 5 slices each, measured
+in the same process on the same app): Flask's request/response (the bare hello), RS256 verification of a token
+never seen, the rate limiter's Redis round trip, the image summary's Redis MGET, the Postgres work (the service's
+checkout, statement and commit, with the Postgres backend's CPU beside it, from /proc), what an Idempotency-Key
+adds to it, the audit event (the statement with and without its insert: Postgres CPU), the request metrics and
+assign counter, the JSON access line, and the body's validation and the answer's serialisation (pydantic, JSON).
+What is left of an assign is the framework's own (routing, decorators, APIFlask, the test client).
 """
 
 from __future__ import annotations
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         saved_stderr = os.dup(2)
         os.dup2(log_file.fileno(), 2)  # the apps' JSON lines (written to fd 2) go to the file
         try:
-            public = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings).test_client()
+            public_app = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings)
+            public = public_app.test_client()
             host = create_app(blueprints=HOST_BLUEPRINTS, settings=settings).test_client()
             reference = reference_app.app.test_client()
             beats = [(h.host_secret(k), heartbeat_body(k)) for k in range(HOSTS)]
@@ -123,16 +132,188 @@ def main(argv: list[str] | None = None) -> int:
                 "ref_heartbeat": measure("ref_heartbeat", heartbeat(reference, "/heartbeat"), n, HOSTS),
                 "heartbeat": measure("heartbeat", heartbeat(host, "/host/heartbeat"), n, HOSTS),
             }
+
+            fresh = mint_tokens(keypair, [f"bench-cpu-part-{k}" for k in range(n)])
+            parts = breakdown(report, public_app, url=url, n=n, tokens=fresh, body=body)
         finally:
             os.dup2(saved_stderr, 2)
             os.close(saved_stderr)
             log_file.close()
+
+    # The assign less the bare request and every part measured: routing, decorators, APIFlask, the test client.
+    rest = cpu["assign"] - cpu["bare"] - sum(parts.values())
+    report.add("part_rest_cpu_ms", rest, "ms of CPU per request", note="assign - bare - the parts above")
 
     report.add("healthz_to_bare", cpu["healthz"] / cpu["bare"], "ratio of CPU per request")
     report.add("assign_to_ref", cpu["assign"] / cpu["ref_assign"], "ratio of CPU per request")
     report.add("heartbeat_to_ref", cpu["heartbeat"] / cpu["ref_heartbeat"], "ratio of CPU per request")
     report.emit()
     return 0
+
+
+def _cheapest(run: Callable[[int], Any], count: int, *, backends: list[int] | None = None) -> tuple[float, float]:
+    """ms of this process's CPU per call of ``run(k)`` (k = 0 .. count-1), the cheapest of CHUNKS slices; and the ms of
+    the ``backends``' CPU per call over all of them (Postgres: /proc ticks, too coarse for a slice of its own)."""
+    size = max(1, count // CHUNKS)
+    slices = []
+    db_before = h.cpu_seconds(backends or [])
+    for first in range(0, size * CHUNKS, size):
+        started = time.process_time()
+        for k in range(first, first + size):
+            run(k)
+        slices.append((time.process_time() - started) / size * 1000)
+    db_ms = (h.cpu_seconds(backends or []) - db_before) / (size * CHUNKS) * 1000
+    return min(slices), db_ms
+
+
+def breakdown(report: h.Report, app: Any, *, url: str, n: int, tokens: list[str], body: str) -> dict[str, float]:
+    """Each feature of an assign measured alone, in-process, on the project's app (see the module docstring).
+
+    Returns the worker-side ms per request of each part (what the request pays on top of the bare framework)."""
+    import json
+
+    from flask import Response
+
+    from fractal.assignment import service
+    from fractal.assignment.schemas import AssignIn, AssignOut
+    from fractal.auth.tokens import build_verifier
+    from fractal.database import advisory_key
+    from fractal.fleet import mandelboxes
+    from fractal.observability import _access_log
+    from fractal.ratelimit import check_route_limit
+    from fractal.web import EXTENSION_KEY
+
+    state = app.extensions[EXTENSION_KEY]
+    settings = state.settings
+    parts: dict[str, float] = {}
+    answer = {
+        "mandelbox_id": str(uuid.uuid4()),
+        "ip": "10.0.0.1",
+        "region": h.REGIONS[0],
+        "instance_name": "bench-i-000001",
+        "status": "ALLOCATED",
+    }
+
+    def add(name: str, what: str, measured: tuple[float, float], *, db: bool = False) -> None:
+        worker, db_ms = measured
+        parts[name] = worker
+        report.add(f"part_{name}_cpu_ms", worker, "ms of CPU per request", what=what)
+        if db:
+            report.add(f"part_{name}_db_cpu_ms", db_ms, "ms of Postgres backend CPU per request", what=what)
+
+    verifier = build_verifier(settings)
+    assert verifier is not None
+    add(
+        "rs256_new_token",
+        "JwtVerifier.verify of a token never seen",
+        _cheapest(lambda k: verifier.verify(tokens[k]), n),
+    )
+
+    with app.test_request_context("/mandelbox/assign", method="POST"):
+        limit = settings.assign_rate_limit
+        add(
+            "redis_rate_limit",
+            "the assign limit counted (one Redis round trip)",
+            _cheapest(lambda k: check_route_limit(limit, key=f"user:bench-part-{k}", scope="assign"), n),
+        )
+        from fractal.images import active_image_summary
+
+        with state.session_factory() as warm:
+            active_image_summary(warm, cache=state.cache)  # the entry is cached: the parts read it (MGET)
+            add(
+                "redis_image_cache",
+                "the active-image summary read from the cache (one Redis MGET)",
+                _cheapest(lambda _k: active_image_summary(warm, cache=state.cache), n),
+            )
+            summary = active_image_summary(warm, cache=state.cache)
+
+        class Fixed:
+            """The image summary without I/O, so the Postgres parts measure Postgres alone."""
+
+            def get_or_load(self, _namespace: str, _name: str, _load: Any) -> Any:
+                return summary
+
+        regions = json.loads(body)["regions"]
+
+        def assign(user: str, key: str | None) -> None:
+            with state.session_factory() as session:
+                service.assign_mandelbox(
+                    session,
+                    user_id=user,
+                    regions=regions,
+                    client_commit_hash=h.COMMIT,
+                    max_per_user=h.MAX_PER_USER,
+                    idempotency_key=key,
+                    cache=Fixed(),  # type: ignore[arg-type]
+                )
+
+        backends = h.database_backend_pids(url)
+        assign("bench-part-warm", None)
+        backends = sorted(set(backends) | set(h.database_backend_pids(url)))
+        plain = _cheapest(lambda k: assign(f"bench-part-pg-{k}", None), n, backends=backends)
+        add("postgres", "checkout (BEGIN, bounds), the assign statement, COMMIT: service, no key", plain, db=True)
+        keyed = _cheapest(lambda k: assign(f"bench-part-key-{k}", uuid.uuid4().hex), n, backends=backends)
+        # Half the yardstick's assigns carry a key: half the difference is what idempotency costs on average.
+        idem = ((keyed[0] - plain[0]) / 2, (keyed[1] - plain[1]) / 2)
+        add("idempotency", "half of (with a key - without): the stored answer read, written, purged", idem, db=True)
+
+        # The audit event: the same statement with and without its insert, on the driver (Postgres CPU).
+        sql = mandelboxes._FIRST_CHOICE_PLAIN
+        start, end = sql.index("), audited AS ("), sql.index("SELECT (SELECT n FROM live)")
+        without_audit = sql[:start] + ")\n" + sql[end:]
+        engine = state.engine
+
+        def statement(text_sql: str, user: str) -> None:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    text_sql,
+                    {
+                        "user_lock_key": advisory_key(user),
+                        "region": regions[0],
+                        "commit": h.COMMIT,
+                        "mandelbox_id": str(uuid.uuid4()),
+                        "user_id": user,
+                        "session_id": None,
+                        "max_per_user": h.MAX_PER_USER,
+                        "actor": f"user:{user}",
+                        "event_kind": "MANDELBOX_ASSIGNED",
+                    },
+                )
+
+        with_event = _cheapest(lambda k: statement(sql, f"bench-part-ev-{k}"), n, backends=backends)
+        without_event = _cheapest(lambda k: statement(without_audit, f"bench-part-noev-{k}"), n, backends=backends)
+        add(
+            "audit_event",
+            "the assign statement with its audit insert - without it",
+            (max(0.0, with_event[0] - without_event[0]), with_event[1] - without_event[1]),
+            db=True,
+        )
+
+        before = [f for f in app.before_request_funcs.get(None, []) if f.__name__ == "_start_request_timer"]
+        after = [f for f in app.after_request_funcs.get(None, []) if f.__name__ == "_count_request"]
+        response = Response(status=201)
+        from fractal.metrics import record_assignment
+
+        def metrics(_k: int) -> None:
+            for hook in before:
+                hook()
+            for hook in after:
+                hook(response)
+            record_assignment("assigned")
+
+        add("metrics", "the request metrics hooks and the assign counter", _cheapest(metrics, n))
+
+        def access_line(_k: int) -> None:
+            _access_log.info("request", status=201, duration_ms=1.23)
+
+        add("access_log", "one JSON access line (structlog, redaction, to a file)", _cheapest(access_line, n))
+
+        def serialise(_k: int) -> None:
+            AssignIn.model_validate(json.loads(body))
+            json.dumps(AssignOut.model_validate(answer).model_dump(mode="json"))
+
+        add("json", "the body parsed and validated, the answer validated and serialised", _cheapest(serialise, n))
+    return parts
 
 
 if __name__ == "__main__":

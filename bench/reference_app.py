@@ -12,6 +12,10 @@ share rows or locks. Served by the same gunicorn with the same gunicorn.conf.py 
 - ``POST /assign``: one transaction of 5 statements (psycopg2's BEGIN, the user's live count, the pick with
   ``FOR UPDATE SKIP LOCKED``, the slot update, the mandelbox insert) and COMMIT; 409 at the per-user limit, 503
   when no instance has room.
+- ``POST /assign-floor``: the same work as ``/assign`` (pyjwt RS256, the same checks and answers) done as cheaply
+  as Flask + pyjwt + psycopg2 allow: ONE round trip, a single statement (count, pick ``FOR UPDATE SKIP LOCKED`` in
+  region order, slot update, insert) on an autocommit connection, so no BEGIN or COMMIT of its own. The yardstick of
+  what this stack can reach at all; like ``/assign`` it keeps no per-user lock (its live count may race).
 - ``POST /heartbeat``: the host's secret looked up by its SHA-256 (an instance that is not TERMINATED), one
   upsert of its heartbeats row, the answer.
 - ``GET /readyz``: for the harness's wait.
@@ -80,6 +84,7 @@ app = Flask(__name__)
 
 _pool_lock = threading.Lock()
 _pool: psycopg2.pool.ThreadedConnectionPool | None = None
+_autocommit_pool: psycopg2.pool.ThreadedConnectionPool | None = None
 _public_key: Any = None
 
 
@@ -101,10 +106,24 @@ def _connections() -> psycopg2.pool.ThreadedConnectionPool:
     return _pool
 
 
+def _autocommit_connections() -> psycopg2.pool.ThreadedConnectionPool:
+    """The floor's pool: its connections run every statement as a transaction of its own (no BEGIN, no COMMIT)."""
+    global _autocommit_pool
+    if _autocommit_pool is None:
+        with _pool_lock:
+            if _autocommit_pool is None:
+                _autocommit_pool = psycopg2.pool.ThreadedConnectionPool(
+                    POOL_SIZE, POOL_SIZE + 4, _libpq_url(os.environ["DATABASE_URL"])
+                )
+    return _autocommit_pool
+
+
 @contextmanager
-def _connection() -> Iterator[Any]:
-    pool = _connections()
+def _connection(*, autocommit: bool = False) -> Iterator[Any]:
+    pool = _autocommit_connections() if autocommit else _connections()
     connection = pool.getconn()
+    if autocommit and not connection.autocommit:
+        connection.autocommit = True
     try:
         yield connection
     except BaseException:
@@ -203,6 +222,70 @@ def assign() -> tuple[dict[str, Any], int]:
                 201,
             )
         connection.rollback()
+    return _answer({"error": "NO_INSTANCE_AVAILABLE"}, 503)
+
+
+# /assign's five statements as one: the live count, the pick in the requested regions' order, the slot, the insert.
+# The answer is always one row: the live count, and the instance when a slot was taken (else NULLs).
+FLOOR_SQL = """
+WITH live AS (
+    SELECT count(*) AS n FROM ref_mandelboxes WHERE user_id = %(user_id)s AND status <> 'EXITED'
+), picked AS (
+    SELECT instance_name FROM ref_instances
+    WHERE region = ANY(%(regions)s) AND client_commit_hash = %(commit)s AND status = 'ACTIVE'
+      AND live_mandelboxes < mandelbox_capacity AND (SELECT n FROM live) < %(max_per_user)s
+    ORDER BY array_position(%(regions)s, region), live_mandelboxes DESC, instance_name
+    LIMIT 1 FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE ref_instances i SET live_mandelboxes = i.live_mandelboxes + 1
+    FROM picked WHERE i.instance_name = picked.instance_name
+    RETURNING i.instance_name, i.ip, i.region
+), created AS (
+    INSERT INTO ref_mandelboxes (mandelbox_id, instance_name, user_id, status)
+    SELECT %(mandelbox_id)s, taken.instance_name, %(user_id)s, 'ALLOCATED' FROM taken
+    RETURNING 1
+)
+SELECT (SELECT n FROM live), taken.instance_name, taken.ip, taken.region
+FROM (SELECT 1) AS one LEFT JOIN taken ON true
+"""
+
+
+@app.post("/assign-floor")
+def assign_floor() -> tuple[dict[str, Any], int]:
+    token = _bearer()
+    if token is None:
+        return _answer({"error": "UNAUTHORIZED"}, 401)
+    try:
+        claims = jwt.decode(token, _key(), algorithms=["RS256"], options={"require": ["exp", "sub"]})
+    except jwt.InvalidTokenError:
+        return _answer({"error": "UNAUTHORIZED"}, 401)
+    body = request.get_json(silent=True)
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("regions"), list)
+        or not all(isinstance(r, str) for r in body["regions"])
+        or not isinstance(body.get("client_commit_hash"), str)
+    ):
+        return _answer({"error": "VALIDATION_ERROR"}, 400)
+    max_per_user = int(os.environ.get("FRACTAL_MAX_MANDELBOXES_PER_USER", "1"))
+    mandelbox_id = str(uuid.uuid4())
+    with _connection(autocommit=True) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            FLOOR_SQL,
+            {
+                "user_id": str(claims["sub"]),
+                "regions": body["regions"],
+                "commit": body["client_commit_hash"],
+                "max_per_user": max_per_user,
+                "mandelbox_id": mandelbox_id,
+            },
+        )
+        live, name, ip, region = cursor.fetchone()
+    if name is not None:
+        body = {"mandelbox_id": mandelbox_id, "ip": ip, "region": region, "instance_name": name, "status": "ALLOCATED"}
+        return _answer(body, 201)
+    if live >= max_per_user:
+        return _answer({"error": "USER_ALREADY_ACTIVE"}, 409)
     return _answer({"error": "NO_INSTANCE_AVAILABLE"}, 503)
 
 

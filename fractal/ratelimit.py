@@ -200,20 +200,40 @@ def _parsed(limit: str) -> tuple[RateLimitItem, ...]:
 
 def _spend(items: tuple[RateLimitItem, ...], key: str, scope: str) -> RouteRateLimitedError | None:
     """Count one request against each limit (one Redis round trip each: limits' INCR+EXPIRE script on one key)
-    in order, up to the first that is spent: its refusal, else None."""
+    in order, up to the first that is spent: its refusal, else None. What was counted is remembered for
+    :func:`give_back_route_limit`."""
     strategy = limiter.limiter
-    for item in items:
+    for n, item in enumerate(items):
         if not strategy.hit(item, key, scope):
+            g.fractal_route_limit_spent = (items[: n + 1], key, scope)  # a refused hit is counted too
             reset = strategy.get_window_stats(item, key, scope).reset_time  # only refusals pay this round trip
             limiter.logger.info("ratelimit %s (%s) exceeded at endpoint: %s", item, key, scope)
             return RouteRateLimitedError(item, retry_after_s=max(1, math.ceil(reset - time.time())))
+    g.fractal_route_limit_spent = (items, key, scope)
     return None
 
 
-def check_route_limit(limit: str, *, key: str, scope: str) -> None:
+def give_back_route_limit() -> None:
+    """Uncount what this request spent of its route limit (a request found, once counted, to be exempt: the
+    assign's replay of a stored answer). One Redis round trip (the same script, cost -1); at most once per
+    request; storage errors are logged and swallowed like every limit's."""
+    spent: tuple[tuple[RateLimitItem, ...], str, str] | None = g.pop("fractal_route_limit_spent", None)
+    if spent is None:
+        return
+    items, key, scope = spent
+    try:
+        for item in items:
+            limiter.limiter.hit(item, key, scope, cost=-1)
+    except Exception:
+        limiter.logger.exception("Failed to give back a rate limit hit. Swallowing error")
+
+
+def check_route_limit(limit: str, *, key: str, scope: str, exempt_if_refused: Callable[[], bool] | None = None) -> None:
     """Count this request against ``limit`` (limits' syntax, ``;``-separated for several) under ``key`` and
     ``scope``; raise :class:`RouteRateLimitedError` when spent. Storage errors never fail the request: the first
-    switches to memory (see :class:`_StorageHealth`), any later one is logged and the request goes through."""
+    switches to memory (see :class:`_StorageHealth`), any later one is logged and the request goes through.
+    ``exempt_if_refused``: asked only when the limit refuses; True lets the request through, its count given back.
+    """
     if not limiter.enabled:
         return
     items = _parsed(limit)
@@ -232,6 +252,9 @@ def check_route_limit(limit: str, *, key: str, scope: str) -> None:
             limiter.logger.exception("Failed to rate limit. Swallowing error")
             return
     if refusal is not None:
+        if exempt_if_refused is not None and exempt_if_refused():
+            give_back_route_limit()
+            return
         raise refusal
 
 
@@ -241,16 +264,19 @@ def route_limit(
     key_func: Callable[[], str],
     scope: str,
     exempt_when: Callable[[], bool] | None = None,
+    exempt_if_refused: Callable[[], bool] | None = None,
 ) -> Callable[[F], F]:
     """Decorate a view: each call counts against ``limit()`` per ``key_func()`` (Redis keys and windows as
     Flask-Limiter's fixed window: ``LIMITER/<key>/<scope>/<amount>/<multiples>/<granularity>``, one key, so one
-    cluster slot). ``exempt_when`` True: not counted (nor refused)."""
+    cluster slot). ``exempt_when`` True: not counted (nor refused). ``exempt_if_refused``: for exemptions that are
+    rare and cost a lookup, asked only when the limit refuses (True: the request goes through, its count given
+    back); the view gives back the count itself (:func:`give_back_route_limit`) when it finds the request exempt."""
 
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if exempt_when is None or not exempt_when():
-                check_route_limit(limit(), key=key_func(), scope=scope)
+                check_route_limit(limit(), key=key_func(), scope=scope, exempt_if_refused=exempt_if_refused)
             return view(*args, **kwargs)
 
         return cast(F, wrapper)
@@ -259,11 +285,17 @@ def route_limit(
 
 
 def user_limit(
-    limit: Callable[[], str], *, scope: str, exempt_when: Callable[[], bool] | None = None
+    limit: Callable[[], str],
+    *,
+    scope: str,
+    exempt_when: Callable[[], bool] | None = None,
+    exempt_if_refused: Callable[[], bool] | None = None,
 ) -> Callable[[F], F]:
     """Limit a user route per verified user; apply it *below* ``@user_required``. ``exempt_when`` True: not counted
-    (nor refused)."""
-    return route_limit(limit, key_func=user_key, scope=scope, exempt_when=exempt_when)
+    (nor refused); ``exempt_if_refused``: see :func:`route_limit`."""
+    return route_limit(
+        limit, key_func=user_key, scope=scope, exempt_when=exempt_when, exempt_if_refused=exempt_if_refused
+    )
 
 
 def address_limit(limit: Callable[[], str], *, scope: str) -> Callable[[F], F]:

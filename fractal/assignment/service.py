@@ -33,7 +33,9 @@ from fractal.errors import (
 )
 from fractal.events import EventKind, record_event
 from fractal.fleet.mandelboxes import (
+    AnswerToStore,
     SlotRequest,
+    allocate_first_choice,
     allocate_in_one_statement,
     allocate_waiting,
     live_count_for_user,
@@ -160,12 +162,15 @@ def assign_mandelbox(
             cache=cache,
         )
     except FractalError as refusal:
-        session.rollback()
+        # A refusal is decided before anything is written (the one exception, an expired key's stored answer
+        # dropped, may as well stay dropped), so its audit event joins the transaction: one COMMIT, where a
+        # rollback and a transaction of its own would cost three more round trips.
         _record_refusal(session, user_id=user_id, regions=regions, commit=client_commit_hash, error=refusal)
         if isinstance(refusal, NoInstanceAvailableError) and on_no_capacity is not None:
             on_no_capacity(regions, client_commit_hash)
         raise
-    session.commit()
+    if session.in_transaction():  # not when the one-round-trip try committed in a transaction of its own
+        session.commit()
     return result
 
 
@@ -188,16 +193,37 @@ def _assign_in_transaction(
     # else the first allocation): two statements in one query, run in order, each with its own snapshot, so the
     # second sees everything committed before the lock was granted.
     fast = is_postgres(session)
-    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast else None
+    tried = _FirstTry()
+    if fast:
+        tried = _first_choice(
+            session,
+            user_id=user_id,
+            regions=regions,
+            client_commit_hash=client_commit_hash,
+            session_id=session_id,
+            max_per_user=max_per_user,
+            allow_local_dev=allow_local_dev,
+            idempotency=idempotency,
+            cache=cache,
+        )
+        if tried.result is not None:
+            return tried.result
+        # Not settled in one round trip (no enabled region, or no unlocked instance with room in the nearest one):
+        # the general path below, in the same transaction. Once the first try took the user's lock, what it read
+        # under it (the stored answer, the live count) cannot have changed: only an expired answer is left to drop.
+    lock_key: int | None = advisory_key(f"fractal:user:{user_id}") if fast and not tried.locked else None
     if not fast:
         advisory_xact_lock(session, f"fractal:user:{user_id}")
-    if idempotency is not None:
+    if tried.locked:
+        if tried.expired_answer and idempotency is not None:
+            session.execute(_DROP_STORED_ANSWER, {"user_id": user_id, "key": idempotency.key})
+    elif idempotency is not None:
         stored = _stored_answer(session, user_id=user_id, idempotency=idempotency, lock_key=lock_key)
         lock_key = None  # taken
         if stored is not None:
             return AssignResult(stored, replayed=True)
 
-    summary = active_image_summary(session, cache=cache)
+    summary = tried.summary if tried.summary is not None else active_image_summary(session, cache=cache)
     enabled = set(summary["regions"])
     candidates = list(dict.fromkeys(region for region in regions if region in enabled))
     if not candidates:
@@ -223,7 +249,7 @@ def _assign_in_transaction(
         # A nearer region whose candidates are merely locked by concurrent assigns is waited for before a
         # farther one is tried: region order is the user's preference.
         slot = None
-        if fast:
+        if fast and region != tried.region:  # the first try did this one's skip-locked pick already
             slot = allocate_in_one_statement(session, wanted, user_lock_key=lock_key)
             lock_key = None  # taken with the first allocation
         slot = slot or allocate_waiting(session, wanted)
@@ -243,6 +269,88 @@ def _assign_in_transaction(
     if _other_versions_have_room(session, candidates, client_commit_hash, newest):
         raise CommitHashMismatchError(details={"client_commit_hash": client_commit_hash})
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
+
+
+@dataclass(frozen=True)
+class _FirstTry:
+    """What the one-round-trip try left for the general path."""
+
+    result: AssignResult | None = None  # settled
+    locked: bool = False  # the user's lock is held, the stored answer and live count were read under it
+    summary: dict[str, Any] | None = None  # the active-image summary it read
+    region: str | None = None  # the region whose unlocked instances it tried
+    expired_answer: bool = False  # the key held an expired answer (still there)
+
+
+def _first_choice(
+    session: Session,
+    *,
+    user_id: str,
+    regions: Sequence[str],
+    client_commit_hash: str,
+    session_id: str | None,
+    max_per_user: int,
+    allow_local_dev: bool,
+    idempotency: IdempotencyRequest | None,
+    cache: DataCache | None,
+) -> _FirstTry:
+    """Postgres: settle the common assign in one round trip (see allocate_first_choice): the user's lock, the stored
+    answer, the live count and a slot in the nearest enabled region. Its result is None when it could not be
+    settled there (nothing was written then); the caller then goes on with the general path.
+
+    Raises what the general path would, in the same order: a live stored answer first (replay or reuse), then the
+    per-user limit."""
+    summary = active_image_summary(session, cache=cache)
+    enabled = summary["regions"]
+    nearest = next((region for region in regions if region in enabled), None)
+    if nearest is None:
+        return _FirstTry(summary=summary)  # the general path answers (a replay first, else RegionNotEnabled)
+    use_newest = allow_local_dev and client_commit_hash == LOCAL_DEV_COMMIT_HASH
+    commit = summary["newest"].get(nearest, client_commit_hash) if use_newest else client_commit_hash
+    mandelbox_id = uuid.uuid4()
+    wanted = SlotRequest(
+        mandelbox_id=mandelbox_id,
+        user_id=user_id,
+        session_id=session_id,
+        region=nearest,
+        client_commit_hash=commit,
+        max_per_user=max_per_user,
+        actor=f"user:{user_id}",
+    )
+    answer = (
+        AnswerToStore(
+            key=idempotency.key,
+            request_hash=idempotency.request_hash,
+            ttl_s=idempotency.ttl_s,
+            response_status=IDEMPOTENT_SUCCESS_STATUS,
+            purge_batch=IDEMPOTENCY_PURGE_BATCH,
+        )
+        if idempotency is not None
+        else None
+    )
+    found = allocate_first_choice(session, wanted, user_lock_key=advisory_key(f"fractal:user:{user_id}"), answer=answer)
+    stored = found.stored
+    if stored is not None and not stored.expired:
+        if idempotency is None or stored.request_hash != idempotency.request_hash:
+            raise IdempotencyKeyReusedError()
+        return _FirstTry(AssignResult(Assignment.from_body(stored.response_body), replayed=True))
+    if found.live_count >= max_per_user:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
+    if found.slot is None:
+        # In a transaction of its own, the try is over and the user's lock released: the general path starts over.
+        held = not found.own_transaction
+        return _FirstTry(locked=held, summary=summary, region=nearest, expired_answer=held and stored is not None)
+    slot = found.slot
+    result = AssignResult(
+        Assignment(
+            mandelbox_id=mandelbox_id,
+            instance_name=slot.instance_name,
+            ip=slot.ip,
+            region=slot.region,
+            status=MandelboxStatus.ALLOCATED,
+        )
+    )
+    return _FirstTry(result)
 
 
 # Statements of the idempotency path, built once: constructing a statement costs more CPU than running it on a
@@ -367,21 +475,23 @@ def _purge_expired_keys_statement(*, postgres: bool) -> Delete | ReturningDelete
     return purge.returning(IdempotencyKey.key) if postgres else purge
 
 
-def _other_versions_have_room(session: Session, regions: Sequence[str], commit: str, newest: dict[str, str]) -> bool:
-    wanted = {newest.get(region, commit) for region in regions}
-    return (
-        session.execute(
-            select(Instance.instance_name)
-            .where(
-                Instance.region.in_(list(regions)),
-                Instance.status == InstanceStatus.ACTIVE,
-                Instance.live_mandelboxes < Instance.mandelbox_capacity,
-                Instance.client_commit_hash.not_in(list(wanted)),
-            )
-            .limit(1)
-        ).first()
-        is not None
+# Built once (with expanding parameters): a refusal pays the statement, not its construction and cache key.
+_OTHER_VERSIONS_WITH_ROOM = (
+    select(Instance.instance_name)
+    .where(
+        Instance.region.in_(bindparam("regions", expanding=True)),
+        Instance.status == InstanceStatus.ACTIVE,
+        Instance.live_mandelboxes < Instance.mandelbox_capacity,
+        Instance.client_commit_hash.not_in(bindparam("commits", expanding=True)),
     )
+    .limit(1)
+)
+
+
+def _other_versions_have_room(session: Session, regions: Sequence[str], commit: str, newest: dict[str, str]) -> bool:
+    wanted = sorted({newest.get(region, commit) for region in regions})
+    found = session.execute(_OTHER_VERSIONS_WITH_ROOM, {"regions": list(regions), "commits": wanted}).first()
+    return found is not None
 
 
 def refusal_event(*, user_id: str, regions: Sequence[str], commit: str, error: FractalError) -> dict[str, Any]:
@@ -434,8 +544,10 @@ def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: u
         actor=f"user:{user_id}",
         event_kind=EventKind.MANDELBOX_DELETED,
     )
-    session.commit()
+    # Read back before the commit, in the same transaction: it sees the move, and the answer costs no second
+    # transaction (BEGIN, bounds, the read, its end: three more round trips) after the commit.
     view = get_mandelbox_view(session, mandelbox_id=mandelbox_id)
+    session.commit()
     assert view is not None
     return view
 

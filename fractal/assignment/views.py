@@ -15,7 +15,7 @@ from fractal.config import Environment
 from fractal.errors import ValidationError
 from fractal.images import enabled_regions
 from fractal.metrics import count_assignments
-from fractal.ratelimit import user_limit
+from fractal.ratelimit import give_back_route_limit, user_limit
 from fractal.schemas import MandelboxOut
 from fractal.web import current_user, db_session, parse_mandelbox_id, settings, state
 
@@ -88,8 +88,10 @@ def list_regions() -> dict[str, Any]:
         503: "No instance available",
     },
 )
-# Under user_required: counted per verified user, after authentication; replays of a stored answer are exempt.
-@user_limit(lambda: settings().assign_rate_limit, scope="assign", exempt_when=lambda: _is_idempotent_replay())
+# Under user_required: counted per verified user, after authentication. Replays of a stored answer are exempt: the
+# assign finds out in its own round trip (reading the stored answer is part of its one statement), so the count is
+# taken first and given back for a replay; only a refusal asks the database first (a replay is never refused).
+@user_limit(lambda: settings().assign_rate_limit, scope="assign", exempt_if_refused=lambda: _is_idempotent_replay())
 @count_assignments
 def assign(body: AssignIn) -> Any:
     config, app_state = settings(), state()
@@ -106,7 +108,10 @@ def assign(body: AssignIn) -> Any:
         idempotency_ttl_s=config.idempotency_ttl_s,
         cache=app_state.cache,
     )
-    headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
+    headers = {}
+    if result.replayed:
+        give_back_route_limit()
+        headers["Idempotent-Replayed"] = "true"
     return result.assignment.to_body(), 201, headers
 
 

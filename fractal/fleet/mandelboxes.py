@@ -12,11 +12,13 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Collection, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy import ColumnElement, Engine, Table, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
@@ -29,9 +31,13 @@ __all__ = [
     "HOST_REPORTABLE",
     "LIVE_MANDELBOX_STATUSES",
     "TRANSITIONS",
+    "AnswerToStore",
+    "FirstChoice",
     "MovedMandelbox",
     "Slot",
     "SlotRequest",
+    "StoredAnswerRow",
+    "allocate_first_choice",
     "allocate_in_one_statement",
     "allocate_waiting",
     "live_count_for_user",
@@ -295,6 +301,197 @@ def allocate_in_one_statement(
     if row.instance_name is None:
         return None
     return Slot(row.instance_name, row.ip, row.region)
+
+
+@dataclass(frozen=True)
+class AnswerToStore:
+    """An Idempotency-Key whose stored answer the allocation reads and, when it takes a slot, writes."""
+
+    key: str
+    request_hash: str
+    ttl_s: int
+    response_status: int
+    purge_batch: int
+
+
+@dataclass(frozen=True)
+class StoredAnswerRow:
+    """What an Idempotency-Key held when the statement began (judged on the database's clock)."""
+
+    request_hash: str
+    response_body: dict[str, Any]
+    expired: bool
+
+
+@dataclass(frozen=True)
+class FirstChoice:
+    """The answer of :func:`allocate_first_choice`: the user's live count before it, the slot taken (None: none
+    had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none),
+    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back)."""
+
+    live_count: int
+    slot: Slot | None
+    stored: StoredAnswerRow | None
+    own_transaction: bool = False
+
+
+# The whole assign in one round trip (Postgres): the user's advisory lock, then one statement that reads the
+# Idempotency-Key's stored answer, counts the user's live mandelboxes, picks and locks the fullest instance with
+# room (as _ALLOCATE_SKIP_LOCKED), takes the slot, creates the mandelbox and its audit event and, with a key,
+# stores the answer (replacing an expired one) and purges a bounded batch of other expired keys.
+# - Nothing is written when the key holds a live answer (a replay, or a reuse with another body) or the user is
+#   at the limit: the pick's WHERE is false, so taken is empty and every write below it selects from nothing.
+# - The two statements run in order in one query; under READ COMMITTED the second takes its snapshot after the
+#   lock was granted, so it sees every assign of this user committed before (count and stored answer alike).
+# - Sub-statements of one statement must not modify one row twice: the purge leaves this request's own key to the
+#   upsert (ON CONFLICT ... WHERE expired), so an expired answer of ours is replaced exactly once.
+# - The answer stored is the JSON the view sends (Assignment.to_body: the same keys and values).
+_FIRST_CHOICE = """
+SELECT pg_advisory_xact_lock(%(user_lock_key)s);
+WITH stored AS (
+    {stored}
+), live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = %(user_id)s AND status <> 'EXITED'
+), candidate AS (
+    SELECT instance_name FROM instances
+    WHERE region = %(region)s AND client_commit_hash = %(commit)s AND status = 'ACTIVE'
+      AND live_mandelboxes < mandelbox_capacity
+      AND (SELECT n FROM live) < %(max_per_user)s
+      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)
+    ORDER BY live_mandelboxes DESC, instance_name
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE instances SET live_mandelboxes = instances.live_mandelboxes + 1, empty_since = NULL
+    FROM candidate WHERE instances.instance_name = candidate.instance_name
+    RETURNING instances.instance_name, instances.ip, instances.region
+), created AS (
+    INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
+                             created_at, status_changed_at)
+    SELECT %(mandelbox_id)s::uuid, taken.instance_name, %(user_id)s, %(session_id)s, 'ALLOCATED', now(), now()
+    FROM taken
+    RETURNING mandelbox_id
+), audited AS (
+    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
+    SELECT now(), %(event_kind)s, %(actor)s, taken.instance_name, %(mandelbox_id)s::uuid,
+           jsonb_build_object('region', taken.region, 'client_commit_hash', %(commit)s::text)
+    FROM taken
+    RETURNING id
+){answer_ctes}
+SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region,
+       stored.request_hash, stored.response_body, stored.expired
+FROM (SELECT 1) AS one LEFT JOIN taken ON true LEFT JOIN stored ON true
+"""
+_NO_STORED_ANSWER = "SELECT NULL::text AS request_hash, NULL::jsonb AS response_body, false AS expired WHERE false"
+_STORED_ANSWER = """SELECT request_hash, response_body, expires_at <= now() AS expired
+    FROM idempotency_keys WHERE user_id = %(user_id)s AND key = %(answer_key)s"""
+_ANSWER_CTES = """, kept AS (
+    INSERT INTO idempotency_keys (user_id, key, request_hash, response_status, response_body, mandelbox_id,
+                                  created_at, expires_at)
+    SELECT %(user_id)s, %(answer_key)s, %(request_hash)s, %(response_status)s,
+           jsonb_build_object('mandelbox_id', %(mandelbox_id)s::text, 'ip', taken.ip, 'region', taken.region,
+                              'instance_name', taken.instance_name, 'status', 'ALLOCATED'),
+           %(mandelbox_id)s::uuid, now(), now() + make_interval(secs => %(ttl_s)s)
+    FROM taken
+    ON CONFLICT (user_id, key) DO UPDATE
+        SET request_hash = EXCLUDED.request_hash, response_status = EXCLUDED.response_status,
+            response_body = EXCLUDED.response_body, mandelbox_id = EXCLUDED.mandelbox_id,
+            created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+        WHERE idempotency_keys.expires_at <= now()
+    RETURNING key
+), purged AS (
+    DELETE FROM idempotency_keys
+    WHERE (user_id, key) IN (
+        SELECT user_id, key FROM idempotency_keys
+        WHERE expires_at <= now() AND NOT (user_id = %(user_id)s AND key = %(answer_key)s)
+          AND EXISTS (SELECT 1 FROM taken)
+        LIMIT %(purge_batch)s
+        FOR UPDATE SKIP LOCKED
+    ) AND expires_at <= now()
+    RETURNING key
+)"""
+_FIRST_CHOICE_PLAIN = _FIRST_CHOICE.format(stored=_NO_STORED_ANSWER, answer_ctes="")
+_FIRST_CHOICE_WITH_ANSWER = _FIRST_CHOICE.format(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
+
+
+def allocate_first_choice(
+    session: Session, wanted: SlotRequest, *, user_lock_key: int, answer: AnswerToStore | None = None
+) -> FirstChoice:
+    """Postgres, one round trip: take the user's lock, then (one statement) read ``answer``'s stored answer, count
+    the user's live mandelboxes and, when the key holds no live answer and the user is under the limit, take a slot
+    in ``wanted.region`` (skipping locked instances) with the mandelbox, its audit event and the stored answer.
+
+    The statement is fixed text with named parameters: it runs at the driver, SQLAlchemy's compile and result
+    machinery would only cost CPU. When ``session`` has not begun and is bound to an engine (every request), it
+    runs on a pooled connection of its own, in a transaction of its own that ends here, without the ORM session's
+    transaction bookkeeping (most of an assign's Postgres CPU in the worker): the pool's checkout still opens it
+    with the transaction bounds, and it commits when a slot was taken, else rolls back (nothing was written; the
+    user's lock is released). Otherwise (a transaction already begun, a session on a connection) it runs in the
+    session's transaction, which the caller continues. Driver errors are raised as SQLAlchemy's, as on the session.
+    """
+    params: dict[str, Any] = {
+        "user_lock_key": user_lock_key,
+        "region": wanted.region,
+        "commit": wanted.client_commit_hash,
+        "mandelbox_id": str(wanted.mandelbox_id),
+        "user_id": wanted.user_id,
+        "session_id": wanted.session_id,
+        "max_per_user": wanted.max_per_user,
+        "actor": wanted.actor,
+        "event_kind": str(EventKind.MANDELBOX_ASSIGNED),
+    }
+    if answer is not None:
+        params.update(
+            answer_key=answer.key,
+            request_hash=answer.request_hash,
+            response_status=answer.response_status,
+            ttl_s=answer.ttl_s,
+            purge_batch=answer.purge_batch,
+        )
+    sql = _FIRST_CHOICE_PLAIN if answer is None else _FIRST_CHOICE_WITH_ANSWER
+    bind = session.get_bind()
+    own = isinstance(bind, Engine) and not session.in_transaction()
+    if isinstance(bind, Engine) and own:
+        row = _run_in_own_transaction(bind, sql, params)
+    else:
+        row = tuple(session.connection().exec_driver_sql(sql, params).one())
+    live_count, instance_name, ip, region, request_hash, response_body, expired = row
+    slot = Slot(instance_name, ip, region) if instance_name is not None else None
+    stored = StoredAnswerRow(request_hash, response_body, bool(expired)) if request_hash is not None else None
+    return FirstChoice(int(live_count), slot, stored, own_transaction=own)
+
+
+def _run_in_own_transaction(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    """Run the first-choice statement on a pooled DBAPI connection: commit when it took a slot, else roll back."""
+    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+    try:
+        connection = engine.raw_connection()  # the checkout hook sends the transaction bounds
+    except dbapi_error as error:
+        raise DBAPIError.instance(None, None, error, dbapi_error) from error
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            fetched = cursor.fetchone()  # the statement answers one row, always
+            assert fetched is not None
+            row = tuple(fetched)
+        finally:
+            cursor.close()
+        if row[1] is not None:
+            connection.commit()
+        else:
+            connection.rollback()
+        return row
+    except dbapi_error as error:
+        lost = engine.dialect.is_disconnect(cast(Any, error), connection.dbapi_connection, None)
+        if lost:
+            connection.invalidate(error)
+        else:
+            with suppress(dbapi_error):
+                connection.rollback()
+        raise DBAPIError.instance(sql, params, error, dbapi_error, connection_invalidated=lost) from error
+    finally:
+        connection.close()  # back to the pool (an ended transaction: its reset sends nothing)
 
 
 _WAITING_CANDIDATES = (
