@@ -209,7 +209,7 @@ def test_on_the_apps_engine_a_replaced_or_terminated_secret_is_refused_at_once(
         )
         session.commit()
     refused = client.post("/host/heartbeat", json={**beat, "metrics": {"n": 2}}, headers=bearer(secret))
-    assert refused.status_code == 401 and refused.json["error"] == "UNAUTHORIZED"
+    assert refused.status_code == 401 and (refused.json or {}).get("error") == "UNAUTHORIZED"
     assert _metrics(committed_factory, name) == {"n": 1}
 
     assert client.post("/host/heartbeat", json={**beat, "metrics": {"n": 3}}, headers=bearer("new")).status_code == 200
@@ -275,4 +275,4 @@ def test_on_the_apps_engine_an_unreachable_database_is_database_unavailable(boun
         "/host/heartbeat", data=json.dumps({"instance_name": "host-1"}), headers=bearer(secret)
     )
     assert response.status_code == 503, response.get_data(as_text=True)
-    assert response.json["error"] == "DATABASE_UNAVAILABLE"
+    assert (response.json or {}).get("error") == "DATABASE_UNAVAILABLE"
