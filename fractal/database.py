@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
 
@@ -97,6 +97,60 @@ def install_transaction_bounds(engine: Engine, settings: Settings) -> None:
     @event.listens_for(engine, "checkin")
     def _forget(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         record.info.pop(_BOUNDED_AT_CHECKOUT, None)
+
+
+Row = tuple[Any, ...]
+
+
+def run_in_own_transaction(
+    engine: Engine,
+    statement: str,
+    parameters: Mapping[str, Any],
+    *,
+    commit_if: Callable[[Row | None], bool],
+) -> Row | None:
+    """Run one statement on a pooled DBAPI connection in a transaction of its own; return its first row.
+
+    The transaction commits when ``commit_if(row)`` holds, else rolls back. For the hot routes (assign, heartbeat):
+    the ORM session's and Core's execution layers cost more worker CPU than the rest of their database work. The
+    pool's checkout opens and bounds the transaction (``install_transaction_bounds``) and replaces a connection
+    that died with the server; driver errors are raised as SQLAlchemy's (a lost connection invalidated), so they
+    get the same answers as on any route (503 DATABASE_BUSY / DATABASE_UNAVAILABLE). ``statement`` is in the
+    driver's parameter style.
+    """
+    dialect = engine.dialect
+    driver_error = dialect.loaded_dbapi.Error
+    try:
+        connection = engine.raw_connection()  # checkout: BEGIN and the SET LOCAL bounds
+    except driver_error as error:
+        raise DBAPIError.instance(
+            None, None, error, driver_error, connection_invalidated=dialect.is_disconnect(error, None, None)
+        ) from error
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement, parameters)
+            fetched = cursor.fetchone()
+        finally:
+            cursor.close()
+        row = None if fetched is None else tuple(fetched)
+        if commit_if(row):
+            connection.commit()
+        else:
+            connection.rollback()
+        return row
+    except driver_error as error:
+        lost = dialect.is_disconnect(error, connection.dbapi_connection, None)
+        if lost:
+            connection.invalidate(error)
+        else:
+            with suppress(driver_error):
+                connection.rollback()
+        raise DBAPIError.instance(
+            statement, dict(parameters), error, driver_error, connection_invalidated=lost, dialect=dialect
+        ) from error
+    finally:
+        connection.close()  # back to the pool (an ended transaction: its reset sends nothing)
 
 
 def ensure_sqlite_directory(url: str) -> None:

@@ -16,12 +16,11 @@ from typing import Any, NoReturn
 import structlog
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fractal.auth.hosts import instance_name_for_secret_hash
 from fractal.clock import utcnow
-from fractal.database import is_postgres
+from fractal.database import is_postgres, run_in_own_transaction
 from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
 from fractal.events import EventKind, record_event
 from fractal.fleet.instances import RETIRED_STATUSES, move_instances
@@ -323,51 +322,19 @@ def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any])
     """Run the heartbeat statement in a transaction of its own: committed when it returns its row, rolled back
     (nothing written) when it returns none.
 
-    A session bound to the engine (every app) hands the statement to a pooled DBAPI connection directly: the ORM
-    session's and Core's execution layers cost more CPU than the rest of the heartbeat's database work (about
-    0.2 ms of a 1.2 ms heartbeat, bench/profile_heartbeat.py). The pool's checkout still opens and bounds the
-    transaction (``install_transaction_bounds``: lock, statement and idle timeouts) and replaces a dead
-    connection; driver errors are raised as SQLAlchemy's, a lost connection invalidated, so they get the same
-    answers as on any route (503 DATABASE_BUSY / DATABASE_UNAVAILABLE). A session bound to a connection (the
-    tests' outer transaction) runs it through that connection.
+    A session bound to the engine (every app) hands it to a pooled DBAPI connection (``run_in_own_transaction``:
+    the ORM's and Core's execution layers cost about 0.2 ms of a 1.2 ms heartbeat, bench/profile_heartbeat.py). A
+    session bound to a connection (the tests' outer transaction) runs it through that connection.
     """
     bind = session.get_bind()
-    if not isinstance(bind, Engine):
-        result = session.connection().exec_driver_sql(statement, parameters).first()
-        if result is None:
-            session.rollback()
-            return None
-        session.commit()
-        return tuple(result)
-    dialect = bind.dialect
-    driver_error = dialect.loaded_dbapi.Error
-    try:
-        connection = bind.raw_connection()  # checkout: BEGIN and the SET LOCAL bounds
-    except driver_error as error:
-        raise DBAPIError.instance(
-            None, None, error, driver_error, connection_invalidated=dialect.is_disconnect(error, None, None)
-        ) from error
-    try:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(statement, parameters)
-            row: tuple[Any, ...] | None = cursor.fetchone()
-        finally:
-            cursor.close()
-        if row is None:
-            connection.rollback()
-        else:
-            connection.commit()
-        return row
-    except driver_error as error:
-        lost = dialect.is_disconnect(error, connection.dbapi_connection, None)
-        if lost:
-            connection.invalidate(error)
-        raise DBAPIError.instance(
-            statement, parameters, error, driver_error, connection_invalidated=lost, dialect=dialect
-        ) from error
-    finally:
-        connection.close()  # back to the pool, whose reset rolls back whatever is still open
+    if isinstance(bind, Engine):
+        return run_in_own_transaction(bind, statement, parameters, commit_if=lambda row: row is not None)
+    result = session.connection().exec_driver_sql(statement, parameters).first()
+    if result is None:
+        session.rollback()
+        return None
+    session.commit()
+    return tuple(result)
 
 
 def _heartbeat_portable(
