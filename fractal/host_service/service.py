@@ -319,16 +319,19 @@ def _as_uuid(value: Any) -> uuid.UUID:
 
 
 def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
-    """Run the heartbeat statement in a transaction of its own: committed when it returns its row, rolled back
-    (nothing written) when it returns none.
+    """Run the heartbeat statement in a transaction of its own; its row, or None (nothing written).
 
-    A session bound to the engine (every app) hands it to a pooled DBAPI connection (``run_in_own_transaction``:
-    the ORM's and Core's execution layers cost about 0.2 ms of a 1.2 ms heartbeat, bench/profile_heartbeat.py). A
-    session bound to a connection (the tests' outer transaction) runs it through that connection.
+    A session bound to the engine (every app) hands it to a pooled DBAPI connection in one round trip
+    (``run_in_own_transaction`` without ``commit_if``: the bounds and the statement in one implicit transaction,
+    always committed): the statement writes nothing when it returns no row (the verified form's upsert selects
+    from the authenticated host; the other's row always comes back, the instance's foreign key guarantees it), and
+    running it twice (a lost connection's retry) writes the same row again. The ORM's and Core's execution layers
+    would cost about 0.2 ms of a 1.2 ms heartbeat (bench/profile_heartbeat.py). A session bound to a connection
+    (the tests' outer transaction) runs it through that connection.
     """
     bind = session.get_bind()
     if isinstance(bind, Engine):
-        return run_in_own_transaction(bind, statement, parameters, commit_if=lambda row: row is not None)
+        return run_in_own_transaction(bind, statement, parameters)
     result = session.connection().exec_driver_sql(statement, parameters).first()
     if result is None:
         session.rollback()
