@@ -318,6 +318,9 @@ def _as_uuid(value: Any) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
+_HEARTBEAT_SETTINGS = {"synchronous_commit": "off"}
+
+
 def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
     """Run the heartbeat statement in a transaction of its own; its row, or None (nothing written).
 
@@ -331,7 +334,11 @@ def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any])
     """
     bind = session.get_bind()
     if isinstance(bind, Engine):
-        return run_in_own_transaction(bind, statement, parameters)
+        # synchronous_commit off, for this transaction only: the commit does not wait for its WAL to reach disk.
+        # What a Postgres crash can lose is the last few hundred milliseconds of heartbeats (never a torn or
+        # half-applied one), and each host sends its next within heartbeat_interval_s: a lost heartbeat costs at
+        # most one interval of staleness, far inside the sweeps' timeouts. Every other write keeps the default.
+        return run_in_own_transaction(bind, statement, parameters, set_local=_HEARTBEAT_SETTINGS)
     result = session.connection().exec_driver_sql(statement, parameters).first()
     if result is None:
         session.rollback()
