@@ -338,7 +338,8 @@ def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any])
         # synchronous_commit off, for this transaction only: the commit does not wait for its WAL to reach disk.
         # What a Postgres crash can lose is the last few hundred milliseconds of heartbeats (never a torn or
         # half-applied one), and each host sends its next within heartbeat_interval_s: a lost heartbeat costs at
-        # most one interval of staleness, far inside the sweeps' timeouts. Every other write keeps the default.
+        # most one interval of staleness, well inside host_timeout_s (after which the sweep calls a host LOST).
+        # Every other write keeps the default.
         return run_in_own_transaction(bind, statement, parameters, set_local=_HEARTBEAT_SETTINGS)
     result = session.connection().exec_driver_sql(statement, parameters).first()
     if result is None:
