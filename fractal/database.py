@@ -113,6 +113,9 @@ _BOUNDS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 _BOUNDS_SENT_BY_CALLER: ContextVar[bool] = ContextVar("fractal_bounds_sent_by_caller", default=False)
 
 
+_SERVER_IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE (libpq's own view, no round trip)
+
+
 class _LostBeforeCommit(Exception):
     """The connection was found dead before anything could have been committed: safe to send once more."""
 
@@ -182,14 +185,14 @@ def _run_once(
     finally:
         _BOUNDS_SENT_BY_CALLER.reset(marker)
     dbapi_connection: Any = connection.dbapi_connection
-    sent = False
+    answered = False
     try:
         dbapi_connection.autocommit = True  # the query string carries the transaction: no BEGIN of psycopg2's
         cursor = connection.cursor()
         try:
             cursor.execute(query, parameters)
             fetched = cursor.fetchone()
-            sent = True
+            answered = True
             row = None if fetched is None else tuple(fetched)
             if commit_if is not None:
                 cursor.execute("COMMIT" if commit_if(row) else "ROLLBACK")
@@ -207,12 +210,15 @@ def _run_once(
         translated = DBAPIError.instance(
             query, dict(parameters), error, driver_error, connection_invalidated=lost, dialect=dialect
         )
-        if lost and retry and not sent:
+        if lost and retry and not answered:
             raise _LostBeforeCommit(translated) from error
         raise translated from error
     finally:
         if connection.is_valid:
-            dbapi_connection.autocommit = False  # as the pool's other users expect it
+            if dbapi_connection.info.transaction_status != _SERVER_IDLE:
+                connection.invalidate()  # a block left open (an error that is not the driver's): never pooled
+            else:
+                dbapi_connection.autocommit = False  # as the pool's other users expect it
         connection.close()  # back to the pool (no transaction open: its reset sends nothing)
 
 
