@@ -423,10 +423,11 @@ def allocate_first_choice(
     The statement is fixed text with named parameters: it runs at the driver, SQLAlchemy's compile and result
     machinery would only cost CPU. When ``session`` has not begun and is bound to an engine (every request), it
     runs on a pooled connection of its own, in a transaction of its own that ends here, without the ORM session's
-    transaction bookkeeping (most of an assign's Postgres CPU in the worker): the pool's checkout still opens it
-    with the transaction bounds, and it commits when a slot was taken, else rolls back (nothing was written; the
-    user's lock is released). Otherwise (a transaction already begun, a session on a connection) it runs in the
-    session's transaction, which the caller continues. Driver errors are raised as SQLAlchemy's, as on the session.
+    transaction bookkeeping (most of an assign's Postgres CPU in the worker): ``run_in_own_transaction`` opens it
+    with the transaction bounds in the same round trip, and it commits when a slot was taken, else rolls back
+    (nothing was written; the user's lock is released). Otherwise (a transaction already begun, a session on a
+    connection) it runs in the session's transaction, which the caller continues. Driver errors are raised as
+    SQLAlchemy's, as on the session.
     """
     params: dict[str, Any] = {
         "user_lock_key": user_lock_key,
