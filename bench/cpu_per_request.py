@@ -22,7 +22,6 @@ What is left of an assign is the framework's own (routing, decorators, APIFlask,
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     report = h.Report("cpu_per_request", args.quick, client="flask test client, 1 thread")
 
     from fractal.blueprints import HOST_BLUEPRINTS, PUBLIC_BLUEPRINTS
-    from fractal.config import Settings
     from fractal.factory import create_app
 
     with h.workdir("cpu") as work, h.bench_database("cpu") as url:
@@ -59,26 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         warm = 20
         tokens = mint_tokens(keypair, [f"bench-cpu-user-{k}" for k in range(2 * (n + warm))])
         body = h.assign_body()
-        settings = Settings(
-            database_url=url,
-            redis_url=h.REDIS_SERVER_URL,
-            redis_prefix=f"fractal-bench-cpu-{uuid.uuid4().hex[:8]}:",
-            env="test",
-            jwt_public_key=keypair.public_pem,
-            assign_rate_limit=h.NEVER_REFUSING_RATE_LIMIT,
-            max_mandelboxes_per_user=h.MAX_PER_USER,
-        )
-        os.environ.update(
-            {
-                "DATABASE_URL": url,
-                "FRACTAL_JWT_PUBLIC_KEY": keypair.public_pem,
-                "FRACTAL_MAX_MANDELBOXES_PER_USER": str(h.MAX_PER_USER),
-            }
-        )
-        log_file = (work / "apps.log").open("w")
-        saved_stderr = os.dup(2)
-        os.dup2(log_file.fileno(), 2)  # the apps' JSON lines (written to fd 2) go to the file
-        try:
+        settings = h.app_settings(url, keypair, "cpu")
+        with h.apps_in_process(url, keypair, work / "apps.log"):
             public_app = create_app(blueprints=PUBLIC_BLUEPRINTS, settings=settings)
             public = public_app.test_client()
             host = create_app(blueprints=HOST_BLUEPRINTS, settings=settings).test_client()
@@ -102,43 +82,27 @@ def main(argv: list[str] | None = None) -> int:
                 report.add(f"{name}_cpu_ms", per_request, "ms of CPU per request", requests=size * CHUNKS, mean=mean)
                 return per_request
 
-            def expect(answer: Any, status: int) -> None:
-                if answer.status_code != status:
-                    raise RuntimeError(f"{answer.status_code}: {answer.get_data(as_text=True)[:300]}")
-
             def assign(client: Any, path: str, offset: int) -> Callable[[int], None]:
                 def send(k: int) -> None:
                     headers = {"Authorization": f"Bearer {tokens[offset + k]}"}
                     if k % 2 == 0:
                         headers["Idempotency-Key"] = uuid.uuid4().hex
-                    expect(client.post(path, data=body, headers=headers, content_type="application/json"), 201)
-
-                return send
-
-            def heartbeat(client: Any, path: str) -> Callable[[int], None]:
-                def send(k: int) -> None:
-                    secret, beat = beats[k % HOSTS]
-                    headers = {"Authorization": f"Bearer {secret}"}
-                    expect(client.post(path, data=beat, headers=headers, content_type="application/json"), 200)
+                    h.expect_status(client.post(path, data=body, headers=headers, content_type="application/json"), 201)
 
                 return send
 
             cpu = {
-                "bare": measure("bare", lambda _k: expect(reference.get("/hello"), 200), 4 * n),
-                "healthz": measure("healthz", lambda _k: expect(public.get("/healthz"), 200), 4 * n),
+                "bare": measure("bare", lambda _k: h.expect_status(reference.get("/hello"), 200), 4 * n),
+                "healthz": measure("healthz", lambda _k: h.expect_status(public.get("/healthz"), 200), 4 * n),
                 "ref_assign": measure("ref_assign", assign(reference, "/assign", 0), n),
                 "assign": measure("assign", assign(public, "/mandelbox/assign", n + warm), n),
                 # Every host has sent a heartbeat before (as in production, where each does every few seconds).
-                "ref_heartbeat": measure("ref_heartbeat", heartbeat(reference, "/heartbeat"), n, HOSTS),
-                "heartbeat": measure("heartbeat", heartbeat(host, "/host/heartbeat"), n, HOSTS),
+                "ref_heartbeat": measure("ref_heartbeat", h.heartbeat_sender(reference, "/heartbeat", beats), n, HOSTS),
+                "heartbeat": measure("heartbeat", h.heartbeat_sender(host, "/host/heartbeat", beats), n, HOSTS),
             }
 
             fresh = mint_tokens(keypair, [f"bench-cpu-part-{k}" for k in range(n)])
             parts = breakdown(report, public_app, url=url, n=n, tokens=fresh, body=body)
-        finally:
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-            log_file.close()
 
     # The assign less the bare request and every part measured: routing, decorators, APIFlask, the test client.
     rest = cpu["assign"] - cpu["bare"] - sum(parts.values())

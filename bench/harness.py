@@ -692,3 +692,63 @@ def assign_body(regions: Sequence[str] = REGIONS[:2], commit: str = COMMIT) -> s
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# In-process benches (cpu_per_request, profile_heartbeat, profile_assign's round-trip count): the apps built by
+# create_app in this process and driven through Flask's test client.
+
+
+def app_settings(url: str, keypair: DevKeyPair, bench: str, **overrides: Any) -> Any:
+    """The Settings an in-process bench builds its apps with: as ``server_env`` (test env, real JWT checks, limits
+    on but never refusing), Redis keys under a prefix of the run's own; ``overrides`` win."""
+    from fractal.config import Settings
+
+    values: dict[str, Any] = {
+        "database_url": url,
+        "redis_url": REDIS_SERVER_URL,
+        "redis_prefix": f"fractal-bench-{bench}-{uuid.uuid4().hex[:8]}:",
+        "env": "test",
+        "jwt_public_key": keypair.public_pem,
+        "assign_rate_limit": NEVER_REFUSING_RATE_LIMIT,
+        "max_mandelboxes_per_user": MAX_PER_USER,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def apps_in_process(url: str, keypair: DevKeyPair, log_path: Path) -> Iterator[None]:
+    """Environment for apps built in this process (the reference app reads DATABASE_URL and the public key from
+    it), and their JSON log lines (written to fd 2) sent to ``log_path`` until the block ends."""
+    os.environ.update(
+        {
+            "DATABASE_URL": url,
+            "FRACTAL_JWT_PUBLIC_KEY": keypair.public_pem,
+            "FRACTAL_MAX_MANDELBOXES_PER_USER": str(MAX_PER_USER),
+        }
+    )
+    with log_path.open("w") as log_file:
+        saved_stderr = os.dup(2)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+
+
+def expect_status(answer: Any, status: int) -> None:
+    """Raise unless a test client's ``answer`` has ``status`` (a bench must not time failures)."""
+    if answer.status_code != status:
+        raise RuntimeError(f"{answer.status_code}: {answer.get_data(as_text=True)[:300]}")
+
+
+def heartbeat_sender(client: Any, path: str, beats: Sequence[tuple[str, str]]) -> Callable[[int], None]:
+    """``send(k)``: host ``k`` (modulo the fleet) posts its heartbeat body to ``path`` with its secret; 200 expected."""
+
+    def send(k: int) -> None:
+        secret, beat = beats[k % len(beats)]
+        headers = {"Authorization": f"Bearer {secret}"}
+        expect_status(client.post(path, data=beat, headers=headers, content_type="application/json"), 200)
+
+    return send

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import cProfile
 import io
-import os
 import pstats
 import re
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -148,28 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     report = h.Report("profile_heartbeat", args.quick, client="flask test client, 1 thread")
 
     from fractal.blueprints import HOST_BLUEPRINTS
-    from fractal.config import Settings
     from fractal.database import create_db_engine
     from fractal.factory import create_app
 
     trips = RoundTrips()
+    lines: list[str] = []
     with h.workdir("profile-heartbeat") as work, h.bench_database("profhb") as url:
         seed(url)
         h.vacuum_analyze(url)
         keypair = h.new_keypair()
-        settings = Settings(
-            database_url=url,
-            redis_url=h.REDIS_SERVER_URL,
-            redis_prefix=f"fractal-bench-profhb-{uuid.uuid4().hex[:8]}:",
-            env="test",
-            jwt_public_key=keypair.public_pem,
-        )
-        os.environ.update({"DATABASE_URL": url, "FRACTAL_JWT_PUBLIC_KEY": keypair.public_pem})
-        log_file = (work / "apps.log").open("w")
-        saved_stderr = os.dup(2)
-        os.dup2(log_file.fileno(), 2)  # the apps' JSON lines (written to fd 2) go to the file
-        lines: list[str] = []
-        try:
+        settings = h.app_settings(url, keypair, "profhb")
+        with h.apps_in_process(url, keypair, work / "apps.log"):
             app = create_app(blueprints=HOST_BLUEPRINTS, settings=settings)
             # For the count only: the same engine as the factory's, on a psycopg2 connection that counts what it
             # sends (its Python-level wrappers would add to the CPU figures, so those use the factory's engine).
@@ -186,22 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             host = app.test_client()
             reference = reference_app.app.test_client()
             beats = [(h.host_secret(k), heartbeat_body(k)) for k in range(HOSTS)]
-
-            def expect(answer: Any, status: int) -> None:
-                if answer.status_code != status:
-                    raise RuntimeError(f"{answer.status_code}: {answer.get_data(as_text=True)[:300]}")
-
-            def heartbeat(client: Any, path: str) -> Callable[[int], None]:
-                def send(k: int) -> None:
-                    secret, beat = beats[k % HOSTS]
-                    headers = {"Authorization": f"Bearer {secret}"}
-                    expect(client.post(path, data=beat, headers=headers, content_type="application/json"), 200)
-
-                return send
-
-            ours = heartbeat(host, "/host/heartbeat")
-            theirs = heartbeat(reference, "/heartbeat")
-            hello = lambda _k: expect(reference.get("/hello"), 200)  # noqa: E731
+            ours = h.heartbeat_sender(host, "/host/heartbeat", beats)
+            theirs = h.heartbeat_sender(reference, "/heartbeat", beats)
+            hello = lambda _k: h.expect_status(reference.get("/hello"), 200)  # noqa: E731
             for k in range(HOSTS):  # every host has beaten once; memos and connections warm
                 ours(k)
                 theirs(k)
@@ -249,10 +223,6 @@ def main(argv: list[str] | None = None) -> int:
                     profile.dump_stats(args.save)
                 lines += summarise(profile, args.profile, args.top)
             plain.dispose()
-        finally:
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-            log_file.close()
     print("\n".join(lines))
     report.emit()
     return 0

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
 
@@ -70,13 +72,17 @@ def install_transaction_bounds(engine: Engine, settings: Settings) -> None:
     per checkout and doubles as a liveness check: when it finds the connection dead (the database restarted),
     the pool is invalidated and the checkout retried on a fresh connection, so the request that found the dead
     connection still succeeds (SQLAlchemy's pre-ping would cost a round trip of its own). A second transaction
-    on the same checked-out connection is bounded when it begins.
+    on the same checked-out connection is bounded when it begins. ``run_in_own_transaction`` (the hot routes)
+    sends the bounds in the same query string as its statement instead, and retries a dead connection itself.
     """
     bounds = transaction_bounds_sql(settings)
+    _BOUNDS[engine] = bounds
     dialect = engine.dialect
 
     @event.listens_for(engine, "checkout")
     def _bound_at_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
+        if _BOUNDS_SENT_BY_CALLER.get():
+            return  # run_in_own_transaction sends the bounds with its statement
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(bounds)  # psycopg2 opens the transaction (BEGIN) before it
@@ -97,6 +103,123 @@ def install_transaction_bounds(engine: Engine, settings: Settings) -> None:
     @event.listens_for(engine, "checkin")
     def _forget(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         record.info.pop(_BOUNDED_AT_CHECKOUT, None)
+
+
+Row = tuple[Any, ...]
+
+# The transaction bounds of each engine they were installed on, for run_in_own_transaction's own transactions.
+_BOUNDS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+# Set while run_in_own_transaction checks a connection out: it sends the bounds with its statement instead.
+_BOUNDS_SENT_BY_CALLER: ContextVar[bool] = ContextVar("fractal_bounds_sent_by_caller", default=False)
+
+
+_SERVER_IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE (libpq's own view, no round trip)
+
+
+class _LostBeforeCommit(Exception):
+    """The connection was found dead before anything could have been committed: safe to send once more."""
+
+    def __init__(self, error: StatementError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def run_in_own_transaction(
+    engine: Engine,
+    statement: str,
+    parameters: Mapping[str, Any],
+    *,
+    commit_if: Callable[[Row | None], bool] | None = None,
+    set_local: Mapping[str, str] | None = None,
+) -> Row | None:
+    """Run one statement on a pooled DBAPI connection in a bounded transaction of its own; return its first row.
+
+    For the hot routes (assign, heartbeat): the ORM session's and Core's execution layers cost more worker CPU than
+    the rest of their database work, and the round trips cost more wall time than the statement. The transaction
+    bounds (``transaction_bounds_sql``) and any ``set_local`` settings (``SET LOCAL``, so PgBouncer-safe) travel in
+    the same query string as the statement, with the connection in autocommit so psycopg2 sends no BEGIN of its
+    own; the checkout sends nothing:
+
+    - ``commit_if`` None: one round trip. Postgres runs a query string of several statements as one implicit
+      transaction, committed when the last one ends and rolled back when one fails; so the statement must write
+      nothing it should not keep whatever it returns, and be safe to run twice (see the retry below).
+    - ``commit_if`` given: two round trips. ``BEGIN``, the bounds and the statement, then ``COMMIT`` when
+      ``commit_if(row)`` holds, else ``ROLLBACK``.
+
+    A connection found dead when the statement is sent (the database restarted) is invalidated with the rest of
+    the pool and the statement sent once more on a fresh connection, so the request that found it still succeeds
+    (as the checkout's bounds do for the other routes): with ``commit_if`` nothing can have been committed; without,
+    the statement may have been (the connection died after the commit, before the answer), hence run twice. Driver
+    errors are raised as SQLAlchemy's (a lost connection invalidated), so they get the same answers as on any route
+    (503 DATABASE_BUSY / DATABASE_UNAVAILABLE). ``statement`` is in the driver's parameter style.
+    """
+    bounds = [_BOUNDS.get(engine, "")]
+    bounds += [f"SET LOCAL {name} = {value}" for name, value in (set_local or {}).items()]
+    prefix = "; ".join(part for part in bounds if part)
+    if commit_if is not None:
+        prefix = f"BEGIN; {prefix}" if prefix else "BEGIN"
+    query = f"{prefix};\n{statement}" if prefix else statement
+    try:
+        return _run_once(engine, query, parameters, commit_if, retry=True)
+    except _LostBeforeCommit:
+        return _run_once(engine, query, parameters, commit_if, retry=False)
+
+
+def _run_once(
+    engine: Engine,
+    query: str,
+    parameters: Mapping[str, Any],
+    commit_if: Callable[[Row | None], bool] | None,
+    *,
+    retry: bool,
+) -> Row | None:
+    dialect = engine.dialect
+    driver_error = dialect.loaded_dbapi.Error
+    marker = _BOUNDS_SENT_BY_CALLER.set(True)
+    try:
+        connection = engine.raw_connection()
+    except driver_error as error:
+        raise DBAPIError.instance(
+            None, None, error, driver_error, connection_invalidated=dialect.is_disconnect(error, None, None)
+        ) from error
+    finally:
+        _BOUNDS_SENT_BY_CALLER.reset(marker)
+    dbapi_connection: Any = connection.dbapi_connection
+    answered = False
+    try:
+        dbapi_connection.autocommit = True  # the query string carries the transaction: no BEGIN of psycopg2's
+        cursor = connection.cursor()
+        try:
+            cursor.execute(query, parameters)
+            fetched = cursor.fetchone()
+            answered = True
+            row = None if fetched is None else tuple(fetched)
+            if commit_if is not None:
+                cursor.execute("COMMIT" if commit_if(row) else "ROLLBACK")
+        finally:
+            cursor.close()
+        return row
+    except driver_error as error:
+        lost = dialect.is_disconnect(error, dbapi_connection, None)
+        if lost:
+            # As SQLAlchemy does on a disconnect: the pool's other connections died with the server too.
+            engine.pool._invalidate(connection, error)
+        elif commit_if is not None:
+            with suppress(driver_error):  # the explicit block is aborted: end it before the pool takes it back
+                dbapi_connection.cursor().execute("ROLLBACK")
+        translated = DBAPIError.instance(
+            query, dict(parameters), error, driver_error, connection_invalidated=lost, dialect=dialect
+        )
+        if lost and retry and not answered:
+            raise _LostBeforeCommit(translated) from error
+        raise translated from error
+    finally:
+        if connection.is_valid:
+            if dbapi_connection.info.transaction_status != _SERVER_IDLE:
+                connection.invalidate()  # a block left open (an error that is not the driver's): never pooled
+            else:
+                dbapi_connection.autocommit = False  # as the pool's other users expect it
+        connection.close()  # back to the pool (no transaction open: its reset sends nothing)
 
 
 def ensure_sqlite_directory(url: str) -> None:

@@ -18,13 +18,15 @@ class ErrorOut(BaseModel):
     details: Any | None = None
 
 
-def _has_nul(value: Any) -> bool:
+def has_nul(value: Any) -> bool:
+    """Whether a NUL character is anywhere in ``value`` (strings, dict keys and values, lists), which PostgreSQL
+    text cannot hold."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+        return any(has_nul(key) or has_nul(item) for key, item in value.items())
     if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
+        return any(has_nul(item) for item in value)
     return False
 
 
@@ -34,7 +36,7 @@ class RequestIn(BaseModel):
     @field_validator("*", mode="after")
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
-        if _has_nul(value):
+        if has_nul(value):
             raise ValueError("must not contain NUL characters")
         return value
 

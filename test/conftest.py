@@ -20,7 +20,7 @@ from alembic import command
 from fractal.auth.dev_keys import DevKeyPair, generate_keypair, mint_token
 from fractal.blueprints import BLUEPRINTS_BY_API
 from fractal.config import Settings, normalise_database_url
-from fractal.database import SessionFactory
+from fractal.database import SessionFactory, create_db_engine
 from fractal.factory import create_app
 from fractal.migrations import alembic_config, run_alembic  # noqa: F401 (re-exported for tests)
 from test.factories import Factories
@@ -110,6 +110,28 @@ def committed_factory(engine: Engine) -> Iterator[SessionFactory]:
     yield sessionmaker(bind=engine, expire_on_commit=False)
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def bounded_settings(settings: Settings) -> Settings:
+    """Short transaction bounds, so a test of them fails fast rather than hangs."""
+    return Settings(
+        **{
+            **settings.model_dump(),
+            "db_lock_timeout_ms": 300,
+            "db_statement_timeout_ms": 500,
+            "db_idle_in_transaction_timeout_ms": 5_000,
+        }
+    )
+
+
+@pytest.fixture
+def bounded_engine(bounded_settings: Settings, committed_factory: SessionFactory) -> Iterator[Engine]:
+    """The engine the apps build for themselves (create_db_engine), on the run's database; rows committed for real
+    are truncated afterwards (committed_factory)."""
+    engine = create_db_engine(bounded_settings)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -31,27 +31,6 @@ from test.factories import Factories
 from test.servers import throwaway_postgres
 
 ASSIGN = {"regions": ["us-east-1"], "client_commit_hash": "abc123"}
-
-
-@pytest.fixture
-def bounded_settings(settings: Settings) -> Settings:
-    return Settings(
-        **{
-            **settings.model_dump(),
-            "db_lock_timeout_ms": 300,
-            "db_statement_timeout_ms": 500,
-            "db_idle_in_transaction_timeout_ms": 5_000,
-        }
-    )
-
-
-@pytest.fixture
-def bounded_engine(bounded_settings: Settings, committed_factory: SessionFactory) -> Iterator[Engine]:
-    """The engine the apps build for themselves (create_db_engine), on the run's database; rows committed for real
-    are truncated afterwards (committed_factory)."""
-    engine = create_db_engine(bounded_settings)
-    yield engine
-    engine.dispose()
 
 
 def _live_rows(factory: SessionFactory) -> tuple[int, int]:

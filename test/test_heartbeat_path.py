@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from sqlalchemy import Engine, select, text, update
 from fractal.auth.hosts import hash_host_secret
 from fractal.blueprints import HOST_BLUEPRINTS
 from fractal.config import Settings
-from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.database import SessionFactory, create_session_factory
 from fractal.factory import create_app
 from fractal.fleet.instances import move_instances
 from fractal.host_service.schemas import (
@@ -162,22 +161,10 @@ def test_the_answer_has_heartbeat_outs_shape(host_client: Any, factories: Factor
 
 
 @pytest.fixture
-def bounded_settings(settings: Settings) -> Settings:
-    return Settings(
-        **{
-            **settings.model_dump(),
-            "db_lock_timeout_ms": 300,
-            "db_statement_timeout_ms": 2_000,
-            "db_idle_in_transaction_timeout_ms": 5_000,
-        }
-    )
-
-
-@pytest.fixture
-def app_engine(bounded_settings: Settings, committed_factory: SessionFactory) -> Iterator[Engine]:
-    engine = create_db_engine(bounded_settings)  # rows committed for real are truncated afterwards (committed_factory)
-    yield engine
-    engine.dispose()
+def app_client(bounded_settings: Settings, bounded_engine: Engine) -> Any:
+    """The host app on the engine it would build for itself (conftest's bounded_engine)."""
+    factory = create_session_factory(bounded_engine)
+    return create_app(blueprints=HOST_BLUEPRINTS, settings=bounded_settings, session_factory=factory).test_client()
 
 
 def _host(committed_factory: SessionFactory, status: InstanceStatus = InstanceStatus.ACTIVE) -> tuple[str, str]:
@@ -193,12 +180,10 @@ def _metrics(committed_factory: SessionFactory, name: str) -> Any:
 
 
 def test_on_the_apps_engine_a_replaced_or_terminated_secret_is_refused_at_once(
-    bounded_settings: Settings, app_engine: Engine, committed_factory: SessionFactory
+    app_client: Any, bounded_engine: Engine, committed_factory: SessionFactory
 ) -> None:
     name, secret = _host(committed_factory)
-    client = create_app(
-        blueprints=HOST_BLUEPRINTS, settings=bounded_settings, session_factory=create_session_factory(app_engine)
-    ).test_client()
+    client = app_client
     beat = {"instance_name": name, "mandelboxes": [], "metrics": {"n": 1}}
     assert client.post("/host/heartbeat", json=beat, headers=bearer(secret)).status_code == 200
     assert _metrics(committed_factory, name) == {"n": 1}
@@ -221,7 +206,7 @@ def test_on_the_apps_engine_a_replaced_or_terminated_secret_is_refused_at_once(
     assert refused.status_code == 401
     assert _metrics(committed_factory, name) == {"n": 3}
     # Nothing was left open: every pooled connection went back idle, no transaction pending.
-    with app_engine.connect() as connection:
+    with bounded_engine.connect() as connection:
         open_transactions = connection.execute(
             text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -232,16 +217,14 @@ def test_on_the_apps_engine_a_replaced_or_terminated_secret_is_refused_at_once(
 
 
 def test_on_the_apps_engine_the_bounds_hold_and_a_refused_heartbeat_writes_nothing(
-    bounded_settings: Settings, app_engine: Engine, committed_factory: SessionFactory
+    app_client: Any, bounded_engine: Engine, committed_factory: SessionFactory
 ) -> None:
     name, secret = _host(committed_factory)
-    client = create_app(
-        blueprints=HOST_BLUEPRINTS, settings=bounded_settings, session_factory=create_session_factory(app_engine)
-    ).test_client()
+    client = app_client
     beat = {"instance_name": name, "mandelboxes": [], "metrics": {"n": 1}}
     assert client.post("/host/heartbeat", json=beat, headers=bearer(secret)).status_code == 200
 
-    with app_engine.connect() as holder:
+    with bounded_engine.connect() as holder:
         # Another transaction holds the heartbeats row (its own idle bound ends it within 20 s): without the bounds
         # the heartbeat would wait that long and then succeed, so this test fails rather than hangs.
         holder.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 20000")
@@ -276,3 +259,38 @@ def test_on_the_apps_engine_an_unreachable_database_is_database_unavailable(boun
     )
     assert response.status_code == 503, response.get_data(as_text=True)
     assert (response.json or {}).get("error") == "DATABASE_UNAVAILABLE"
+
+
+def test_on_the_apps_engine_its_settings_stay_in_its_transaction_and_a_dead_connection_is_replaced(
+    app_client: Any, bounded_engine: Engine, committed_factory: SessionFactory
+) -> None:
+    name, secret = _host(committed_factory)
+    beat = {"instance_name": name, "mandelboxes": [], "metrics": {"n": 1}}
+    assert app_client.post("/host/heartbeat", json=beat, headers=bearer(secret)).status_code == 200
+    # Every pooled connection: SET LOCAL only, so the next user of the one the heartbeat used gets the defaults.
+    pooled = [bounded_engine.raw_connection() for _ in range(bounded_engine.pool.checkedin())]  # type: ignore[attr-defined]
+    pids = []
+    for raw in pooled:
+        pids.append(raw.dbapi_connection.get_backend_pid())  # type: ignore[union-attr]
+        raw.rollback()
+        cursor = raw.cursor()
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone() == ("on",)
+        cursor.close()
+        raw.close()
+
+    # They die (as in a database restart): the next heartbeat finds a dead one and still succeeds.
+    with committed_factory() as session:
+        for pid in pids:
+            assert session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        session.commit()
+    for _ in range(100):
+        with committed_factory() as session:
+            alive = session.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": pids}
+            ).scalar_one()
+        if not alive:
+            break
+    response = app_client.post("/host/heartbeat", json={**beat, "metrics": {"n": 2}}, headers=bearer(secret))
+    assert response.status_code == 200, response.json
+    assert _metrics(committed_factory, name) == {"n": 2}

@@ -138,7 +138,7 @@ def host_claimed(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         directory = state().host_secrets
         digest = hash_host_secret(bearer_credential())
-        name = directory.claimed_name(db_session(), digest)
+        name = directory.claimed_name(db_session, digest)
         if name is None:
             raise UnauthorizedError()
         g.host_instance_name = name

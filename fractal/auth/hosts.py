@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -43,12 +44,15 @@ class HostSecretDirectory:
     def instance_name(self, session: Session, secret: str) -> str | None:
         return instance_name_for_secret_hash(session, hash_host_secret(secret))
 
-    def claimed_name(self, session: Session, digest: str) -> str | None:
-        """The instance this secret digest was last found to belong to; looked up (and remembered) when unknown."""
+    def claimed_name(self, session: Callable[[], Session], digest: str) -> str | None:
+        """The instance this secret digest was last found to belong to; looked up (and remembered) when unknown.
+
+        ``session`` is called only for the lookup: a remembered digest needs no database session.
+        """
         name = self._memo.get(digest)
         if name is not None:
             return name
-        name = instance_name_for_secret_hash(session, digest)
+        name = instance_name_for_secret_hash(session(), digest)
         if name is not None:
             self.remember(digest, name)
         return name

@@ -12,16 +12,15 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Collection, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Engine, Table, and_, bindparam, case, func, insert, select, text, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
+from fractal.database import run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
 from fractal.fleet.instances import lock_instance_rows
@@ -424,10 +423,11 @@ def allocate_first_choice(
     The statement is fixed text with named parameters: it runs at the driver, SQLAlchemy's compile and result
     machinery would only cost CPU. When ``session`` has not begun and is bound to an engine (every request), it
     runs on a pooled connection of its own, in a transaction of its own that ends here, without the ORM session's
-    transaction bookkeeping (most of an assign's Postgres CPU in the worker): the pool's checkout still opens it
-    with the transaction bounds, and it commits when a slot was taken, else rolls back (nothing was written; the
-    user's lock is released). Otherwise (a transaction already begun, a session on a connection) it runs in the
-    session's transaction, which the caller continues. Driver errors are raised as SQLAlchemy's, as on the session.
+    transaction bookkeeping (most of an assign's Postgres CPU in the worker): ``run_in_own_transaction`` opens it
+    with the transaction bounds in the same round trip, and it commits when a slot was taken, else rolls back
+    (nothing was written; the user's lock is released). Otherwise (a transaction already begun, a session on a
+    connection) it runs in the session's transaction, which the caller continues. Driver errors are raised as
+    SQLAlchemy's, as on the session.
     """
     params: dict[str, Any] = {
         "user_lock_key": user_lock_key,
@@ -452,7 +452,10 @@ def allocate_first_choice(
     bind = session.get_bind()
     own = isinstance(bind, Engine) and not session.in_transaction()
     if isinstance(bind, Engine) and own:
-        row = _run_in_own_transaction(bind, sql, params)
+        # The statement answers one row, always; it commits when it took a slot (else nothing was written).
+        found = run_in_own_transaction(bind, sql, params, commit_if=_took_slot)
+        assert found is not None
+        row = found
     else:
         row = tuple(session.connection().exec_driver_sql(sql, params).one())
     live_count, instance_name, ip, region, request_hash, response_body, expired = row
@@ -461,37 +464,8 @@ def allocate_first_choice(
     return FirstChoice(int(live_count), slot, stored, own_transaction=own)
 
 
-def _run_in_own_transaction(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
-    """Run the first-choice statement on a pooled DBAPI connection: commit when it took a slot, else roll back."""
-    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-    try:
-        connection = engine.raw_connection()  # the checkout hook sends the transaction bounds
-    except dbapi_error as error:
-        raise DBAPIError.instance(None, None, error, dbapi_error) from error
-    try:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(sql, params)
-            fetched = cursor.fetchone()  # the statement answers one row, always
-            assert fetched is not None
-            row = tuple(fetched)
-        finally:
-            cursor.close()
-        if row[1] is not None:
-            connection.commit()
-        else:
-            connection.rollback()
-        return row
-    except dbapi_error as error:
-        lost = engine.dialect.is_disconnect(cast(Any, error), connection.dbapi_connection, None)
-        if lost:
-            connection.invalidate(error)
-        else:
-            with suppress(dbapi_error):
-                connection.rollback()
-        raise DBAPIError.instance(sql, params, error, dbapi_error, connection_invalidated=lost) from error
-    finally:
-        connection.close()  # back to the pool (an ended transaction: its reset sends nothing)
+def _took_slot(row: tuple[Any, ...] | None) -> bool:
+    return row is not None and row[1] is not None
 
 
 _WAITING_CANDIDATES = (

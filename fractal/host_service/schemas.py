@@ -12,8 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from fractal.models import InstanceStatus, MandelboxStatus
-from fractal.schemas import StrictIn
-from fractal.schemas import _has_nul as has_nul  # the same NUL check RequestIn applies to every field
+from fractal.schemas import StrictIn, has_nul  # has_nul: the same NUL check RequestIn applies to every field
 
 # A heartbeat lists at most this many mandelboxes (images allow up to 10 000 per instance; real hosts run a few).
 MAX_REPORTED_MANDELBOXES = 2048
