@@ -221,23 +221,22 @@ class Slot:
     region: str
 
 
-# Postgres fast path, one round trip: count the user's live mandelboxes, pick the fullest ACTIVE instance with
-# room, lock it, take a slot, create the mandelbox and its audit event, all in one statement.
-# - The caller holds the user's advisory lock, so the count cannot change under this statement (the limit holds).
+# The CTEs both Postgres allocation statements share: count the user's live mandelboxes, pick the fullest ACTIVE
+# instance with room, lock it, take a slot, create the mandelbox and its audit event.
+# - The caller holds the user's advisory lock, so the count cannot change under the statement (the limit holds).
 # - FOR NO KEY UPDATE (not FOR UPDATE): heartbeat rows reference the instance by foreign key and take KEY SHARE,
 #   which NO KEY UPDATE does not conflict with, so heartbeats never block or get skipped by assignment.
 # - SKIP LOCKED spreads concurrent assigns over candidates instead of queueing them on the fullest one; the room
 #   check in WHERE is re-evaluated on the locked, newest row version, so a slot can never be taken twice.
-# The answer is always one row: the live count, and the instance when a slot was taken (else NULLs).
-_ALLOCATE_SKIP_LOCKED = text(
-    """
-WITH live AS (
-    SELECT count(*) AS n FROM mandelboxes WHERE user_id = :user_id AND status <> 'EXITED'
+# ``{p}`` formats a parameter's placeholder (``:name`` for text(), ``%(name)s`` at the driver); ``{pick_unless}``
+# adds a condition to the pick (the first choice's "no live stored answer").
+_SLOT_CTES = """live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = {user_id} AND status <> 'EXITED'
 ), candidate AS (
     SELECT instance_name FROM instances
-    WHERE region = :region AND client_commit_hash = :commit AND status = 'ACTIVE'
+    WHERE region = {region} AND client_commit_hash = {commit} AND status = 'ACTIVE'
       AND live_mandelboxes < mandelbox_capacity
-      AND (SELECT n FROM live) < :max_per_user
+      AND (SELECT n FROM live) < {max_per_user}{pick_unless}
     ORDER BY live_mandelboxes DESC, instance_name
     LIMIT 1
     FOR NO KEY UPDATE SKIP LOCKED
@@ -248,19 +247,32 @@ WITH live AS (
 ), created AS (
     INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
                              created_at, status_changed_at)
-    SELECT :mandelbox_id, taken.instance_name, :user_id, :session_id, 'ALLOCATED', now(), now() FROM taken
+    SELECT CAST({mandelbox_id} AS uuid), taken.instance_name, {user_id}, {session_id}, 'ALLOCATED', now(), now()
+    FROM taken
     RETURNING mandelbox_id
 ), audited AS (
     INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
-    SELECT now(), :event_kind, :actor, taken.instance_name, :mandelbox_id,
-           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST(:commit AS text))
+    SELECT now(), {event_kind}, {actor}, taken.instance_name, CAST({mandelbox_id} AS uuid),
+           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST({commit} AS text))
     FROM taken
     RETURNING id
-)
+)"""
+_SLOT_PARAMETERS = ("user_id", "region", "commit", "max_per_user", "mandelbox_id", "session_id", "event_kind", "actor")
+
+
+def _slot_ctes(placeholder: str, *, pick_unless: str = "") -> str:
+    """_SLOT_CTES with each parameter written as ``placeholder`` formats its name."""
+    names = {name: placeholder.format(name) for name in _SLOT_PARAMETERS}
+    return _SLOT_CTES.format(pick_unless=pick_unless, **names)
+
+
+# Postgres fast path, one round trip: the shared CTEs, all in one statement. The answer is always one row: the live
+# count, and the instance when a slot was taken (else NULLs).
+_ALLOCATE_ANSWER = """
 SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region
 FROM (SELECT 1) AS one LEFT JOIN taken ON true
 """
-)
+_ALLOCATE_SKIP_LOCKED = text("WITH " + _slot_ctes(":{}") + _ALLOCATE_ANSWER)
 
 
 # The same, preceded by the user's advisory lock in the same round trip: two statements in one query run in
@@ -288,7 +300,7 @@ def allocate_in_one_statement(
             **lock,
             "region": wanted.region,
             "commit": wanted.client_commit_hash,
-            "mandelbox_id": wanted.mandelbox_id,
+            "mandelbox_id": str(wanted.mandelbox_id),
             "user_id": wanted.user_id,
             "session_id": wanted.session_id,
             "max_per_user": wanted.max_per_user,
@@ -327,12 +339,15 @@ class StoredAnswerRow:
 class FirstChoice:
     """The answer of :func:`allocate_first_choice`: the user's live count before it, the slot taken (None: none
     had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none),
-    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back)."""
+    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back).
+    Without a slot: whether the region had room (committed rows, locked or not) on the commit, and on another."""
 
     live_count: int
     slot: Slot | None
     stored: StoredAnswerRow | None
     own_transaction: bool = False
+    room: bool = True
+    other_room: bool = False
 
 
 # The whole assign in one round trip (Postgres): the user's advisory lock, then one statement that reads the
@@ -346,42 +361,35 @@ class FirstChoice:
 # - Sub-statements of one statement must not modify one row twice: the purge leaves this request's own key to the
 #   upsert (ON CONFLICT ... WHERE expired), so an expired answer of ours is replaced exactly once.
 # - The answer stored is the JSON the view sends (Assignment.to_body: the same keys and values).
-_FIRST_CHOICE = """
-SELECT pg_advisory_xact_lock(%(user_lock_key)s);
-WITH stored AS (
-    {stored}
-), live AS (
-    SELECT count(*) AS n FROM mandelboxes WHERE user_id = %(user_id)s AND status <> 'EXITED'
-), candidate AS (
-    SELECT instance_name FROM instances
-    WHERE region = %(region)s AND client_commit_hash = %(commit)s AND status = 'ACTIVE'
-      AND live_mandelboxes < mandelbox_capacity
-      AND (SELECT n FROM live) < %(max_per_user)s
-      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)
-    ORDER BY live_mandelboxes DESC, instance_name
-    LIMIT 1
-    FOR NO KEY UPDATE SKIP LOCKED
-), taken AS (
-    UPDATE instances SET live_mandelboxes = instances.live_mandelboxes + 1, empty_since = NULL
-    FROM candidate WHERE instances.instance_name = candidate.instance_name
-    RETURNING instances.instance_name, instances.ip, instances.region
-), created AS (
-    INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
-                             created_at, status_changed_at)
-    SELECT %(mandelbox_id)s::uuid, taken.instance_name, %(user_id)s, %(session_id)s, 'ALLOCATED', now(), now()
-    FROM taken
-    RETURNING mandelbox_id
-), audited AS (
-    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
-    SELECT now(), %(event_kind)s, %(actor)s, taken.instance_name, %(mandelbox_id)s::uuid,
-           jsonb_build_object('region', taken.region, 'client_commit_hash', %(commit)s::text)
-    FROM taken
-    RETURNING id
-){answer_ctes}
+# When no slot was taken, the answer also says whether the region has room on instances running the commit
+# (``room``: false means even waiting for locked ones is pointless) and on instances running another one
+# (``other_room``: the refusal is then COMMIT_HASH_MISMATCH). Both read committed rows without locking; CASE runs
+# them only when nothing was taken.
+_FIRST_CHOICE_ANSWER = """
 SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region,
-       stored.request_hash, stored.response_body, stored.expired
+       stored.request_hash, stored.response_body, stored.expired,
+       CASE WHEN taken.instance_name IS NULL THEN EXISTS (
+           SELECT 1 FROM instances WHERE region = %(region)s AND client_commit_hash = %(commit)s
+             AND status = 'ACTIVE' AND live_mandelboxes < mandelbox_capacity) END AS room,
+       CASE WHEN taken.instance_name IS NULL THEN EXISTS (
+           SELECT 1 FROM instances WHERE region = %(region)s AND client_commit_hash <> %(commit)s
+             AND status = 'ACTIVE' AND live_mandelboxes < mandelbox_capacity) END AS other_room
 FROM (SELECT 1) AS one LEFT JOIN taken ON true LEFT JOIN stored ON true
 """
+
+
+def _first_choice_sql(*, stored: str, answer_ctes: str) -> str:
+    pick_unless = "\n      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)"
+    return (
+        "\nSELECT pg_advisory_xact_lock(%(user_lock_key)s);\nWITH stored AS (\n    "
+        + stored
+        + "\n), "
+        + _slot_ctes("%({})s", pick_unless=pick_unless)
+        + answer_ctes
+        + _FIRST_CHOICE_ANSWER
+    )
+
+
 _NO_STORED_ANSWER = "SELECT NULL::text AS request_hash, NULL::jsonb AS response_body, false AS expired WHERE false"
 _STORED_ANSWER = """SELECT request_hash, response_body, expires_at <= now() AS expired
     FROM idempotency_keys WHERE user_id = %(user_id)s AND key = %(answer_key)s"""
@@ -410,8 +418,8 @@ _ANSWER_CTES = """, kept AS (
     ) AND expires_at <= now()
     RETURNING key
 )"""
-_FIRST_CHOICE_PLAIN = _FIRST_CHOICE.format(stored=_NO_STORED_ANSWER, answer_ctes="")
-_FIRST_CHOICE_WITH_ANSWER = _FIRST_CHOICE.format(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
+_FIRST_CHOICE_PLAIN = _first_choice_sql(stored=_NO_STORED_ANSWER, answer_ctes="")
+_FIRST_CHOICE_WITH_ANSWER = _first_choice_sql(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
 
 
 def allocate_first_choice(
@@ -455,10 +463,12 @@ def allocate_first_choice(
         row = _run_in_own_transaction(bind, sql, params)
     else:
         row = tuple(session.connection().exec_driver_sql(sql, params).one())
-    live_count, instance_name, ip, region, request_hash, response_body, expired = row
+    live_count, instance_name, ip, region, request_hash, response_body, expired, room, other_room = row
     slot = Slot(instance_name, ip, region) if instance_name is not None else None
     stored = StoredAnswerRow(request_hash, response_body, bool(expired)) if request_hash is not None else None
-    return FirstChoice(int(live_count), slot, stored, own_transaction=own)
+    return FirstChoice(
+        int(live_count), slot, stored, own_transaction=own, room=room is not False, other_room=bool(other_room)
+    )
 
 
 def _run_in_own_transaction(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
