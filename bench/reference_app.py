@@ -33,6 +33,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -162,8 +163,18 @@ def readyz() -> tuple[dict[str, Any], int]:
     return _answer({"status": "ok"}, 200)
 
 
-@app.post("/assign")
-def assign() -> tuple[dict[str, Any], int]:
+@dataclass(frozen=True)
+class _AssignRequest:
+    """A verified assign request: whose, and what it asks for."""
+
+    user_id: str
+    regions: list[str]
+    commit: str
+    max_per_user: int
+
+
+def _assign_request() -> _AssignRequest | tuple[dict[str, Any], int]:
+    """/assign's and /assign-floor's shared front: the RS256 token verified, the body checked; else the answer."""
     token = _bearer()
     if token is None:
         return _answer({"error": "UNAUTHORIZED"}, 401)
@@ -179,15 +190,23 @@ def assign() -> tuple[dict[str, Any], int]:
         or not isinstance(body.get("client_commit_hash"), str)
     ):
         return _answer({"error": "VALIDATION_ERROR"}, 400)
-    user_id = str(claims["sub"])
     max_per_user = int(os.environ.get("FRACTAL_MAX_MANDELBOXES_PER_USER", "1"))
+    return _AssignRequest(str(claims["sub"]), body["regions"], body["client_commit_hash"], max_per_user)
+
+
+@app.post("/assign")
+def assign() -> tuple[dict[str, Any], int]:
+    wanted = _assign_request()
+    if not isinstance(wanted, _AssignRequest):
+        return wanted
+    user_id, max_per_user = wanted.user_id, wanted.max_per_user
     mandelbox_id = uuid.uuid4()
     with _connection() as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM ref_mandelboxes WHERE user_id = %s AND status <> 'EXITED'", (user_id,))
         if cursor.fetchone()[0] >= max_per_user:
             connection.rollback()
             return _answer({"error": "USER_ALREADY_ACTIVE"}, 409)
-        for region in body["regions"]:
+        for region in wanted.regions:
             cursor.execute(
                 """
                 SELECT instance_name, ip, region FROM ref_instances
@@ -196,7 +215,7 @@ def assign() -> tuple[dict[str, Any], int]:
                 ORDER BY live_mandelboxes DESC, instance_name
                 LIMIT 1 FOR UPDATE SKIP LOCKED
                 """,
-                (region, body["client_commit_hash"]),
+                (region, wanted.commit),
             )
             picked = cursor.fetchone()
             if picked is None:
@@ -252,30 +271,18 @@ FROM (SELECT 1) AS one LEFT JOIN taken ON true
 
 @app.post("/assign-floor")
 def assign_floor() -> tuple[dict[str, Any], int]:
-    token = _bearer()
-    if token is None:
-        return _answer({"error": "UNAUTHORIZED"}, 401)
-    try:
-        claims = jwt.decode(token, _key(), algorithms=["RS256"], options={"require": ["exp", "sub"]})
-    except jwt.InvalidTokenError:
-        return _answer({"error": "UNAUTHORIZED"}, 401)
-    body = request.get_json(silent=True)
-    if (
-        not isinstance(body, dict)
-        or not isinstance(body.get("regions"), list)
-        or not all(isinstance(r, str) for r in body["regions"])
-        or not isinstance(body.get("client_commit_hash"), str)
-    ):
-        return _answer({"error": "VALIDATION_ERROR"}, 400)
-    max_per_user = int(os.environ.get("FRACTAL_MAX_MANDELBOXES_PER_USER", "1"))
+    wanted = _assign_request()
+    if not isinstance(wanted, _AssignRequest):
+        return wanted
+    max_per_user = wanted.max_per_user
     mandelbox_id = str(uuid.uuid4())
     with _connection(autocommit=True) as connection, connection.cursor() as cursor:
         cursor.execute(
             FLOOR_SQL,
             {
-                "user_id": str(claims["sub"]),
-                "regions": body["regions"],
-                "commit": body["client_commit_hash"],
+                "user_id": wanted.user_id,
+                "regions": wanted.regions,
+                "commit": wanted.commit,
                 "max_per_user": max_per_user,
                 "mandelbox_id": mandelbox_id,
             },

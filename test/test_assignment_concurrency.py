@@ -172,3 +172,15 @@ def test_drain_racing_with_assigns_leaves_nothing_new_on_the_drained_instance(
     assert statuses[201] == on_drained
     assert statuses[503] == 120 - on_drained
     assert_counts_consistent(committed_factory)
+
+
+def test_the_migrated_first_choice_function_is_the_statement_the_code_builds(engine: Any) -> None:
+    """fractal_first_choice is created by a migration (frozen text): a change to the first-choice statement in
+    fractal.fleet.mandelboxes must come with a revision that replaces the function."""
+    from fractal.fleet.mandelboxes import FIRST_CHOICE_FUNCTION, first_choice_function_body
+
+    with engine.connect() as connection:
+        body = connection.execute(
+            text("SELECT prosrc FROM pg_proc WHERE proname = :name"), {"name": FIRST_CHOICE_FUNCTION}
+        ).scalar_one()
+    assert body == first_choice_function_body()

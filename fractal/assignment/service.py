@@ -252,6 +252,14 @@ def _assign_in_transaction(
         if fast and region != tried.region:  # the first try did this one's skip-locked pick already
             slot = allocate_in_one_statement(session, wanted, user_lock_key=lock_key)
             lock_key = None  # taken with the first allocation
+        elif fast:
+            if tried.no_room:
+                continue  # no committed row had room there, locked or not: nothing to wait for
+            if not tried.locked:
+                # The first try's transaction is over: its lock and live count are gone. Waiting creates the
+                # mandelbox in this one, so the limit is checked again under the user's lock.
+                _lock_and_check_limit(session, user_id=user_id, max_per_user=max_per_user, lock_key=lock_key)
+                lock_key = None
         slot = slot or allocate_waiting(session, wanted)
         if slot is None:
             continue
@@ -266,7 +274,11 @@ def _assign_in_transaction(
             _store_answer(session, user_id=user_id, idempotency=idempotency, assignment=assignment)
         return AssignResult(assignment)
 
-    if _other_versions_have_room(session, candidates, client_commit_hash, newest):
+    if tried.no_room and candidates == [tried.region]:
+        mismatch = tried.other_room  # the first try looked at the one region already
+    else:
+        mismatch = _other_versions_have_room(session, candidates, client_commit_hash, newest)
+    if mismatch:
         raise CommitHashMismatchError(details={"client_commit_hash": client_commit_hash})
     raise NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 
@@ -280,6 +292,8 @@ class _FirstTry:
     summary: dict[str, Any] | None = None  # the active-image summary it read
     region: str | None = None  # the region whose unlocked instances it tried
     expired_answer: bool = False  # the key held an expired answer (still there)
+    no_room: bool = False  # its region had no room on the commit, locked or not (committed rows)
+    other_room: bool = False  # ... but had some on another commit
 
 
 def _first_choice(
@@ -339,7 +353,14 @@ def _first_choice(
     if found.slot is None:
         # In a transaction of its own, the try is over and the user's lock released: the general path starts over.
         held = not found.own_transaction
-        return _FirstTry(locked=held, summary=summary, region=nearest, expired_answer=held and stored is not None)
+        return _FirstTry(
+            locked=held,
+            summary=summary,
+            region=nearest,
+            expired_answer=held and stored is not None,
+            no_room=not found.room,
+            other_room=found.other_room,
+        )
     slot = found.slot
     result = AssignResult(
         Assignment(
@@ -392,6 +413,29 @@ SELECT request_hash, response_body, expires_at <= CURRENT_TIMESTAMP AS expired
 FROM idempotency_keys WHERE user_id = :user_id AND key = :key
 """
 )
+
+
+_LOCK_THEN_LIVE_COUNT = text(
+    """
+SELECT pg_advisory_xact_lock(:lock_key);
+SELECT count(*) FROM mandelboxes WHERE user_id = :user_id AND status <> 'EXITED'
+"""
+)
+
+
+def _lock_and_check_limit(session: Session, *, user_id: str, max_per_user: int, lock_key: int | None) -> None:
+    """Postgres: take the user's lock (unless ``lock_key`` is None: already held) and count their live mandelboxes
+    under it, in one round trip.
+
+    Raises:
+        UserAlreadyActiveError.
+    """
+    if lock_key is None:
+        live = live_count_for_user(session, user_id)
+    else:
+        live = int(session.execute(_LOCK_THEN_LIVE_COUNT, {"lock_key": lock_key, "user_id": user_id}).scalar_one())
+    if live >= max_per_user:
+        raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
 
 
 def _stored_answer(

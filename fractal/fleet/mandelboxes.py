@@ -220,23 +220,22 @@ class Slot:
     region: str
 
 
-# Postgres fast path, one round trip: count the user's live mandelboxes, pick the fullest ACTIVE instance with
-# room, lock it, take a slot, create the mandelbox and its audit event, all in one statement.
-# - The caller holds the user's advisory lock, so the count cannot change under this statement (the limit holds).
+# The CTEs both Postgres allocation statements share: count the user's live mandelboxes, pick the fullest ACTIVE
+# instance with room, lock it, take a slot, create the mandelbox and its audit event.
+# - The caller holds the user's advisory lock, so the count cannot change under the statement (the limit holds).
 # - FOR NO KEY UPDATE (not FOR UPDATE): heartbeat rows reference the instance by foreign key and take KEY SHARE,
 #   which NO KEY UPDATE does not conflict with, so heartbeats never block or get skipped by assignment.
 # - SKIP LOCKED spreads concurrent assigns over candidates instead of queueing them on the fullest one; the room
 #   check in WHERE is re-evaluated on the locked, newest row version, so a slot can never be taken twice.
-# The answer is always one row: the live count, and the instance when a slot was taken (else NULLs).
-_ALLOCATE_SKIP_LOCKED = text(
-    """
-WITH live AS (
-    SELECT count(*) AS n FROM mandelboxes WHERE user_id = :user_id AND status <> 'EXITED'
+# ``{p}`` formats a parameter's placeholder (``:name`` for text(), ``%(name)s`` at the driver); ``{pick_unless}``
+# adds a condition to the pick (the first choice's "no live stored answer").
+_SLOT_CTES = """live AS (
+    SELECT count(*) AS n FROM mandelboxes WHERE user_id = {user_id} AND status <> 'EXITED'
 ), candidate AS (
     SELECT instance_name FROM instances
-    WHERE region = :region AND client_commit_hash = :commit AND status = 'ACTIVE'
+    WHERE region = {region} AND client_commit_hash = {commit} AND status = 'ACTIVE'
       AND live_mandelboxes < mandelbox_capacity
-      AND (SELECT n FROM live) < :max_per_user
+      AND (SELECT n FROM live) < {max_per_user}{pick_unless}
     ORDER BY live_mandelboxes DESC, instance_name
     LIMIT 1
     FOR NO KEY UPDATE SKIP LOCKED
@@ -247,19 +246,32 @@ WITH live AS (
 ), created AS (
     INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
                              created_at, status_changed_at)
-    SELECT :mandelbox_id, taken.instance_name, :user_id, :session_id, 'ALLOCATED', now(), now() FROM taken
+    SELECT CAST({mandelbox_id} AS uuid), taken.instance_name, {user_id}, {session_id}, 'ALLOCATED', now(), now()
+    FROM taken
     RETURNING mandelbox_id
 ), audited AS (
     INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
-    SELECT now(), :event_kind, :actor, taken.instance_name, :mandelbox_id,
-           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST(:commit AS text))
+    SELECT now(), {event_kind}, {actor}, taken.instance_name, CAST({mandelbox_id} AS uuid),
+           jsonb_build_object('region', taken.region, 'client_commit_hash', CAST({commit} AS text))
     FROM taken
     RETURNING id
-)
+)"""
+_SLOT_PARAMETERS = ("user_id", "region", "commit", "max_per_user", "mandelbox_id", "session_id", "event_kind", "actor")
+
+
+def _slot_ctes(placeholder: str, *, pick_unless: str = "") -> str:
+    """_SLOT_CTES with each parameter written as ``placeholder`` formats its name."""
+    names = {name: placeholder.format(name) for name in _SLOT_PARAMETERS}
+    return _SLOT_CTES.format(pick_unless=pick_unless, **names)
+
+
+# Postgres fast path, one round trip: the shared CTEs, all in one statement. The answer is always one row: the live
+# count, and the instance when a slot was taken (else NULLs).
+_ALLOCATE_ANSWER = """
 SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region
 FROM (SELECT 1) AS one LEFT JOIN taken ON true
 """
-)
+_ALLOCATE_SKIP_LOCKED = text("WITH " + _slot_ctes(":{}") + _ALLOCATE_ANSWER)
 
 
 # The same, preceded by the user's advisory lock in the same round trip: two statements in one query run in
@@ -287,7 +299,7 @@ def allocate_in_one_statement(
             **lock,
             "region": wanted.region,
             "commit": wanted.client_commit_hash,
-            "mandelbox_id": wanted.mandelbox_id,
+            "mandelbox_id": str(wanted.mandelbox_id),
             "user_id": wanted.user_id,
             "session_id": wanted.session_id,
             "max_per_user": wanted.max_per_user,
@@ -326,12 +338,15 @@ class StoredAnswerRow:
 class FirstChoice:
     """The answer of :func:`allocate_first_choice`: the user's live count before it, the slot taken (None: none
     had room, or the key holds a live answer, or the user is at the limit), the key's stored answer (None: none),
-    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back)."""
+    and whether it ran in a transaction of its own, over already (committed with the slot, else rolled back).
+    Without a slot: whether the region had room (committed rows, locked or not) on the commit, and on another."""
 
     live_count: int
     slot: Slot | None
     stored: StoredAnswerRow | None
     own_transaction: bool = False
+    room: bool = True
+    other_room: bool = False
 
 
 # The whole assign in one round trip (Postgres): the user's advisory lock, then one statement that reads the
@@ -345,42 +360,35 @@ class FirstChoice:
 # - Sub-statements of one statement must not modify one row twice: the purge leaves this request's own key to the
 #   upsert (ON CONFLICT ... WHERE expired), so an expired answer of ours is replaced exactly once.
 # - The answer stored is the JSON the view sends (Assignment.to_body: the same keys and values).
-_FIRST_CHOICE = """
-SELECT pg_advisory_xact_lock(%(user_lock_key)s);
-WITH stored AS (
-    {stored}
-), live AS (
-    SELECT count(*) AS n FROM mandelboxes WHERE user_id = %(user_id)s AND status <> 'EXITED'
-), candidate AS (
-    SELECT instance_name FROM instances
-    WHERE region = %(region)s AND client_commit_hash = %(commit)s AND status = 'ACTIVE'
-      AND live_mandelboxes < mandelbox_capacity
-      AND (SELECT n FROM live) < %(max_per_user)s
-      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)
-    ORDER BY live_mandelboxes DESC, instance_name
-    LIMIT 1
-    FOR NO KEY UPDATE SKIP LOCKED
-), taken AS (
-    UPDATE instances SET live_mandelboxes = instances.live_mandelboxes + 1, empty_since = NULL
-    FROM candidate WHERE instances.instance_name = candidate.instance_name
-    RETURNING instances.instance_name, instances.ip, instances.region
-), created AS (
-    INSERT INTO mandelboxes (mandelbox_id, instance_name, user_id, session_id, status,
-                             created_at, status_changed_at)
-    SELECT %(mandelbox_id)s::uuid, taken.instance_name, %(user_id)s, %(session_id)s, 'ALLOCATED', now(), now()
-    FROM taken
-    RETURNING mandelbox_id
-), audited AS (
-    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
-    SELECT now(), %(event_kind)s, %(actor)s, taken.instance_name, %(mandelbox_id)s::uuid,
-           jsonb_build_object('region', taken.region, 'client_commit_hash', %(commit)s::text)
-    FROM taken
-    RETURNING id
-){answer_ctes}
+# When no slot was taken, the answer also says whether the region has room on instances running the commit
+# (``room``: false means even waiting for locked ones is pointless) and on instances running another one
+# (``other_room``: the refusal is then COMMIT_HASH_MISMATCH). Both read committed rows without locking; CASE runs
+# them only when nothing was taken.
+_FIRST_CHOICE_ANSWER = """
 SELECT (SELECT n FROM live) AS live_count, taken.instance_name, taken.ip, taken.region,
-       stored.request_hash, stored.response_body, stored.expired
+       stored.request_hash, stored.response_body, stored.expired,
+       CASE WHEN taken.instance_name IS NULL THEN EXISTS (
+           SELECT 1 FROM instances WHERE region = %(region)s AND client_commit_hash = %(commit)s
+             AND status = 'ACTIVE' AND live_mandelboxes < mandelbox_capacity) END AS room,
+       CASE WHEN taken.instance_name IS NULL THEN EXISTS (
+           SELECT 1 FROM instances WHERE region = %(region)s AND client_commit_hash <> %(commit)s
+             AND status = 'ACTIVE' AND live_mandelboxes < mandelbox_capacity) END AS other_room
 FROM (SELECT 1) AS one LEFT JOIN taken ON true LEFT JOIN stored ON true
 """
+
+
+def _first_choice_sql(*, stored: str, answer_ctes: str) -> str:
+    pick_unless = "\n      AND NOT EXISTS (SELECT 1 FROM stored WHERE NOT stored.expired)"
+    return (
+        "\nSELECT pg_advisory_xact_lock(%(user_lock_key)s);\nWITH stored AS (\n    "
+        + stored
+        + "\n), "
+        + _slot_ctes("%({})s", pick_unless=pick_unless)
+        + answer_ctes
+        + _FIRST_CHOICE_ANSWER
+    )
+
+
 _NO_STORED_ANSWER = "SELECT NULL::text AS request_hash, NULL::jsonb AS response_body, false AS expired WHERE false"
 _STORED_ANSWER = """SELECT request_hash, response_body, expires_at <= now() AS expired
     FROM idempotency_keys WHERE user_id = %(user_id)s AND key = %(answer_key)s"""
@@ -409,8 +417,82 @@ _ANSWER_CTES = """, kept AS (
     ) AND expires_at <= now()
     RETURNING key
 )"""
-_FIRST_CHOICE_PLAIN = _FIRST_CHOICE.format(stored=_NO_STORED_ANSWER, answer_ctes="")
-_FIRST_CHOICE_WITH_ANSWER = _FIRST_CHOICE.format(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
+_FIRST_CHOICE_PLAIN = _first_choice_sql(stored=_NO_STORED_ANSWER, answer_ctes="")
+_FIRST_CHOICE_WITH_ANSWER = _first_choice_sql(stored=_STORED_ANSWER, answer_ctes=_ANSWER_CTES)
+
+# Sent as text, the statement above is parsed and planned on every assign: about 40% of its backend CPU (a prepared
+# plan measured 0.5-0.8 ms cheaper per call). So it runs inside a PL/pgSQL function, which keeps its plans for the
+# connection's life (and works behind PgBouncer's transaction pooling, unlike PREPARE). Under READ COMMITTED a
+# VOLATILE function's every statement takes a fresh snapshot, so the query after the lock sees every assign of this
+# user committed before, as in the two-statement text. The function is created by a migration, frozen text:
+# first_choice_function_sql() builds it from the statements here, and a test checks the migrated body is that.
+FIRST_CHOICE_FUNCTION = "fractal_first_choice"
+_FIRST_CHOICE_ARGS = (
+    ("user_lock_key", "bigint"),
+    ("user_id", "text"),
+    ("region", "text"),
+    ("commit", "text"),
+    ("max_per_user", "integer"),
+    ("mandelbox_id", "text"),
+    ("session_id", "text"),
+    ("event_kind", "text"),
+    ("actor", "text"),
+    ("answer_key", "text"),
+    ("request_hash", "text"),
+    ("response_status", "integer"),
+    ("ttl_s", "integer"),
+    ("purge_batch", "integer"),
+)
+_FIRST_CHOICE_RESULT = (
+    "live_count bigint, instance_name text, ip text, region text, request_hash text, response_body jsonb, "
+    "expired boolean, room boolean, other_room boolean"
+)
+# The arguments in _FIRST_CHOICE_ARGS's order (checked at import).
+_FIRST_CHOICE_CALL = (
+    "SELECT * FROM fractal_first_choice(%(user_lock_key)s, %(user_id)s, %(region)s, %(commit)s, %(max_per_user)s,"
+    " %(mandelbox_id)s, %(session_id)s, %(event_kind)s, %(actor)s, %(answer_key)s, %(request_hash)s,"
+    " %(response_status)s, %(ttl_s)s, %(purge_batch)s)"
+)
+assert FIRST_CHOICE_FUNCTION + "(" in _FIRST_CHOICE_CALL
+assert _FIRST_CHOICE_CALL.count("%(") == len(_FIRST_CHOICE_ARGS)
+assert all(f"%({name})s" in _FIRST_CHOICE_CALL for name, _ in _FIRST_CHOICE_ARGS)
+
+
+def _function_query(sql: str) -> str:
+    """A first-choice statement as the function's query: after the lock, arguments for placeholders, the answer's
+    columns cast to the declared result types."""
+    query = sql.partition(";")[2].strip()
+    for name, _ in _FIRST_CHOICE_ARGS:
+        query = query.replace(f"%({name})s", f"p_{name}")
+    query = query.replace(
+        "taken.instance_name, taken.ip, taken.region,\n       stored.request_hash,",
+        "taken.instance_name::text, taken.ip::text, taken.region::text,\n       stored.request_hash::text,",
+    )
+    assert "%(" not in query, query
+    return query
+
+
+def first_choice_function_body() -> str:
+    """The PL/pgSQL body of fractal_first_choice (what pg_proc.prosrc holds once migrated)."""
+    return (
+        "\n#variable_conflict use_column\nBEGIN\n    PERFORM pg_advisory_xact_lock(p_user_lock_key);\n"
+        "    IF p_answer_key IS NULL THEN\n        RETURN QUERY "
+        + _function_query(_FIRST_CHOICE_PLAIN)
+        + ";\n    ELSE\n        RETURN QUERY "
+        + _function_query(_FIRST_CHOICE_WITH_ANSWER)
+        + ";\n    END IF;\nEND\n"
+    )
+
+
+def first_choice_function_sql() -> str:
+    """CREATE OR REPLACE FUNCTION fractal_first_choice: what the migration that created it ran."""
+    arguments = ", ".join(f"p_{name} {kind}" for name, kind in _FIRST_CHOICE_ARGS)
+    return (
+        f"CREATE OR REPLACE FUNCTION {FIRST_CHOICE_FUNCTION}({arguments})\n"
+        f"RETURNS TABLE ({_FIRST_CHOICE_RESULT})\nLANGUAGE plpgsql VOLATILE AS $fn$"
+        + first_choice_function_body()
+        + "$fn$"
+    )
 
 
 def allocate_first_choice(
@@ -430,6 +512,11 @@ def allocate_first_choice(
     SQLAlchemy's, as on the session.
     """
     params: dict[str, Any] = {
+        "answer_key": None,
+        "request_hash": None,
+        "response_status": None,
+        "ttl_s": None,
+        "purge_batch": None,
         "user_lock_key": user_lock_key,
         "region": wanted.region,
         "commit": wanted.client_commit_hash,
@@ -448,7 +535,7 @@ def allocate_first_choice(
             ttl_s=answer.ttl_s,
             purge_batch=answer.purge_batch,
         )
-    sql = _FIRST_CHOICE_PLAIN if answer is None else _FIRST_CHOICE_WITH_ANSWER
+    sql = _FIRST_CHOICE_CALL
     bind = session.get_bind()
     own = isinstance(bind, Engine) and not session.in_transaction()
     if isinstance(bind, Engine) and own:
@@ -458,10 +545,12 @@ def allocate_first_choice(
         row = found
     else:
         row = tuple(session.connection().exec_driver_sql(sql, params).one())
-    live_count, instance_name, ip, region, request_hash, response_body, expired = row
+    live_count, instance_name, ip, region, request_hash, response_body, expired, room, other_room = row
     slot = Slot(instance_name, ip, region) if instance_name is not None else None
     stored = StoredAnswerRow(request_hash, response_body, bool(expired)) if request_hash is not None else None
-    return FirstChoice(int(live_count), slot, stored, own_transaction=own)
+    return FirstChoice(
+        int(live_count), slot, stored, own_transaction=own, room=room is not False, other_room=bool(other_room)
+    )
 
 
 def _took_slot(row: tuple[Any, ...] | None) -> bool:
