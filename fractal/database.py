@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
 
@@ -157,3 +157,37 @@ def advisory_xact_lock(session: Session, name: str) -> None:
     """Wait for a transaction-scoped advisory lock (no-op on SQLite, which serialises writers anyway)."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(name)})
+
+
+def run_in_own_transaction(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Run one statement (driver SQL, pyformat parameters) on a pooled DBAPI connection, in a transaction of its
+    own that commits here; its first row, None when it answers none.
+
+    Without the ORM session and SQLAlchemy's compile and result machinery (their CPU is most of a short request's
+    database work in the worker); the pool's checkout still opens the transaction with its bounds. Driver errors
+    are raised as SQLAlchemy's, as on a session; a connection found dead is invalidated, never pooled again.
+    """
+    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+    try:
+        connection = engine.raw_connection()  # the checkout hook sends the transaction bounds
+    except dbapi_error as error:
+        raise DBAPIError.instance(None, None, error, dbapi_error) from error
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            fetched = cursor.fetchone()
+        finally:
+            cursor.close()
+        connection.commit()
+        return tuple(fetched) if fetched is not None else None
+    except dbapi_error as error:
+        lost = engine.dialect.is_disconnect(error, connection.dbapi_connection, None)  # type: ignore[arg-type]
+        if lost:
+            connection.invalidate(error)
+        else:
+            with suppress(dbapi_error):
+                connection.rollback()
+        raise DBAPIError.instance(sql, params, error, dbapi_error, connection_invalidated=lost) from error
+    finally:
+        connection.close()  # back to the pool (an ended transaction: its reset sends nothing)
