@@ -56,7 +56,7 @@ class ErrorLogOnly(glogging.Logger):
     gunicorn counts any ``logconfig_dict`` (ours below: its own lines as JSON) as access logging switched on, and
     so built every request's Apache-style atoms (a dict of every environ entry and every request and response
     header) and a log record that no handler writes: a tenth of a /healthz request's worker CPU under load, more
-    for the apps' larger environ than for a bare Flask app (py-spy, docs/benchmarks.md).
+    for the apps' larger environ than for a bare Flask app (py-spy samples of a served worker).
     """
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
