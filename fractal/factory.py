@@ -14,7 +14,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fractal.api_docs import configure_docs, error_code_schema, error_schema
 from fractal.auth.tokens import build_verifier
-from fractal.blueprints import OPERATOR_BLUEPRINTS
+from fractal.blueprints import OPERATOR_BLUEPRINT_NAMES
 from fractal.cache import init_cache
 from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
@@ -68,7 +68,7 @@ def create_app(
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
     request_metrics = register_metrics(
         app,
-        operator_facing=any(blueprint in OPERATOR_BLUEPRINTS for blueprint in served),
+        operator_facing=any(blueprint.name in OPERATOR_BLUEPRINT_NAMES for blueprint in served),
         readiness=lambda: readiness_checks(app),
         default_target_free=settings.target_free_mandelboxes,
     )

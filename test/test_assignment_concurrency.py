@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,8 @@ from sqlalchemy import func, select, text, update
 
 from fractal.auth.hosts import hash_host_secret
 from fractal.database import SessionFactory
-from fractal.models import Image, Instance, InstanceStatus, Mandelbox
+from fractal.fleet.mandelboxes import move_mandelboxes
+from fractal.models import EndReason, Event, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 pytestmark = pytest.mark.slow
 Headers = Callable[..., dict[str, str]]
@@ -184,3 +186,78 @@ def test_the_migrated_first_choice_function_is_the_statement_the_code_builds(eng
             text("SELECT prosrc FROM pg_proc WHERE proname = :name"), {"name": FIRST_CHOICE_FUNCTION}
         ).scalar_one()
     assert body == first_choice_function_body()
+
+
+def test_deletes_racing_with_assigns_and_host_exits_on_one_instance(
+    make_app: Callable[..., Any], committed_factory: SessionFactory, user_headers: Headers
+) -> None:
+    # Real commits through the engine: each delete runs its one statement in a transaction of its own.
+    seed_fleet(committed_factory, instances=1, capacity=40)
+    with committed_factory() as session:
+        session.execute(update(Instance).values(live_mandelboxes=0))
+        session.commit()
+    app = make_app("public", factory=committed_factory)
+    body = {"regions": ["us-east-1"], "client_commit_hash": "abc123"}
+    owners = [user_headers(f"deleter-{i}") for i in range(20)]
+    boxes = []
+    for headers in owners:
+        answer = app.test_client().post("/mandelbox/assign", json=body, headers=headers)
+        assert answer.status_code == 201, answer.json
+        boxes.append(answer.json["mandelbox_id"])
+    newcomers = [user_headers(f"newcomer-{i}") for i in range(20)]
+
+    def host_exit(i: int) -> None:
+        with committed_factory() as session:
+            move_mandelboxes(
+                session,
+                where=Mandelbox.mandelbox_id == uuid.UUID(boxes[i]),
+                to=MandelboxStatus.EXITED,
+                reason=EndReason.HOST_EXITED,
+                actor="host:test",
+            )
+            session.commit()
+
+    def one(i: int) -> tuple[str, int, str | None]:
+        kind, n = divmod(i, 20)
+        if kind < 2:  # every owner deletes twice, concurrently
+            answer = app.test_client().delete(f"/mandelbox/{boxes[n]}", headers=owners[n])
+            return "delete", answer.status_code, (answer.json or {}).get("status")
+        if kind == 2:
+            answer = app.test_client().post("/mandelbox/assign", json=body, headers=newcomers[n])
+            return "assign", answer.status_code, None
+        if n % 2 == 0:  # the host reports half of the boxes EXITED meanwhile
+            host_exit(n)
+            return "exit", 200, None
+        answer = app.test_client().delete(f"/mandelbox/{boxes[n]}", headers=owners[(n + 1) % 20])
+        return "foreign delete", answer.status_code, None
+
+    results = run_concurrently(80, one, workers=40)
+    answers = Counter((kind, status) for kind, status, _ in results)
+    assert answers == {("delete", 202): 40, ("assign", 201): 20, ("exit", 200): 10, ("foreign delete", 404): 10}
+    assert {shown for kind, _, shown in results if kind == "delete"} <= {"DYING", "EXITED"}
+    with committed_factory() as session:
+        rows = session.execute(
+            select(Mandelbox.mandelbox_id, Mandelbox.status, Mandelbox.end_reason).where(
+                Mandelbox.user_id.like("deleter-%")
+            )
+        ).all()
+        assert len(rows) == 20
+        for row in rows:
+            assert row.status in (MandelboxStatus.DYING, MandelboxStatus.EXITED)
+            if row.status is MandelboxStatus.DYING:
+                assert row.end_reason is EndReason.USER_DELETED
+        # One audit event per box that moved to DYING, none for the repeats or the foreign deletes.
+        deleted_events = session.execute(
+            select(Event.mandelbox_id, func.count())
+            .where(Event.kind == "mandelbox.deleted")
+            .group_by(Event.mandelbox_id)
+        ).all()
+        assert all(count == 1 for _, count in deleted_events)
+        dying = sum(1 for row in rows if row.status is MandelboxStatus.DYING)
+        assert dying <= len(deleted_events) <= 20
+        for event_box, _ in deleted_events:
+            detail = session.execute(
+                select(Event.detail).where(Event.kind == "mandelbox.deleted", Event.mandelbox_id == event_box)
+            ).scalar_one()
+            assert detail["to"] == "DYING" and detail["reason"] == "USER_DELETED" and detail["from"] == "ALLOCATED"
+    assert_counts_consistent(committed_factory)

@@ -40,6 +40,7 @@ from fractal.fleet.mandelboxes import (
     allocate_waiting,
     live_count_for_user,
     move_mandelboxes,
+    move_user_mandelbox,
 )
 from fractal.fleet.views import MandelboxView, get_mandelbox_view
 from fractal.images import active_image_summary
@@ -574,6 +575,22 @@ def delete_mandelbox_for_user(session: Session, *, user_id: str, mandelbox_id: u
     Raises:
         NotFoundError.
     """
+    if is_postgres(session):
+        # One statement (lock, move when allowed, event, the answer) and its commit; see move_user_mandelbox.
+        moved = move_user_mandelbox(
+            session,
+            mandelbox_id=mandelbox_id,
+            user_id=user_id,
+            to=MandelboxStatus.DYING,
+            reason=EndReason.USER_DELETED,
+            actor=f"user:{user_id}",
+            event_kind=EventKind.MANDELBOX_DELETED,
+        )
+        if session.in_transaction():  # the caller's transaction (tests); a request's ran in its own
+            session.commit()
+        if moved is None:
+            raise NotFoundError("No such mandelbox.")
+        return MandelboxView.model_validate(moved)
     owner = session.execute(select(Mandelbox.user_id).where(Mandelbox.mandelbox_id == mandelbox_id)).scalar()
     if owner != user_id:
         session.rollback()

@@ -19,7 +19,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Engine, Table, and_, bindparam, case, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from fractal.clock import db_now
+from fractal.clock import as_utc, db_now
 from fractal.database import run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
@@ -41,6 +41,7 @@ __all__ = [
     "allocate_waiting",
     "live_count_for_user",
     "move_mandelboxes",
+    "move_user_mandelbox",
 ]
 
 # The one table of allowed moves. DYING is where a user's delete (or the host's own report) sends a live box;
@@ -177,6 +178,103 @@ def _release_slots(session: Session, freed: Counter[str], *, stamp: Any) -> None
         .execution_options(synchronize_session=False)
     )
 
+
+
+# A user's move of one of their own mandelboxes (Postgres), in one statement: lock the row, move it when the table
+# allows, record the event, answer the view. A move that ends nothing (DYING: the slot comes back only with the
+# host's EXITED report) locks no instance row, so the lock order is not involved.
+# - ``target`` locks the user's row (FOR UPDATE, as move_mandelboxes does) and reads its newest version: a
+#   concurrent move (the host's EXITED) is waited for, and what the answer shows is what is committed after it.
+# - ``moved`` writes only when the locked row's status may move to the target (TRANSITIONS), so a repeat or a
+#   move of an ended box changes nothing and records nothing.
+# - The answer is built from ``target`` and ``moved`` (the statement's snapshot would show the row before both).
+# No row: the user has no such mandelbox (another user's id is indistinguishable from an unknown one).
+_MOVE_USER_MANDELBOX = """
+WITH target AS (
+    SELECT mandelbox_id, instance_name, user_id, session_id, status, created_at, ended_at, end_reason
+    FROM mandelboxes WHERE mandelbox_id = %(mandelbox_id)s::uuid AND user_id = %(user_id)s
+    FOR UPDATE
+), moved AS (
+    UPDATE mandelboxes
+    SET status = %(to)s, status_changed_at = now(), end_reason = coalesce(mandelboxes.end_reason, %(reason)s)
+    FROM target
+    WHERE mandelboxes.mandelbox_id = target.mandelbox_id AND target.status = ANY(%(allowed)s)
+    RETURNING mandelboxes.mandelbox_id, mandelboxes.instance_name, mandelboxes.status, mandelboxes.end_reason,
+              target.status AS from_status
+), audited AS (
+    INSERT INTO events (created_at, kind, actor, instance_name, mandelbox_id, detail)
+    SELECT now(), %(event_kind)s, %(actor)s, moved.instance_name, moved.mandelbox_id,
+           jsonb_build_object('from', moved.from_status, 'to', moved.status, 'reason', %(reason)s::text)
+    FROM moved
+    RETURNING id
+)
+SELECT target.mandelbox_id, target.instance_name, instances.region, instances.ip, target.user_id,
+       target.session_id, coalesce(moved.status, target.status) AS status, target.created_at, target.ended_at,
+       coalesce(moved.end_reason, target.end_reason) AS end_reason, moved.from_status
+FROM target JOIN instances ON instances.instance_name = target.instance_name LEFT JOIN moved ON true
+"""
+_USER_MOVE_COLUMNS = (
+    "mandelbox_id",
+    "instance_name",
+    "region",
+    "ip",
+    "user_id",
+    "session_id",
+    "status",
+    "created_at",
+    "ended_at",
+    "end_reason",
+    "from_status",
+)
+
+
+def move_user_mandelbox(
+    session: Session,
+    *,
+    mandelbox_id: uuid.UUID,
+    user_id: str,
+    to: MandelboxStatus,
+    reason: EndReason,
+    actor: str,
+    event_kind: EventKind,
+) -> dict[str, Any] | None:
+    """Postgres, one statement: move ``user_id``'s mandelbox ``mandelbox_id`` to ``to`` when the table allows it
+    (else leave it), with its event; the same guarantees as :func:`move_mandelboxes` for one row, for moves that
+    end nothing (``to`` is not EXITED: no slot comes back here).
+
+    When ``session`` has not begun and is bound to an engine (every request), it runs in a transaction of its own
+    on a pooled connection and commits here (the ORM session's bookkeeping and its statements were most of a
+    delete's CPU); otherwise in the session's transaction, which the caller commits.
+
+    Returns:
+        The mandelbox's view columns after the move (``from_status`` is None when nothing moved), or None when the
+        user has no such mandelbox.
+    """
+    if to is MandelboxStatus.EXITED:
+        raise ValueError("move_user_mandelbox does not give slots back: end mandelboxes with move_mandelboxes")
+    allowed = sorted(str(status) for status, following in TRANSITIONS.items() if to in following)
+    params: dict[str, Any] = {
+        "mandelbox_id": str(mandelbox_id),
+        "user_id": user_id,
+        "to": str(to),
+        "reason": str(reason),
+        "allowed": allowed,
+        "actor": actor,
+        "event_kind": str(event_kind),
+    }
+    bind = session.get_bind()
+    if isinstance(bind, Engine) and not session.in_transaction():
+        row = run_in_own_transaction(bind, _MOVE_USER_MANDELBOX, params)
+    else:
+        found = session.connection().exec_driver_sql(_MOVE_USER_MANDELBOX, params).first()
+        row = tuple(found) if found is not None else None
+    if row is None:
+        return None
+    view = dict(zip(_USER_MOVE_COLUMNS, row, strict=True))
+    view["created_at"] = as_utc(view["created_at"])
+    if view["ended_at"] is not None:
+        view["ended_at"] = as_utc(view["ended_at"])
+    return view
 
 # Statements of the SQLite allocation path, built once (building a statement costs more CPU than running it on
 # SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they

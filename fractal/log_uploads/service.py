@@ -18,8 +18,6 @@ from datetime import datetime
 from typing import IO, Any
 
 import structlog
-from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -232,6 +230,11 @@ def store_log(
     now = utcnow()
     key = log_key(mandelbox_id=mandelbox_id, sender=sender, now=now)
     reader = CountingReader(upload.open_stream(), max_bytes=limit, gzip=encoding != "identity")
+    # boto3 only when a log is stored: the public and host APIs serve this route but import the app without it
+    # (botocore and s3transfer: ~11 MiB of every worker's memory).
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
     transfer = TransferConfig(
         multipart_threshold=PART_SIZE_BYTES, multipart_chunksize=PART_SIZE_BYTES, use_threads=False
     )
@@ -271,6 +274,8 @@ def store_log(
 
 
 def _delete_quietly(s3: Any, bucket: str, key: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         s3.delete_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
