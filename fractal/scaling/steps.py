@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
@@ -268,20 +268,29 @@ def observe(
         images = _with_demand(session, images, now=now, lead_times=lead_times)
     instances = [
         InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
-        for name, region, commit, status, capacity, live, idle_since in session.execute(
-            # The table's columns (plain Core rows, no ORM loading per row: this reads the whole fleet every pass).
-            select(
-                _instances.c.instance_name,
-                _instances.c.region,
-                _instances.c.client_commit_hash,
-                _instances.c.status,
-                _instances.c.mandelbox_capacity,
-                _instances.c.live_mandelboxes,
-                func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
-            ).where(_instances.c.status.in_(NOT_TERMINATED))
-        )
+        for name, region, commit, status, capacity, live, idle_since in session.execute(_FLEET_READ)
     ]
     return FleetSnapshot(images=images, instances=instances)
+
+
+# The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
+# every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
+# other rows' timestamps are not fetched and parsed.
+_FLEET_READ = select(
+    _instances.c.instance_name,
+    _instances.c.region,
+    _instances.c.client_commit_hash,
+    _instances.c.status,
+    _instances.c.mandelbox_capacity,
+    _instances.c.live_mandelboxes,
+    case(
+        (
+            and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
+            func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+        ),
+        else_=None,
+    ),
+).where(_instances.c.status.in_(NOT_TERMINATED))
 
 
 def _with_demand(
