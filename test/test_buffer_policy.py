@@ -19,7 +19,7 @@ from fractal.config import Settings
 from fractal.errors import NoInstanceAvailableError
 from fractal.events import EventKind, record_event
 from fractal.models import Base, Event, Instance, InstanceStatus
-from fractal.scaling.demand import launch_lead_times, recent_arrivals
+from fractal.scaling.demand import LeadTimeCache, launch_lead_times, recent_arrivals
 from fractal.scaling.policy import BufferKind, BufferPolicy, DemandStats, ImageTarget, ScheduledMinimum, decide_target
 from fractal.scaling.reconcile import reconcile_fleet
 from test.factories import Factories
@@ -217,5 +217,74 @@ def test_the_demand_reads_count_distinct_users_and_take_the_median_of_the_newest
     lead = launch_lead_times(session, now=now, regions=["region-a", "region-b", "region-c"])
     # region-a: 100..149 s, median (124 + 125) / 2; region-b: (70 + 80) / 2; region-c: nothing in the window.
     assert lead == {"region-a": 124.5, "region-b": 75.0}
+    if backend == "sqlite":
+        session.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_the_lead_time_cache_gives_what_a_fresh_read_gives_as_hosts_activate_and_leave_the_window(
+    backend: str, db: Session
+) -> None:
+    if backend == "sqlite":
+        engine = create_engine("sqlite://")
+        Base.metadata.create_all(engine)
+        session = Session(engine)
+    else:
+        session = db
+    _demand_history(session, NOW)
+    cache = LeadTimeCache()
+    regions = ["region-a", "region-b", "region-c"]
+
+    def activate(name: str, region: str, at: datetime, took_s: float) -> None:
+        session.execute(
+            insert(Instance).values(
+                instance_name=name,
+                region=region,
+                client_commit_hash="v1",
+                ami_id="ami",
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=4,
+                status=InstanceStatus.ACTIVE,
+                cloud_provider_id=f"i-{name}",
+                host_secret_hash=f"hash-{name}",
+                created_at=at - timedelta(seconds=took_s),
+                status_changed_at=at,
+            )
+        )
+        session.execute(
+            insert(Event).values(
+                kind=str(EventKind.INSTANCE_ACTIVATED), actor="host", instance_name=name, detail={}, created_at=at
+            )
+        )
+        session.commit()
+
+    def both(now: datetime) -> dict[str, float]:
+        cached = launch_lead_times(session, now=now, regions=regions, cache=cache)
+        assert cached == launch_lead_times(session, now=now, regions=regions)  # a fresh read
+        return cached
+
+    assert both(NOW) == {"region-a": 124.5, "region-b": 75.0}
+    assert cache.reads == 1
+    activate("late-c", "region-c", NOW + timedelta(seconds=30), 42.0)
+    assert both(NOW + timedelta(seconds=60))["region-c"] == 42.0
+    # Time passes: region-b's four activations (10 minutes before NOW) leave the window, one by one of region-a's.
+    later = NOW + timedelta(hours=6) - timedelta(minutes=10)
+    assert "region-b" not in both(later)
+    # A newer activation: read as an increment.
+    activate("new-b", "region-b", later - timedelta(seconds=5), 77.0)
+    assert both(later + timedelta(seconds=1))["region-b"] == 77.0
+    # One stamped after the pass's clock (a transaction that began later) and one before it, with a newer id: the
+    # first enters the window after the second, with an older id than the cache's newest. The count shows it.
+    activate("ahead-b", "region-b", later + timedelta(seconds=30), 100.0)
+    activate("behind-b", "region-b", later + timedelta(seconds=5), 99.0)
+    assert both(later + timedelta(seconds=10))["region-b"] == 88.0
+    assert cache.reads == 1
+    assert both(later + timedelta(seconds=31))["region-b"] == 99.0
+    assert cache.reads == 2  # the first read and the one the count asked for; the rest were increments
+    for step in range(1, 40):
+        both(later + timedelta(minutes=step))
+    assert cache.reads == 2
+    cache.clear()
+    assert both(later + timedelta(minutes=41)) and cache.reads == 3
     if backend == "sqlite":
         session.close()

@@ -686,36 +686,60 @@ _CREATE_ALLOCATED = insert(_mandelboxes).values(
 )
 
 
+# SQLite: the fullest candidate picked and its slot taken in one statement (SQLite runs one writer at a time, so
+# nothing can take the slot between the pick and the take; the guard is kept all the same).
+_TAKE_FULLEST_SLOT = (
+    update(_instances)
+    .where(
+        _instances.c.instance_name == _WAITING_CANDIDATES.limit(1).scalar_subquery(),
+        _instances.c.status == InstanceStatus.ACTIVE,
+        _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
+    )
+    .values(live_mandelboxes=_instances.c.live_mandelboxes + 1, empty_since=None)
+    .returning(_instances.c.instance_name, _instances.c.ip, _instances.c.region)
+)
+
+
 def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
     """Wait for candidates one row at a time; the only path on SQLite (the development default).
 
     Every candidate may be locked by concurrent assigns whose commits can still leave room. A guarded UPDATE
     waits for the row lock and re-checks status and room on the newest version; holding at most one instance
-    lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could).
+    lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could). On SQLite, whose
+    writers take turns, the pick and the take are one statement: the same fullest candidate, one round trip.
     """
+    if session.get_bind().dialect.name == "sqlite":
+        taken = session.execute(
+            _TAKE_FULLEST_SLOT, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
+        ).first()
+        return None if taken is None else _create_allocated(session, wanted, taken)
     candidates = session.scalars(
         _WAITING_CANDIDATES, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
     ).all()
     for name in candidates:
         taken = session.execute(_TAKE_SLOT, {"p_name": name}).first()
-        if taken is None:
-            continue
-        session.execute(
-            _CREATE_ALLOCATED,
-            {
-                "p_mandelbox_id": wanted.mandelbox_id,
-                "p_name": name,
-                "p_user_id": wanted.user_id,
-                "p_session_id": wanted.session_id,
-            },
-        )
-        record_event(
-            session,
-            kind=EventKind.MANDELBOX_ASSIGNED,
-            actor=wanted.actor,
-            instance_name=name,
-            mandelbox_id=wanted.mandelbox_id,
-            detail={"region": taken.region, "client_commit_hash": wanted.client_commit_hash},
-        )
-        return Slot(taken.instance_name, taken.ip, taken.region)
+        if taken is not None:
+            return _create_allocated(session, wanted, taken)
     return None
+
+
+def _create_allocated(session: Session, wanted: SlotRequest, taken: Any) -> Slot:
+    """The ALLOCATED mandelbox on the instance whose slot ``taken`` (a _TAKE_SLOT row) is, and its event."""
+    session.execute(
+        _CREATE_ALLOCATED,
+        {
+            "p_mandelbox_id": wanted.mandelbox_id,
+            "p_name": taken.instance_name,
+            "p_user_id": wanted.user_id,
+            "p_session_id": wanted.session_id,
+        },
+    )
+    record_event(
+        session,
+        kind=EventKind.MANDELBOX_ASSIGNED,
+        actor=wanted.actor,
+        instance_name=taken.instance_name,
+        mandelbox_id=wanted.mandelbox_id,
+        detail={"region": taken.region, "client_commit_hash": wanted.client_commit_hash},
+    )
+    return Slot(taken.instance_name, taken.ip, taken.region)

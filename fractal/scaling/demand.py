@@ -4,15 +4,16 @@ bounded reads, only when an image's buffer policy needs them)."""
 
 from __future__ import annotations
 
+import heapq
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, func, select, union_all
+from sqlalchemy import ColumnElement, and_, func, select, union_all
 from sqlalchemy.orm import Session
 
-from fractal.clock import seconds_between
 from fractal.errors import ErrorCode
 from fractal.events import EventKind
 from fractal.models import Event, Instance
@@ -67,59 +68,107 @@ def recent_arrivals(
     return {key: counts.get(key, 0) for key in wanted}
 
 
-def launch_lead_times(session: Session, *, now: datetime, regions: Iterable[str]) -> dict[str, float]:
+def launch_lead_times(
+    session: Session, *, now: datetime, regions: Iterable[str], cache: LeadTimeCache | None = None
+) -> dict[str, float]:
     """Median seconds from launch (the row's creation) to ACTIVE (its activation event) per region, over the
-    newest LEAD_TIME_SAMPLES activations of the last LEAD_TIME_WINDOW_S; regions without one are absent."""
+    newest LEAD_TIME_SAMPLES activations of the last LEAD_TIME_WINDOW_S; regions without one are absent.
+
+    ``cache``: the activations read by earlier passes (``LeadTimeCache``: the scaler loop and the simulator keep
+    one); each pass then reads only what changed. None: a throwaway one, every activation of the window is read.
+    """
     wanted = sorted(set(regions))
     if not wanted:
         return {}
-    cutoff = now - timedelta(seconds=LEAD_TIME_WINDOW_S)
-    # The database keeps the newest samples of each region, sorts them by lead time and returns the middle one or
-    # two: two rows a region, however many hosts the window saw, rather than every activation of six hours.
-    # Python computes the median from those rows' times (exact: SQL's durations are only as fine as its clock
-    # arithmetic, enough to sort by).
-    lead = seconds_between(events.c.created_at, instances.c.created_at)
-    newest = (
-        select(
-            instances.c.region.label("region"),
-            instances.c.created_at.label("launched_at"),
-            events.c.created_at.label("activated_at"),
-            lead.label("lead_s"),
-            func.row_number()
-            .over(partition_by=instances.c.region, order_by=(events.c.created_at.desc(), events.c.id.desc()))
-            .label("recency"),
+    return (cache or LeadTimeCache()).lead_times(session, now=now, regions=wanted)
+
+
+class LeadTimeCache:
+    """The window's activations (event id → region, activated at, launched at), kept from pass to pass.
+
+    The median changes only when a host activates or an old activation leaves the window, so a pass reads the
+    activations newer than the newest it holds, drops those the window left behind (by their own times), and
+    counts the window's activations in the database: the same count proves it holds exactly the window's set
+    (what it holds is in the window, so a late commit of an older id shows as a count it lacks, and it reads the
+    window again). Valid while nothing deletes activations inside the window: ``clear()`` after a purge (the
+    scaler pass does, and skips the cache when a retention setting is shorter than the window). One per process
+    and database, used by one thread at a time.
+    """
+
+    def __init__(self) -> None:
+        self.reads = 0  # full reads of the window (tests and benchmarks look)
+        self.clear()
+
+    def clear(self) -> None:
+        self._samples: dict[int, tuple[str | None, datetime, datetime | None]] = {}
+        self._leaving: list[tuple[datetime, int]] = []  # heap of (activated at, event id): the next to leave
+        self._newest_id = 0
+        self._as_of: datetime | None = None
+        self._medians: dict[str, float] = {}
+        self._changed: set[str] | None = None  # regions to recompute (None: all)
+
+    def lead_times(self, session: Session, *, now: datetime, regions: Sequence[str]) -> dict[str, float]:
+        cutoff = now - timedelta(seconds=LEAD_TIME_WINDOW_S)
+        in_window = and_(
+            events.c.kind == str(EventKind.INSTANCE_ACTIVATED), events.c.created_at > cutoff, events.c.created_at <= now
         )
+        if self._as_of is None or now < self._as_of:
+            self._read_window(session, in_window)
+        else:
+            changed = self._changed if self._changed is not None else set()
+            while self._leaving and self._leaving[0][0] <= cutoff:
+                _, event_id = heapq.heappop(self._leaving)
+                region = self._samples.pop(event_id)[0]
+                if region is not None:
+                    changed.add(region)
+            self._changed = changed
+            self._add(session.execute(_activations(and_(in_window, events.c.id > self._newest_id))))
+            held = session.execute(select(func.count()).select_from(events).where(in_window)).scalar_one()
+            if held != len(self._samples):
+                self._read_window(session, in_window)
+        self._as_of = now
+        self._recompute()
+        return {region: self._medians[region] for region in regions if region in self._medians}
+
+    def _read_window(self, session: Session, in_window: ColumnElement[bool]) -> None:
+        self.clear()
+        self.reads += 1
+        self._add(session.execute(_activations(in_window)))
+
+    def _add(self, rows: Iterable[Any]) -> None:
+        for event_id, activated_at, region, launched_at in rows:
+            if event_id in self._samples:
+                continue
+            self._samples[event_id] = (region, activated_at, launched_at)
+            heapq.heappush(self._leaving, (activated_at, event_id))
+            self._newest_id = max(self._newest_id, event_id)
+            if region is not None and self._changed is not None:
+                self._changed.add(region)
+
+    def _recompute(self) -> None:
+        if self._changed is not None and not self._changed:
+            return
+        by_region: dict[str, list[tuple[datetime, int, datetime]]] = defaultdict(list)
+        for event_id, (region, activated_at, launched_at) in self._samples.items():
+            if region is not None and launched_at is not None and (self._changed is None or region in self._changed):
+                by_region[region].append((activated_at, event_id, launched_at))
+        for region in self._changed if self._changed is not None else list(self._medians):
+            self._medians.pop(region, None)
+        for region, samples in by_region.items():
+            newest = heapq.nlargest(LEAD_TIME_SAMPLES, samples)  # by activation time, then id: the newest
+            leads = [max(0.0, (activated_at - launched_at).total_seconds()) for activated_at, _, launched_at in newest]
+            self._medians[region] = statistics.median(leads)
+        self._changed = set()
+
+
+def _activations(where: ColumnElement[bool]) -> Any:
+    """Activation events (id, time) with their instance's region and launch time (None when the row is gone)."""
+    return (
+        select(events.c.id, events.c.created_at, instances.c.region, instances.c.created_at)
         .select_from(events)
-        .join(instances, instances.c.instance_name == events.c.instance_name)
-        .where(
-            events.c.kind == str(EventKind.INSTANCE_ACTIVATED),
-            events.c.created_at > cutoff,
-            events.c.created_at <= now,
-            instances.c.region.in_(wanted),
-        )
-        .subquery()
+        .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
+        .where(where)
     )
-    ranked = (
-        select(
-            newest.c.region,
-            newest.c.launched_at,
-            newest.c.activated_at,
-            func.row_number().over(partition_by=newest.c.region, order_by=newest.c.lead_s).label("position"),
-            func.count().over(partition_by=newest.c.region).label("samples"),
-        )
-        .where(newest.c.recency <= LEAD_TIME_SAMPLES)
-        .subquery()
-    )
-    rows = session.execute(
-        select(ranked.c.region, ranked.c.launched_at, ranked.c.activated_at).where(
-            # The middle position (odd count) or the two middle ones (even): (n + 1) // 2 and (n + 2) // 2.
-            ranked.c.position.in_([(ranked.c.samples + 1) // 2, (ranked.c.samples + 2) // 2])
-        )
-    )
-    middle: dict[str, list[float]] = defaultdict(list)
-    for region, launched_at, activated_at in rows:
-        middle[region].append(max(0.0, (activated_at - launched_at).total_seconds()))
-    return {region: statistics.median(values) for region, values in middle.items()}
 
 
 def waiting_users(session: Session, *, now: datetime, window_s: float) -> dict[tuple[str, str], int]:

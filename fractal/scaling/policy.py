@@ -111,7 +111,8 @@ class TargetDecision:
 
 @dataclass(frozen=True)
 class InstanceSnapshot:
-    """One instance row. ``idle_since``: when it last became empty (or usable, when never used)."""
+    """One instance row. ``idle_since``: when it last became empty (or usable, when never used); the scaler's fleet
+    read gives it for empty ACTIVE hosts only (the only ones ``spare_to_drain`` looks at), None for the others."""
 
     instance_name: str
     region: str

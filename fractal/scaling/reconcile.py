@@ -30,8 +30,9 @@ from fractal.clock import database_now, format_timestamp
 from fractal.cloud.base import CloudProvider
 from fractal.config import Settings
 from fractal.database import SessionFactory, session_scope
-from fractal.retention import LogObjectStore, PurgeReport, purge_history
+from fractal.retention import LogObjectStore, PurgeReport, RetentionPolicy, purge_history
 from fractal.scaling import steps
+from fractal.scaling.demand import LEAD_TIME_WINDOW_S, LeadTimeCache
 from fractal.scaling.lease import (
     SCALER_LEASE,
     LeaseToken,
@@ -98,6 +99,7 @@ def reconcile_fleet(
     purge: bool = False,
     log_objects: LogObjectStore | None = None,
     instance_namer: Callable[[LaunchPlan], str] | None = None,
+    lead_times: LeadTimeCache | None = None,
 ) -> ReconcileReport:
     """Run one scaler pass unless another replica is running one.
 
@@ -109,6 +111,8 @@ def reconcile_fleet(
         purge: end the pass with a history purge (``fractal.retention``), under the lease.
         log_objects: where the purge deletes log objects (None: rows only).
         instance_namer: names new instances (the simulator's, reproducible); random suffixes when None.
+        lead_times: the launch lead times' activations kept from earlier passes (the scaler loop's and the
+            simulator's, one per process and database; see ``LeadTimeCache``); None: read anew.
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
@@ -123,6 +127,8 @@ def reconcile_fleet(
             log.info("scaler.skipped", reason=report.skipped_reason)
             return report
         report.ran = True
+        if lead_times is not None and not _retention_keeps_lead_window(settings):
+            lead_times = None  # a purge may delete activations inside the window: read them anew every pass
         try:
             _run_pass(
                 session,
@@ -132,8 +138,11 @@ def reconcile_fleet(
                 report=report,
                 lease=lease,
                 instance_namer=instance_namer,
+                lead_times=lead_times,
             )
             if purge:
+                if lead_times is not None:
+                    lead_times.clear()
                 report.purge = _purge(session, settings=settings, lease=lease, log_objects=log_objects)
         finally:
             session.rollback()  # a failed pass leaves its transaction aborted; the release needs a fresh one
@@ -166,20 +175,18 @@ def _run_pass(
     report: ReconcileReport,
     lease: LeaseToken,
     instance_namer: Callable[[LaunchPlan], str] | None = None,
+    lead_times: LeadTimeCache | None = None,
 ) -> None:
     """The pipeline (see ``steps``), committing after the sweeps, after the database-only moves, and in launch."""
     report.actions += steps.sweep(session, settings=settings, now=now)
     session.commit()
     report.actions += steps.retire_hosts(session, settings=settings, now=now)
-    fleet_plan, decided = steps.plan(
-        session,
-        steps.observe(session, now=now, waiting_window_s=settings.scaler_waiting_window_s),
-        settings=settings,
-        now=now,
-    )
+    snapshot = steps.observe(session, now=now, waiting_window_s=settings.scaler_waiting_window_s, lead_times=lead_times)
+    fleet_plan, decided = steps.plan(session, snapshot, settings=settings, now=now)
     report.actions += decided
-    report.actions += steps.drain(session, fleet_plan, now=now)
-    report.actions += steps.terminate_drained(session, now=now)
+    drained = steps.drain(session, fleet_plan, now=now)
+    report.actions += drained
+    report.actions += steps.terminate_drained(session, now=now, snapshot=snapshot, drained=drained)
     session.commit()
     for outcome in (
         steps.launch(
@@ -190,6 +197,12 @@ def _run_pass(
         report.actions += outcome.actions
         report.region_errors += outcome.region_errors
     session.commit()
+
+
+def _retention_keeps_lead_window(settings: Settings) -> bool:
+    """Whether the purge keeps every event and instance of the lead-time window (what ``LeadTimeCache`` needs)."""
+    retention = RetentionPolicy.from_settings(settings)
+    return min(retention.events_s, retention.instances_s) > LEAD_TIME_WINDOW_S
 
 
 def _purge(

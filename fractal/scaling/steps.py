@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
@@ -27,7 +27,13 @@ from fractal.fleet.instances import NewInstance, insert_instances, move_instance
 from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mandelboxes
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
-from fractal.scaling.demand import WAITING_WINDOW_S, launch_lead_times, recent_arrivals, waiting_users
+from fractal.scaling.demand import (
+    WAITING_WINDOW_S,
+    LeadTimeCache,
+    launch_lead_times,
+    recent_arrivals,
+    waiting_users,
+)
 from fractal.scaling.lease import LeaseToken, check_lease, fence
 from fractal.scaling.policy import (
     BufferKind,
@@ -186,6 +192,9 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
         # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
         "launch_unconfirmed": and_(booting, Instance.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
     }
+    # Most passes have nothing to retire: one read (on the status index) says so, instead of three empty moves.
+    if session.execute(_ANY_TO_RETIRE, {"p_boot_cutoff": boot_cutoff}).first() is None:
+        return []
     actions: list[ScalerAction] = []
     for reason, where in retire.items():
         actions += move(session, where=where, to=InstanceStatus.TERMINATING, action="terminate", reason=reason, now=now)
@@ -193,17 +202,41 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
 
 
 _instances = Instance.__table__
+# Whether any row matches one of retire_hosts' moves (the same conditions, over the table's columns).
+_ANY_TO_RETIRE = (
+    select(_instances.c.instance_name)
+    .where(
+        or_(
+            _instances.c.status == InstanceStatus.LOST,
+            and_(
+                _instances.c.status == InstanceStatus.PRE_CONNECTION,
+                or_(
+                    _instances.c.created_at < bindparam("p_boot_cutoff", type_=_instances.c.created_at.type),
+                    _instances.c.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True),
+                ),
+            ),
+        )
+    )
+    .limit(1)
+)
+
+
 # The statuses of the fleet the policy sees, named rather than "not TERMINATED": an IN list can use the status index,
 # a "<>" reads every instance row ever made (the TERMINATED history grows all day).
 NOT_TERMINATED = sorted(status for status in InstanceStatus if status is not InstanceStatus.TERMINATED)
 
 
 def observe(
-    session: Session, *, now: datetime | None = None, waiting_window_s: float = WAITING_WINDOW_S
+    session: Session,
+    *,
+    now: datetime | None = None,
+    waiting_window_s: float = WAITING_WINDOW_S,
+    lead_times: LeadTimeCache | None = None,
 ) -> FleetSnapshot:
     """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED; as of
     ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
-    and for images with a demand-aware buffer policy the recent arrivals and launch lead times."""
+    and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``lead_times``: the
+    activations earlier passes read, see ``LeadTimeCache``)."""
     images = [
         ImageTarget(
             region=row.region,
@@ -232,31 +265,42 @@ def observe(
         waiting = waiting_users(session, now=now, window_s=waiting_window_s) if waiting_window_s > 0 else {}
         if waiting:
             images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
-        images = _with_demand(session, images, now=now)
+        images = _with_demand(session, images, now=now, lead_times=lead_times)
     instances = [
         InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
-        for name, region, commit, status, capacity, live, idle_since in session.execute(
-            # The table's columns (plain Core rows, no ORM loading per row: this reads the whole fleet every pass).
-            select(
-                _instances.c.instance_name,
-                _instances.c.region,
-                _instances.c.client_commit_hash,
-                _instances.c.status,
-                _instances.c.mandelbox_capacity,
-                _instances.c.live_mandelboxes,
-                func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
-            ).where(_instances.c.status.in_(NOT_TERMINATED))
-        )
+        for name, region, commit, status, capacity, live, idle_since in session.execute(_FLEET_READ)
     ]
     return FleetSnapshot(images=images, instances=instances)
 
 
-def _with_demand(session: Session, images: list[ImageTarget], *, now: datetime) -> list[ImageTarget]:
+# The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
+# every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
+# other rows' timestamps are not fetched and parsed.
+_FLEET_READ = select(
+    _instances.c.instance_name,
+    _instances.c.region,
+    _instances.c.client_commit_hash,
+    _instances.c.status,
+    _instances.c.mandelbox_capacity,
+    _instances.c.live_mandelboxes,
+    case(
+        (
+            and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
+            func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+        ),
+        else_=None,
+    ),
+).where(_instances.c.status.in_(NOT_TERMINATED))
+
+
+def _with_demand(
+    session: Session, images: list[ImageTarget], *, now: datetime, lead_times: LeadTimeCache | None = None
+) -> list[ImageTarget]:
     """The images, those with a demand policy carrying what was measured (one read per distinct window)."""
     demand_aware = [i for i in images if i.active and i.buffer_policy and i.buffer_policy.kind is BufferKind.DEMAND]
     if not demand_aware:
         return images
-    lead = launch_lead_times(session, now=now, regions={i.region for i in demand_aware})
+    lead = launch_lead_times(session, now=now, regions={i.region for i in demand_aware}, cache=lead_times)
     by_window: dict[float, list[ImageTarget]] = defaultdict(list)
     for image in demand_aware:
         assert image.buffer_policy is not None
@@ -327,9 +371,19 @@ def drain(session: Session, fleet_plan: FleetPlan, *, now: datetime) -> list[Sca
     return actions
 
 
-def terminate_drained(session: Session, *, now: datetime) -> list[ScalerAction]:
+def terminate_drained(
+    session: Session, *, now: datetime, snapshot: FleetSnapshot | None = None, drained: Sequence[ScalerAction] = ()
+) -> list[ScalerAction]:
     """DRAINING hosts with no live mandelbox → TERMINATING (no assignment targets a DRAINING host, so an empty
-    one stays empty)."""
+    one stays empty).
+
+    Given the pass's ``snapshot`` and what its drain step ``drained``: nothing to do (no statement) when neither
+    shows a DRAINING host. Only a drain makes one, and this pass's scaler is the only one; a host an operator
+    drains meanwhile is terminated by the next pass, as if drained a moment later.
+    """
+    draining = snapshot is None or any(i.status is InstanceStatus.DRAINING for i in snapshot.instances)
+    if not draining and not drained:
+        return []
     return move(
         session,
         where=and_(Instance.status == InstanceStatus.DRAINING, Instance.live_mandelboxes == 0),
