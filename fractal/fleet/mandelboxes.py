@@ -639,7 +639,8 @@ def allocate_first_choice(
     if isinstance(bind, Engine) and own:
         # The statement answers one row, always; it commits when it took a slot (else nothing was written).
         found = run_in_own_transaction(bind, sql, params, commit_if=_took_slot)
-        assert found is not None
+        if found is None:  # the function returns exactly one row; none means the migrated function is not ours
+            raise RuntimeError(f"{FIRST_CHOICE_FUNCTION} answered no row")
         row = found
     else:
         row = tuple(session.connection().exec_driver_sql(sql, params).one())
