@@ -198,16 +198,20 @@ def _demand_history(session: Session, now: datetime) -> None:
     session.commit()
 
 
+def _session_on(backend: str, db: Session) -> Session:
+    """The Postgres test session, or a session on a fresh in-memory SQLite database with the model's tables."""
+    if backend == "postgres":
+        return db
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    return Session(engine)
+
+
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 def test_the_demand_reads_count_distinct_users_and_take_the_median_of_the_newest_launches(
     backend: str, db: Session
 ) -> None:
-    if backend == "sqlite":
-        engine = create_engine("sqlite://")
-        Base.metadata.create_all(engine)
-        session = Session(engine)
-    else:
-        session = db
+    session = _session_on(backend, db)
     now = NOW
     _demand_history(session, now)
     keys = [("region-a", "v1"), ("region-a", "v2"), ("region-b", "v1"), ("region-c", "v1")]
@@ -225,12 +229,7 @@ def test_the_demand_reads_count_distinct_users_and_take_the_median_of_the_newest
 def test_the_lead_time_cache_gives_what_a_fresh_read_gives_as_hosts_activate_and_leave_the_window(
     backend: str, db: Session
 ) -> None:
-    if backend == "sqlite":
-        engine = create_engine("sqlite://")
-        Base.metadata.create_all(engine)
-        session = Session(engine)
-    else:
-        session = db
+    session = _session_on(backend, db)
     _demand_history(session, NOW)
     cache = LeadTimeCache()
     regions = ["region-a", "region-b", "region-c"]
