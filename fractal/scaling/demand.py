@@ -4,6 +4,7 @@ bounded reads, only when an image's buffer policy needs them)."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 import statistics
 from collections import Counter, defaultdict
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, select, union_all
+from sqlalchemy import ColumnElement, Select, and_, bindparam, func, select, union_all
 from sqlalchemy.orm import Session
 
 from fractal.errors import ErrorCode
@@ -38,8 +39,22 @@ def recent_arrivals(
     wanted = set(keys)
     if not wanted:
         return {}
-    cutoff = now - timedelta(seconds=window_s)
-    in_window = and_(events.c.created_at > cutoff, events.c.created_at <= now)
+    rows = session.execute(
+        _recent_arrivals_statement(),
+        {"cutoff": now - timedelta(seconds=window_s), "now": now, "regions": sorted({region for region, _ in wanted})},
+    )
+    counts = {(region, commit): int(count) for region, commit, count in rows}
+    return {key: counts.get(key, 0) for key in wanted}
+
+
+@functools.cache
+def _recent_arrivals_statement() -> Select[Any]:
+    """recent_arrivals' read, built once (building it cost more than running it, every pass): binds ``cutoff``,
+    ``now`` and the expanding ``regions``."""
+    created_at = events.c.created_at
+    in_window = and_(
+        created_at > bindparam("cutoff", type_=created_at.type), created_at <= bindparam("now", type_=created_at.type)
+    )
     # Counted in the database, one row per key: a busy window holds thousands of users (and a retrying user's
     # refusal over and over), which fetched into Python cost more than the rest of the pass. A refusal's key is in
     # its detail (the first region asked for, the version), an assignment's is its instance's.
@@ -59,13 +74,11 @@ def recent_arrivals(
         .where(in_window, events.c.kind == str(EventKind.MANDELBOX_ASSIGNED))
     )
     asked = union_all(refused, assigned).subquery()
-    rows = session.execute(
+    return (
         select(asked.c.region, asked.c.commit, func.count(asked.c.actor.distinct()))
-        .where(asked.c.region.in_(sorted({region for region, _ in wanted})))
+        .where(asked.c.region.in_(bindparam("regions", expanding=True)))
         .group_by(asked.c.region, asked.c.commit)
     )
-    counts = {(region, commit): int(count) for region, commit, count in rows}
-    return {key: counts.get(key, 0) for key in wanted}
 
 
 def launch_lead_times(
