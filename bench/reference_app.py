@@ -18,6 +18,8 @@ share rows or locks. Served by the same gunicorn with the same gunicorn.conf.py 
   what this stack can reach at all; like ``/assign`` it keeps no per-user lock (its live count may race).
 - ``POST /heartbeat``: the host's secret looked up by its SHA-256 (an instance that is not TERMINATED), one
   upsert of its heartbeats row, the answer.
+- ``POST /heartbeat-floor``: the same work and answers as ``/heartbeat`` in ONE round trip: the lookup and the
+  upsert as a single statement on an autocommit connection. What a heartbeat can cost at all on this stack.
 - ``GET /readyz``: for the harness's wait.
 
 Settings from the environment the bench gives every server: DATABASE_URL, FRACTAL_JWT_PUBLIC_KEY,
@@ -322,3 +324,42 @@ def heartbeat() -> tuple[dict[str, Any], int]:
         )
         connection.commit()
     return _answer({"status": found[1], "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "stop_mandelboxes": []}, 200)
+
+
+# /heartbeat's lookup and upsert as one statement: the instance's status when the secret and the name match (no row
+# otherwise, and then nothing is written).
+HEARTBEAT_FLOOR_SQL = """
+WITH found AS (
+    SELECT instance_name, status FROM ref_instances
+    WHERE host_secret_hash = %(digest)s AND instance_name = %(instance_name)s AND status <> 'TERMINATED'
+), beat AS (
+    INSERT INTO ref_heartbeats (instance_name, last_heartbeat_at, metrics)
+    SELECT instance_name, now(), %(metrics)s::jsonb FROM found
+    ON CONFLICT (instance_name) DO UPDATE
+        SET last_heartbeat_at = EXCLUDED.last_heartbeat_at, metrics = EXCLUDED.metrics
+    RETURNING 1
+)
+SELECT status FROM found
+"""
+
+
+@app.post("/heartbeat-floor")
+def heartbeat_floor() -> tuple[dict[str, Any], int]:
+    secret = _bearer()
+    body = request.get_json(silent=True)
+    if secret is None or not isinstance(body, dict) or not isinstance(body.get("instance_name"), str):
+        return _answer({"error": "UNAUTHORIZED"}, 401)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    with _connection(autocommit=True) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            HEARTBEAT_FLOOR_SQL,
+            {
+                "digest": digest,
+                "instance_name": body["instance_name"],
+                "metrics": json.dumps(body.get("metrics") or {}),
+            },
+        )
+        found = cursor.fetchone()
+    if found is None:
+        return _answer({"error": "UNAUTHORIZED"}, 401)
+    return _answer({"status": found[0], "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "stop_mandelboxes": []}, 200)

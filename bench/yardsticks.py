@@ -9,11 +9,12 @@ keep-alive connections. Each round drives, in turn (the order of each pair flips
 favoured by what ran just before it):
 
     bare GET /hello | GET /healthz | reference POST /assign | POST /mandelbox/assign | floor POST /assign-floor |
-    reference POST /heartbeat | POST /host/heartbeat
+    reference POST /heartbeat | POST /host/heartbeat | heartbeat floor POST /heartbeat-floor
 
 The floor is the reference's own assign done as cheaply as this stack (Flask, pyjwt RS256, psycopg2) allows: one
 round trip, one autocommit statement. floor / reference says what share of the 1.5x target is reachable at all on
-this stack, whatever the project does; assign / floor is how close the project gets to it.
+this stack, whatever the project does; assign / floor is how close the project gets to it. The heartbeat floor is
+the same for the reference's heartbeat (the secret's lookup and the upsert in one autocommit statement).
 
 Honest load: every assign request carries a token the server has never seen (minted in advance, one per request
 and a fresh user each, more than the phase can send; lines a phase had to reuse are reported and must be 0), so
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         files["ref_heartbeat"] = write_lines(
             work, "ref_heartbeat", (("POST", "/heartbeat", s, "", b) for s, b in beats)
         )
+        files["heartbeat_floor"] = write_lines(
+            work, "heartbeat_floor", (("POST", "/heartbeat-floor", s, "", b) for s, b in beats)
+        )
         delete_tokens = mint_tokens(keypair, [f"bench-del-user-{n}" for n in range(min(DELETABLE, per_phase))])
 
         def mixed() -> Iterator[Line]:
@@ -325,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             load("reference", "warm_floor", warm_s)
             load("public", "warm_public", warm_s)
             load("reference", "ref_heartbeat", warm_s)
+            load("reference", "heartbeat_floor", warm_s)
             load("host", "heartbeat", warm_s)
 
             results: dict[str, list[h.LoadResult]] = {}
@@ -335,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                     ("assign", "public", "assign_r{r}"),
                     ("floor", "reference", "floor_r{r}"),
                 ),
-                (("ref_heartbeat", "reference", "ref_heartbeat"), ("heartbeat", "host", "heartbeat")),
+                (
+                    ("ref_heartbeat", "reference", "ref_heartbeat"),
+                    ("heartbeat", "host", "heartbeat"),
+                    ("heartbeat_floor", "reference", "heartbeat_floor"),
+                ),
             ]
             for r in range(rounds):
                 for pair in pairs:
@@ -363,7 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     totals = {name: Totals(runs) for name, runs in results.items()}
     table: list[tuple[str, Totals]] = [
         (name, totals[name])
-        for name in ("bare", "healthz", "ref_assign", "assign", "floor", "ref_heartbeat", "heartbeat")
+        for name in (
+            "bare",
+            "healthz",
+            "ref_assign",
+            "assign",
+            "floor",
+            "ref_heartbeat",
+            "heartbeat",
+            "heartbeat_floor",
+        )
     ]
     table += [("ref_scarce", Totals([ref_scarce])), ("scarce", Totals([scarce]))]
     table += [("mixed_public", Totals([mixed_public_result])), ("mixed_heartbeat", Totals([mixed_host_result]))]
@@ -399,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         "floor_p99_to_ref": ratio(t["floor"].p99, t["ref_assign"].p99),
         "assign_to_floor": ratio(t["assign"].rate, t["floor"].rate),
         "floor_cpu_to_ref": ratio(cpu_ms["floor"][0], cpu_ms["ref_assign"][0]),
+        "heartbeat_floor_to_ref": ratio(t["heartbeat_floor"].rate, t["ref_heartbeat"].rate),
+        "heartbeat_to_floor": ratio(t["heartbeat"].rate, t["heartbeat_floor"].rate),
+        "heartbeat_floor_cpu_to_ref": ratio(cpu_ms["heartbeat_floor"][0], cpu_ms["ref_heartbeat"][0]),
         "scarce_to_ref": ratio(scarce.rate, ref_scarce.rate),
         "assign_cpu_to_ref": ratio(cpu_ms["assign"][0], cpu_ms["ref_assign"][0]),
         "heartbeat_cpu_to_ref": ratio(cpu_ms["heartbeat"][0], cpu_ms["ref_heartbeat"][0]),

@@ -44,6 +44,7 @@ YARDSTICK_PHASES = (
     "floor",
     "ref_heartbeat",
     "heartbeat",
+    "heartbeat_floor",
     "scarce",
     "mixed_public",
 )
@@ -81,11 +82,13 @@ def test_yardsticks_quick_compares_every_phase_with_the_reference() -> None:
         assert float(by_name[f"{phase}_rate"]["value"]) > 0, phase
         assert f"{phase}_p99" in by_name
     # Outside the scarce phase every answer was 2xx, on both apps; in it nearly every assign was a 503.
-    for phase in ("bare", "healthz", "ref_assign", "assign", "floor", "ref_heartbeat", "heartbeat", "mixed_public"):
+    for phase in ("bare", "healthz", "ref_assign", "assign", "floor", "ref_heartbeat", "heartbeat", "heartbeat_floor"):
         assert by_name[f"{phase}_non_2xx"]["value"] == 0, phase
     assert int(by_name["scarce_503"]["value"]) > 0
     assert int(by_name["scarce_2xx"]["value"]) <= 8
-    for ratio in ("healthz_to_bare", "assign_to_ref", "assign_p99_to_ref", "heartbeat_to_ref", "floor_to_ref"):
+    assert by_name["mixed_public_non_2xx"]["value"] == 0
+    ratios = ("healthz_to_bare", "assign_to_ref", "assign_p99_to_ref", "heartbeat_to_ref", "floor_to_ref")
+    for ratio in (*ratios, "heartbeat_floor_to_ref", "heartbeat_to_floor"):
         assert float(by_name[ratio]["value"]) > 0, ratio
     # Honest load: no assign phase ran out of fresh tokens.
     assert "distinct tokens" not in stdout
