@@ -184,21 +184,25 @@ def _activations(where: ColumnElement[bool]) -> Any:
     )
 
 
+# waiting_users' read, built once (it runs every pass): the window's assignments and refusals, in order.
+_WAITING_READ = (
+    select(events.c.kind, events.c.actor, events.c.created_at, events.c.detail)
+    .where(
+        events.c.created_at > bindparam("cutoff", type_=events.c.created_at.type),
+        events.c.created_at <= bindparam("now", type_=events.c.created_at.type),
+        events.c.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]),
+    )
+    .order_by(events.c.id)
+)
+
+
 def waiting_users(session: Session, *, now: datetime, window_s: float) -> dict[tuple[str, str], int]:
     """Users per (region, client_commit_hash) refused for lack of room in the last ``window_s`` seconds and not
     given a mandelbox since: they are retrying now (every Retry-After), and the buffer must cover them too."""
     cutoff = now - timedelta(seconds=window_s)
     last_refused: dict[str, tuple[datetime, tuple[str, str]]] = {}
     assigned: dict[str, datetime] = {}
-    rows = session.execute(
-        select(events.c.kind, events.c.actor, events.c.created_at, events.c.detail)
-        .where(
-            events.c.created_at > cutoff,
-            events.c.created_at <= now,
-            events.c.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]),
-        )
-        .order_by(events.c.id)
-    )
+    rows = session.execute(_WAITING_READ, {"cutoff": cutoff, "now": now})
     for kind, actor, created_at, detail in rows:
         detail = detail or {}
         if kind == EventKind.MANDELBOX_ASSIGNED:

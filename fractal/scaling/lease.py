@@ -26,7 +26,19 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Executable, and_, case, exists, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Executable,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    exists,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -75,24 +87,39 @@ def acquire_lease(session: Session, *, name: str, holder: str, ttl_s: float) -> 
 
     The same holder renews (same token); a free or expired lease is taken with the token plus one. Commits.
     """
-    upsert = _acquire_statement(is_postgres(session), name, holder, ttl_s)
-    token = session.execute(upsert).scalar()
+    upsert = _acquire_statement(is_postgres(session), ttl_s)
+    token = session.execute(upsert, {"lease_name": name, "lease_holder": holder}).scalar()
     session.commit()
     return LeaseToken(name, holder, int(token), ttl_s) if token is not None else None
 
 
-# The lease's statements are built once per lease, holder and token (a few per process lifetime) rather than on
-# every call: building one costs more than running it on the scaler's hot path (check_lease runs before every cloud
-# call, several times a pass). Their SQL holds no instant of its own (db_now renders the clock), so a statement built
-# once stays right.
-@functools.lru_cache(maxsize=16)
-def _acquire_statement(on_postgres: bool, name: str, holder: str, ttl_s: float) -> Executable:
+# The lease's statements are built once per process (per backend and lease period: the period is rendered into the
+# SQL) with the lease's name, holder and token as bound parameters, rather than on every call: building one cost more
+# than running it on the scaler's hot path (every pass acquires and releases; check_lease runs before every cloud
+# call). Their SQL holds no instant of its own (db_now renders the clock), so a statement built once stays right.
+_NAME: BindParameter[str] = bindparam("lease_name", type_=String())
+_HOLDER: BindParameter[str] = bindparam("lease_holder", type_=String())
+_TOKEN: BindParameter[int] = bindparam("lease_token", type_=Integer())
+_HELD = and_(
+    Lease.name == _NAME,
+    Lease.holder == _HOLDER,
+    Lease.fencing_token == _TOKEN,
+    Lease.expires_at > db_now(live=True),
+)
+
+
+def _bound(token: LeaseToken) -> dict[str, object]:
+    return {"lease_name": token.name, "lease_holder": token.holder, "lease_token": token.fencing_token}
+
+
+@functools.lru_cache(maxsize=8)
+def _acquire_statement(on_postgres: bool, ttl_s: float) -> Executable:
     dialect_insert = postgresql.insert if on_postgres else sqlite.insert
     statement = dialect_insert(Lease).values(
-        name=name, holder=holder, fencing_token=1, acquired_at=db_now(live=True), expires_at=db_now(ttl_s, live=True)
+        name=_NAME, holder=_HOLDER, fencing_token=1, acquired_at=db_now(live=True), expires_at=db_now(ttl_s, live=True)
     )
     current = statement.excluded
-    renewing = and_(Lease.holder == holder, Lease.expires_at > db_now(live=True))
+    renewing = and_(Lease.holder == _HOLDER, Lease.expires_at > db_now(live=True))
     return statement.on_conflict_do_update(
         index_elements=[Lease.name],
         set_={
@@ -101,34 +128,28 @@ def _acquire_statement(on_postgres: bool, name: str, holder: str, ttl_s: float) 
             "acquired_at": _if(renewing, Lease.acquired_at, current.acquired_at),
             "expires_at": current.expires_at,
         },
-        where=(Lease.holder == holder) | (Lease.expires_at <= db_now(live=True)),
+        where=(Lease.holder == _HOLDER) | (Lease.expires_at <= db_now(live=True)),
     ).returning(Lease.fencing_token)
 
 
-@functools.lru_cache(maxsize=16)
-def _renew_statement(token: LeaseToken) -> Executable:
+@functools.lru_cache(maxsize=8)
+def _renew_statement(ttl_s: float) -> Executable:
     return (
         update(Lease)
-        .where(lease_holds(token, in_subquery=False))
-        .values(expires_at=db_now(token.ttl_s, live=True))
+        .where(_HELD)
+        .values(expires_at=db_now(ttl_s, live=True))
         .returning(Lease.fencing_token)
         .execution_options(synchronize_session=False)
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _fence_statement(token: LeaseToken) -> Executable:
-    return select(Lease.fencing_token).where(lease_holds(token, in_subquery=False)).with_for_update(read=True)
-
-
-@functools.lru_cache(maxsize=16)
-def _release_statement(token: LeaseToken) -> Executable:
-    return (
-        update(Lease)
-        .where(Lease.name == token.name, Lease.holder == token.holder, Lease.fencing_token == token.fencing_token)
-        .values(expires_at=db_now(live=True))
-        .execution_options(synchronize_session=False)
-    )
+_FENCE = select(Lease.fencing_token).where(_HELD).with_for_update(read=True)
+_RELEASE = (
+    update(Lease)
+    .where(Lease.name == _NAME, Lease.holder == _HOLDER, Lease.fencing_token == _TOKEN)
+    .values(expires_at=db_now(live=True))
+    .execution_options(synchronize_session=False)
+)
 
 
 def _if(condition: ColumnElement[bool], then: object, otherwise: object) -> ColumnElement[object]:
@@ -164,7 +185,7 @@ def check_lease(session: Session, token: LeaseToken) -> float:
     lease holds, and one the caller was too stalled to send in time is not sent at all.
     """
     sent = time.monotonic()
-    renewed = session.execute(_renew_statement(token)).scalar()
+    renewed = session.execute(_renew_statement(token.ttl_s), _bound(token)).scalar()
     session.commit()
     if renewed is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
@@ -179,12 +200,12 @@ def fence(session: Session, token: LeaseToken) -> None:
     so no successor can take the lease while the transaction records; and a stale leader's transaction stops here,
     before it writes anything. Neither commits nor rolls back: on LeaseLost the caller's transaction is abandoned.
     """
-    held = session.execute(_fence_statement(token)).scalar()
+    held = session.execute(_FENCE, _bound(token)).scalar()
     if held is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
 
 
 def release_lease(session: Session, token: LeaseToken) -> None:
     """Give the lease up at once (a clean shutdown), so the next replica need not wait for it to expire. Commits."""
-    session.execute(_release_statement(token))
+    session.execute(_RELEASE, _bound(token))
     session.commit()

@@ -248,18 +248,7 @@ def observe(
             target_free=row.target_free,
             buffer_policy=BufferPolicy.from_dict(row.buffer_policy) if row.buffer_policy else None,
         )
-        for row in session.execute(
-            select(
-                Image.region,
-                Image.client_commit_hash,
-                Image.ami_id,
-                Image.instance_type,
-                Image.mandelbox_capacity,
-                Image.active,
-                Image.target_free,
-                Image.buffer_policy,
-            ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
-        )
+        for row in session.execute(_IMAGES_READ)
     ]
     if now is not None:
         waiting = waiting_users(session, now=now, window_s=waiting_window_s) if waiting_window_s > 0 else {}
@@ -267,11 +256,25 @@ def observe(
             images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
         images = _with_demand(session, images, now=now, lead_times=lead_times)
     instances = [
-        InstanceSnapshot(name, region, commit, InstanceStatus(status), capacity, live, idle_since)
+        InstanceSnapshot(name, region, commit, _STATUS_BY_VALUE[status], capacity, live, idle_since)
         for name, region, commit, status, capacity, live, idle_since in session.execute(_FLEET_READ)
     ]
     return FleetSnapshot(images=images, instances=instances)
 
+
+# Every image, newest first per region (built once, like the fleet read below).
+_IMAGES_READ = select(
+    Image.region,
+    Image.client_commit_hash,
+    Image.ami_id,
+    Image.instance_type,
+    Image.mandelbox_capacity,
+    Image.active,
+    Image.target_free,
+    Image.buffer_policy,
+).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
+# A dict lookup per fleet row rather than the enum's constructor (a measurable share of a pass at 1,000s of hosts).
+_STATUS_BY_VALUE: dict[str, InstanceStatus] = {str(status): status for status in InstanceStatus}
 
 # The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
 # every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
