@@ -66,6 +66,14 @@ def db_session() -> Session:
     return session
 
 
+def db_engine_or_session() -> Engine | Session:
+    """The engine the request's sessions are bound to (every app the factory builds for itself), for a route whose
+    service runs its work in a transaction of its own without an ORM session; else (sessions bound to a
+    connection: the tests' outer transaction) the request's session."""
+    bind = state().session_factory.kw.get("bind")
+    return bind if isinstance(bind, Engine) else db_session()
+
+
 def close_db_session(_exc: BaseException | None = None) -> None:
     session: Session | None = g.pop("db_session", None)
     if session is not None:

@@ -294,3 +294,62 @@ def test_on_the_apps_engine_its_settings_stay_in_its_transaction_and_a_dead_conn
     response = app_client.post("/host/heartbeat", json={**beat, "metrics": {"n": 2}}, headers=bearer(secret))
     assert response.status_code == 200, response.json
     assert _metrics(committed_factory, name) == {"n": 2}
+
+
+def test_the_migrated_heartbeat_function_is_the_statement_the_code_builds(engine: Engine) -> None:
+    """fractal_heartbeat is created by a migration (frozen text): a change to the heartbeat's statements in
+    fractal.host_service.service must come with a revision that replaces the function."""
+    from fractal.host_service.service import HEARTBEAT_FUNCTION, heartbeat_function_body
+
+    with engine.connect() as connection:
+        body = connection.execute(
+            text("SELECT prosrc FROM pg_proc WHERE proname = :name"), {"name": HEARTBEAT_FUNCTION}
+        ).scalar_one()
+    assert body == heartbeat_function_body()
+
+
+def test_on_sqlite_the_portable_path_records_heartbeats_and_refuses_a_replaced_secret(
+    tmp_path: Any, settings: Settings
+) -> None:
+    """SQLite has no fractal_heartbeat: the app's engine gets a session of its own for the portable statements."""
+    from sqlalchemy.orm import Session
+
+    from fractal.models import Base, Mandelbox
+
+    sqlite_settings = Settings(**{**settings.model_dump(), "database_url": f"sqlite:///{tmp_path}/fractal.db"})
+    app = create_app(blueprints=HOST_BLUEPRINTS, settings=sqlite_settings)
+    engine = app.extensions["fractal"].engine
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        instance, secret = Factories(session).instance(status=InstanceStatus.ACTIVE)
+        name = instance.instance_name
+        dying = Mandelbox(mandelbox_id=uuid.uuid4(), instance_name=name, user_id="u", status=MandelboxStatus.DYING)
+        session.add(dying)
+        session.commit()
+        dying_id = dying.mandelbox_id
+    client = app.test_client()
+    gone = uuid.uuid4()
+    beat = {
+        "instance_name": name,
+        "mandelboxes": [{"mandelbox_id": str(gone), "status": "RUNNING"}],
+        "metrics": {"n": 1},
+    }
+    answer = client.post("/host/heartbeat", json=beat, headers=bearer(secret))
+    assert answer.status_code == 200, answer.json
+    assert answer.json["status"] == "ACTIVE"
+    assert sorted(answer.json["stop_mandelboxes"]) == sorted([str(gone), str(dying_id)])
+
+    def stored_metrics() -> Any:
+        with Session(engine) as session:
+            return session.execute(select(Heartbeat.metrics).where(Heartbeat.instance_name == name)).scalar_one()
+
+    assert stored_metrics() == {"n": 1}
+    with Session(engine) as session:
+        session.execute(
+            update(Instance).where(Instance.instance_name == name).values(host_secret_hash=hash_host_secret("new"))
+        )
+        session.commit()
+    refused = client.post("/host/heartbeat", json={**beat, "metrics": {"n": 2}}, headers=bearer(secret))
+    assert refused.status_code == 401
+    assert stored_metrics() == {"n": 1}
+    engine.dispose()

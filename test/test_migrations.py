@@ -40,10 +40,15 @@ def test_upgrade_empty_database_then_no_drift_then_down_and_up() -> None:
                 text("SELECT reloptions FROM pg_class WHERE relname = 'instances'")
             ).scalar_one()
             assert f"fillfactor={INSTANCES_FILLFACTOR}" in options
+            names = set(connection.execute(text("SELECT proname FROM pg_proc WHERE proname LIKE 'fractal%'")).scalars())
+            assert names == {"fractal_first_choice", "fractal_heartbeat"}
         run_alembic(url, command.check)  # alembic's own drift check raises on any difference
         run_alembic(url, command.downgrade, "base")
         with engine.connect() as connection:
             assert set(inspect(connection).get_table_names()) <= {"alembic_version"}
+            # The functions the revisions create are dropped by their downgrades too.
+            functions = connection.execute(text("SELECT proname FROM pg_proc WHERE proname LIKE 'fractal%'")).all()
+            assert functions == []
         run_alembic(url, command.upgrade, "head")
         with engine.connect() as connection:
             assert set(Base.metadata.tables) <= set(inspect(connection).get_table_names())

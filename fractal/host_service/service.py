@@ -189,7 +189,7 @@ def handshake_host(
 
 
 def record_heartbeat(
-    session: Session,
+    database: Session | Engine,
     *,
     authenticated_instance: str,
     instance_name: str,
@@ -205,6 +205,11 @@ def record_heartbeat(
     ``stop_mandelboxes`` holds this instance's DYING mandelboxes (user deletions) and every mandelbox the host
     reports as live that is not live on this instance any more (released by a sweep, or not its own).
 
+    ``database``: the request's session, or the engine it would be bound to. On Postgres the work is one call of
+    the ``fractal_heartbeat`` function: given the engine, on a pooled DBAPI connection in a transaction of its own
+    (one round trip, no ORM session); given a session, in the session's connection, then committed. On SQLite
+    the same work is done by portable statements (a session of its own when given the engine).
+
     ``secret_digest``: the digest of the secret the request came with, when ``authenticated_instance`` may come
     from a memo (``host_claimed``): it is checked, with the instance not being TERMINATED, by the statement that
     writes the heartbeat, and nothing is written when it does not match.
@@ -215,9 +220,9 @@ def record_heartbeat(
     _require_own_name(authenticated_instance, instance_name)
     now = now or utcnow()
     reported_live = [mid for mid, reported in mandelboxes if reported is not MandelboxStatus.EXITED]
-    if is_postgres(session):
-        found = _heartbeat_in_one_statement(
-            session,
+    if is_postgres(database):
+        found = _heartbeat_in_one_call(
+            database,
             instance_name=instance_name,
             now=now,
             metrics=metrics,
@@ -227,14 +232,15 @@ def record_heartbeat(
         if found is None:
             raise UnauthorizedError()
         status, dying, still_live = found
+    elif isinstance(database, Engine):
+        with Session(database) as session:
+            status, dying, still_live = _heartbeat_in_session(
+                session, instance_name, now, metrics, reported_live, secret_digest
+            )
     else:
-        if secret_digest is not None and instance_name_for_secret_hash(session, secret_digest) != instance_name:
-            session.rollback()
-            raise UnauthorizedError()
-        status, dying, still_live = _heartbeat_portable(
-            session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
+        status, dying, still_live = _heartbeat_in_session(
+            database, instance_name, now, metrics, reported_live, secret_digest
         )
-        session.commit()
     stop = set(reported_live) if status in RETIRED_STATUSES else dying | (set(reported_live) - still_live)
     if stop:
         # Rare (a user ended a session, a sweep released a box): worth a line; a routine heartbeat has the access
@@ -243,51 +249,110 @@ def record_heartbeat(
     return HeartbeatAnswer(status=status, heartbeat_interval_s=heartbeat_interval_s, stop_mandelboxes=sorted(stop))
 
 
-# One round trip per heartbeat on Postgres: upsert the heartbeats row (the only write; no instance row lock), read
-# the instance's status, its DYING mandelboxes and which of the reported ones are still live on it. In the
-# driver's parameter style: the statement goes straight to the pooled DBAPI connection (_run_heartbeat).
-# Planning is most of its Postgres time (EXPLAIN ANALYZE on 1,000 hosts with 2 live mandelboxes each: about 0.3 ms
-# planning, 0.15 ms execution): so one scan (LATERAL) of the instance's live mandelboxes (the partial index
-# ix_mandelboxes_live_instance) answers both lists, DYING being live. array_agg over no rows is NULL: read as none.
-_HEARTBEAT_SQL = """
-WITH beat AS (
+def _heartbeat_in_session(
+    session: Session,
+    instance_name: str,
+    now: datetime,
+    metrics: dict[str, Any],
+    reported_live: list[uuid.UUID],
+    secret_digest: str | None,
+) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]]:
+    """The portable heartbeat (SQLite), committed; UnauthorizedError (nothing written) for a stale secret."""
+    if secret_digest is not None and instance_name_for_secret_hash(session, secret_digest) != instance_name:
+        session.rollback()
+        raise UnauthorizedError()
+    found = _heartbeat_portable(
+        session, instance_name=instance_name, now=now, metrics=metrics, reported_live=reported_live
+    )
+    session.commit()
+    return found
+
+
+# The heartbeat's work on Postgres, one statement per form, each the body of a branch of the fractal_heartbeat
+# function (below): upsert the heartbeats row (the only write; no instance row lock), read the instance's status,
+# its DYING mandelboxes and which of the reported ones are still live on it. One scan (LATERAL) of the instance's
+# live mandelboxes (the partial index ix_mandelboxes_live_instance) answers both lists, DYING being live. array_agg
+# over no rows is NULL: read as none.
+_HEARTBEAT_QUERY = """WITH beat AS (
     INSERT INTO heartbeats (instance_name, last_heartbeat_at, metrics)
-    VALUES (%(instance_name)s, %(now)s, CAST(%(metrics)s AS jsonb))
+    VALUES (p_instance_name, p_now, p_metrics)
     ON CONFLICT (instance_name) DO UPDATE
         SET last_heartbeat_at = EXCLUDED.last_heartbeat_at, metrics = EXCLUDED.metrics
     RETURNING instance_name
 )
-SELECT i.status, boxes.dying, boxes.still_live
+SELECT i.status::text, boxes.dying, boxes.still_live
 FROM instances i JOIN beat ON beat.instance_name = i.instance_name, LATERAL (
     SELECT array_agg(m.mandelbox_id) FILTER (WHERE m.status = 'DYING') AS dying,
-           array_agg(m.mandelbox_id) FILTER (WHERE m.mandelbox_id = ANY(CAST(%(reported)s AS uuid[]))) AS still_live
-    FROM mandelboxes m WHERE m.instance_name = %(instance_name)s AND m.status <> 'EXITED'
-) AS boxes
-"""
+           array_agg(m.mandelbox_id) FILTER (WHERE m.mandelbox_id = ANY(p_reported)) AS still_live
+    FROM mandelboxes m WHERE m.instance_name = p_instance_name AND m.status <> 'EXITED'
+) AS boxes"""
 # The same, for a caller authenticated from a memo: the secret's digest and the instance not being TERMINATED are
 # checked by the statement itself, and the upsert writes nothing (no row comes back) when they do not hold. A
 # data-modifying CTE runs whether or not the query reads it: the answer needs only the host.
-_VERIFIED_HEARTBEAT_SQL = """
-WITH host AS (
+_VERIFIED_HEARTBEAT_QUERY = """WITH host AS (
     SELECT instance_name, status FROM instances
-    WHERE instance_name = %(instance_name)s AND host_secret_hash = %(digest)s AND status <> 'TERMINATED'
+    WHERE instance_name = p_instance_name AND host_secret_hash = p_digest AND status <> 'TERMINATED'
 ), beat AS (
     INSERT INTO heartbeats (instance_name, last_heartbeat_at, metrics)
-    SELECT host.instance_name, %(now)s, CAST(%(metrics)s AS jsonb) FROM host
+    SELECT host.instance_name, p_now, p_metrics FROM host
     ON CONFLICT (instance_name) DO UPDATE
         SET last_heartbeat_at = EXCLUDED.last_heartbeat_at, metrics = EXCLUDED.metrics
 )
-SELECT host.status, boxes.dying, boxes.still_live
+SELECT host.status::text, boxes.dying, boxes.still_live
 FROM host, LATERAL (
     SELECT array_agg(m.mandelbox_id) FILTER (WHERE m.status = 'DYING') AS dying,
-           array_agg(m.mandelbox_id) FILTER (WHERE m.mandelbox_id = ANY(CAST(%(reported)s AS uuid[]))) AS still_live
-    FROM mandelboxes m WHERE m.instance_name = %(instance_name)s AND m.status <> 'EXITED'
-) AS boxes
-"""
+           array_agg(m.mandelbox_id) FILTER (WHERE m.mandelbox_id = ANY(p_reported)) AS still_live
+    FROM mandelboxes m WHERE m.instance_name = p_instance_name AND m.status <> 'EXITED'
+) AS boxes"""
+
+# Sent as text, the statement was parsed and planned on every heartbeat, and planning was most of its Postgres
+# time (EXPLAIN ANALYZE on 1,000 hosts with 2 live mandelboxes each: ~0.26 ms planning, ~0.15 ms execution). A
+# PL/pgSQL function keeps its statements' plans for the connection's life (and works behind PgBouncer's
+# transaction pooling, unlike PREPARE). The function is created by a migration, as frozen text:
+# heartbeat_function_sql() builds it from the statements above, and a test checks the migrated body is this one.
+# It moves no status: what a heartbeat answers a retired host is decided here, in Python (RETIRED_STATUSES).
+HEARTBEAT_FUNCTION = "fractal_heartbeat"
+_HEARTBEAT_ARGS = (
+    ("instance_name", "text"),
+    ("digest", "text"),
+    ("now", "timestamptz"),
+    ("metrics", "jsonb"),
+    ("reported", "uuid[]"),
+)
+_HEARTBEAT_RESULT = "instance_status text, dying uuid[], still_live uuid[]"
+# The arguments in _HEARTBEAT_ARGS's order, in the driver's parameter style; the list of ids is sent as text[].
+_HEARTBEAT_CALL = (
+    "SELECT * FROM fractal_heartbeat(%(instance_name)s, %(digest)s, %(now)s, CAST(%(metrics)s AS jsonb),"
+    " CAST(%(reported)s AS uuid[]))"
+)
+assert HEARTBEAT_FUNCTION + "(" in _HEARTBEAT_CALL
+assert all(f"%({name})s" in _HEARTBEAT_CALL for name, _ in _HEARTBEAT_ARGS)
+assert _HEARTBEAT_CALL.count("%(") == len(_HEARTBEAT_ARGS)
 
 
-def _heartbeat_in_one_statement(
-    session: Session,
+def heartbeat_function_body() -> str:
+    """The PL/pgSQL body of fractal_heartbeat (what pg_proc.prosrc holds once migrated): the plain statement when
+    no digest is given, else the verified one."""
+    return (
+        "\n#variable_conflict use_column\nBEGIN\n    IF p_digest IS NULL THEN\n        RETURN QUERY "
+        + _HEARTBEAT_QUERY
+        + ";\n    ELSE\n        RETURN QUERY "
+        + _VERIFIED_HEARTBEAT_QUERY
+        + ";\n    END IF;\nEND\n"
+    )
+
+
+def heartbeat_function_sql() -> str:
+    """CREATE OR REPLACE FUNCTION fractal_heartbeat: what the migration that created it ran."""
+    arguments = ", ".join(f"p_{name} {kind}" for name, kind in _HEARTBEAT_ARGS)
+    return (
+        f"CREATE OR REPLACE FUNCTION {HEARTBEAT_FUNCTION}({arguments})\n"
+        f"RETURNS TABLE ({_HEARTBEAT_RESULT})\nLANGUAGE plpgsql VOLATILE AS $fn$" + heartbeat_function_body() + "$fn$"
+    )
+
+
+def _heartbeat_in_one_call(
+    database: Session | Engine,
     *,
     instance_name: str,
     now: datetime,
@@ -295,19 +360,16 @@ def _heartbeat_in_one_statement(
     reported_live: list[uuid.UUID],
     secret_digest: str | None,
 ) -> tuple[InstanceStatus, set[uuid.UUID], set[uuid.UUID]] | None:
-    """The heartbeat's one statement, committed; None (nothing written) when ``secret_digest`` does not (or no
+    """The heartbeat's one function call, committed; None (nothing written) when ``secret_digest`` does not (or no
     longer) authenticate the host."""
     parameters: dict[str, Any] = {
         "instance_name": instance_name,
+        "digest": secret_digest,
         "now": now,
         "metrics": json.dumps(metrics),
         "reported": [str(mid) for mid in reported_live],
     }
-    statement = _HEARTBEAT_SQL
-    if secret_digest is not None:
-        parameters["digest"] = secret_digest
-        statement = _VERIFIED_HEARTBEAT_SQL
-    row = _run_heartbeat(session, statement, parameters)
+    row = _run_heartbeat(database, parameters)
     if row is None:
         return None
     status, dying, still_live = row
@@ -322,30 +384,28 @@ def _as_uuid(value: Any) -> uuid.UUID:
 _HEARTBEAT_SETTINGS = {"synchronous_commit": "off"}
 
 
-def _run_heartbeat(session: Session, statement: str, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
-    """Run the heartbeat statement in a transaction of its own; its row, or None (nothing written).
+def _run_heartbeat(database: Session | Engine, parameters: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Call fractal_heartbeat in a transaction of its own; its row, or None (nothing written).
 
-    A session bound to the engine (every app) hands it to a pooled DBAPI connection in one round trip
-    (``run_in_own_transaction`` without ``commit_if``: the bounds and the statement in one implicit transaction,
-    always committed): the statement writes nothing when it returns no row (the verified form's upsert selects
-    from the authenticated host; the other's row always comes back, the instance's foreign key guarantees it), and
-    running it twice (a lost connection's retry) writes the same row again. The ORM's and Core's execution layers
-    would cost about 0.2 ms of a 1.2 ms heartbeat (bench/profile_heartbeat.py). A session bound to a connection
-    (the tests' outer transaction) runs it through that connection.
+    Given the engine (every app), on a pooled DBAPI connection in one round trip (``run_in_own_transaction``
+    without ``commit_if``: the bounds and the call in one implicit transaction, always committed): the call writes
+    nothing when it returns no row (the verified form's upsert selects from the authenticated host; the other's
+    row always comes back, the instance's foreign key guarantees it), and running it twice (a lost connection's
+    retry) writes the same row again. The ORM's and Core's execution layers would cost about 0.2 ms of a 1.2 ms
+    heartbeat (bench/profile_heartbeat.py). Given a session (the tests' outer transaction), through its connection.
     """
-    bind = session.get_bind()
-    if isinstance(bind, Engine):
+    if isinstance(database, Engine):
         # synchronous_commit off, for this transaction only: the commit does not wait for its WAL to reach disk.
         # What a Postgres crash can lose is the last few hundred milliseconds of heartbeats (never a torn or
         # half-applied one), and each host sends its next within heartbeat_interval_s: a lost heartbeat costs at
         # most one interval of staleness, well inside host_timeout_s (after which the sweep calls a host LOST).
         # Every other write keeps the default.
-        return run_in_own_transaction(bind, statement, parameters, set_local=_HEARTBEAT_SETTINGS)
-    result = session.connection().exec_driver_sql(statement, parameters).first()
+        return run_in_own_transaction(database, _HEARTBEAT_CALL, parameters, set_local=_HEARTBEAT_SETTINGS)
+    result = database.connection().exec_driver_sql(_HEARTBEAT_CALL, parameters).first()
     if result is None:
-        session.rollback()
+        database.rollback()
         return None
-    session.commit()
+    database.commit()
     return tuple(result)
 
 

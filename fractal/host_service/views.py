@@ -29,7 +29,7 @@ from fractal.host_service.schemas import (
     accept_heartbeat,
 )
 from fractal.ratelimit import limit_failed_handshakes
-from fractal.web import db_session, parse_mandelbox_id, settings
+from fractal.web import db_engine_or_session, db_session, parse_mandelbox_id, settings
 
 host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="/host")
 _AUTH = {401: "Unauthorized (no hint whether the instance exists)"}
@@ -108,7 +108,7 @@ def _heartbeat_input(view: Callable[..., Any]) -> Callable[..., Any]:
 )
 def heartbeat(body: HeartbeatReport) -> Any:
     answer = service.record_heartbeat(
-        db_session(),
+        db_engine_or_session(),  # no ORM session on this, the hottest route
         authenticated_instance=current_host_instance_name(),
         instance_name=body.instance_name,
         mandelboxes=body.mandelboxes,
