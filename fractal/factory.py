@@ -19,7 +19,7 @@ from fractal.cache import init_cache
 from fractal.cloud import build_cloud_provider
 from fractal.config import Settings, load_settings_or_exit
 from fractal.database import SessionFactory, create_db_engine, create_session_factory
-from fractal.errors import NotFoundError, register_error_handlers
+from fractal.errors import register_error_handlers
 from fractal.health.service import check_readiness
 from fractal.health.views import health_blueprint
 from fractal.metrics import register_metrics
@@ -27,7 +27,7 @@ from fractal.nudge import build_nudge
 from fractal.observability import configure_logging, register_request_context
 from fractal.ratelimit import init_rate_limits
 from fractal.redis_client import build_redis_client
-from fractal.request_guards import install_request_guards
+from fractal.request_guards import install_request_guards, refuse_unservable_path
 from fractal.web import EXTENSION_KEY, FractalState, close_db_session
 
 SECURITY_SCHEMES = {
@@ -63,7 +63,6 @@ def create_app(
     register_blueprints(app, [health_blueprint, *served])
     configure_docs(app)
     register_error_handlers(app)
-    register_path_guard(app)
     install_request_guards(app)
     # Only the operators' API serves /metrics on its own port (with the fleet gauges); see register_metrics.
     request_metrics = register_metrics(
@@ -72,7 +71,7 @@ def create_app(
         readiness=lambda: readiness_checks(app),
         default_target_free=settings.target_free_mandelboxes,
     )
-    register_request_context(app, observer=request_metrics)
+    register_request_context(app, observer=request_metrics, guard=refuse_unservable_path)
     app.teardown_appcontext(close_db_session)
     register_commands(app)
     register_spec_processor(app)
@@ -192,15 +191,6 @@ def register_extensions(app: APIFlask, settings: Settings, session_factory: Sess
 def register_blueprints(app: APIFlask, blueprints: Iterable[APIBlueprint]) -> None:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
-
-
-def register_path_guard(app: APIFlask) -> None:
-    """A path part holding a NUL character names nothing (and PostgreSQL text cannot hold one): 404."""
-
-    @app.url_value_preprocessor
-    def _refuse_nul(_endpoint: str | None, values: dict[str, Any] | None) -> None:
-        if values and any(isinstance(value, str) and "\x00" in value for value in values.values()):
-            raise NotFoundError()
 
 
 def register_commands(app: APIFlask) -> None:

@@ -347,7 +347,9 @@ class RequestMetrics:
         if started is None or _REPORTED in environ:
             return
         environ[_REPORTED] = True
-        key = (current.method, str(current.url_rule), status)
+        rule = current.url_rule
+        # The rule's text, as the exporter's str(rule) gave it; "None" when nothing matched (a 404 or 405).
+        key = (current.method, rule.rule if rule is not None else "None", status)
         pair = self._children.get(key)
         if pair is None:
             pair = (self._duration.labels(key[0], key[1], status), self._total.labels(key[0], status))

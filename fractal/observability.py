@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Protocol
 
 import structlog
@@ -205,9 +205,16 @@ class RequestObserver(Protocol):
 _request_proxy: Any = request
 
 
-def register_request_context(app: Flask, *, observer: RequestObserver | None = None) -> None:
+def register_request_context(
+    app: Flask,
+    *,
+    observer: RequestObserver | None = None,
+    guard: Callable[[Request], None] | None = None,
+) -> None:
     """Give every request an id (honouring a sane incoming X-Request-ID) bound into every log line, write one
-    access line per request, and drive ``observer`` (the request metrics).
+    access line per request, drive ``observer`` (the request metrics), and run ``guard`` (the path guards of
+    ``request_guards``: it raises to refuse a request) once the request has its id and is counted, so a refused
+    request gets its id, its metrics and its access line like any other.
 
     One before, one after and one teardown hook for all of it: Flask dispatches each hook on every request. The
     hooks fetch the request object once and keep their state in its WSGI environ.
@@ -226,6 +233,8 @@ def register_request_context(app: Flask, *, observer: RequestObserver | None = N
         structlog.contextvars.bind_contextvars(request_id=request_id, path=current.path, method=current.method)
         if observer is not None:
             observer.start(current, started)
+        if guard is not None:
+            guard(current)
 
     @app.after_request
     def _finish_request(response: Response) -> Response:

@@ -1,12 +1,13 @@
-"""Guards every app installs on itself (``create_app`` calls ``install_request_guards``): request JSON that cannot
-reach a 500, no routing redirects, and a 413 that closes the connection."""
+"""Guards every app installs on itself (``create_app`` calls ``install_request_guards`` and hands
+``refuse_unservable_path`` to the request pipeline's before hook): request JSON that cannot reach a 500, no routing
+redirects, no path part holding a NUL, and a 413 that closes the connection."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, Request
 from flask.sansio.app import App
 from werkzeug.routing import RequestRedirect
 
@@ -17,7 +18,9 @@ _INSTALLED = "fractal_request_guards"
 
 
 def install_request_guards(app: App) -> None:
-    """JSON limits on request bodies, and a 404 in the JSON shape where werkzeug would redirect."""
+    """JSON limits on request bodies, and a 413 that closes the connection. The path guards run in the request
+    pipeline's one before hook (``refuse_unservable_path``), not in a hook of their own: each hook Flask
+    dispatches costs a call and a request lookup on every request."""
     if app.extensions.get(_INSTALLED):
         return
     app.extensions[_INSTALLED] = True
@@ -25,12 +28,21 @@ def install_request_guards(app: App) -> None:
     if isinstance(app, Flask):
         app.wsgi_app = CloseAfterPayloadTooLarge(app.wsgi_app)  # type: ignore[method-assign]
 
-    @app.before_request
-    def _refuse_redirects() -> None:
-        # werkzeug answers a non-canonical path (``//``, which a decoded ``%2f`` produces) with a 308 HTML page
-        # that bypasses every error handler. An API path is canonical or names nothing: 404, never a redirect.
-        if isinstance(request.routing_exception, RequestRedirect):
-            raise NotFoundError()
+
+def refuse_unservable_path(current: Request) -> None:
+    """404 (in the JSON shape) for a path that names nothing an API serves.
+
+    werkzeug answers a non-canonical path (``//``, which a decoded ``%2f`` produces) with a 308 HTML page that
+    bypasses every error handler: an API path is canonical or names nothing, so 404, never a redirect. A path part
+    holding a NUL character names nothing either (and PostgreSQL text cannot hold one).
+    """
+    if isinstance(current.routing_exception, RequestRedirect):
+        raise NotFoundError()
+    values = current.view_args
+    if values:
+        for value in values.values():
+            if isinstance(value, str) and "\x00" in value:
+                raise NotFoundError()
 
 
 class CloseAfterPayloadTooLarge:

@@ -134,3 +134,65 @@ def test_an_unanswered_exception_is_counted_once_as_a_500(make_app: Callable[...
     assert samples[("flask_http_request_duration_seconds_count", rule)] == 1
     assert samples[("flask_http_request_total", (("method", "GET"), ("status", "500")))] == 1
     assert structlog.contextvars.get_contextvars() == {}
+
+
+def _samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body = client.get("/metrics").get_data(as_text=True)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def test_paths_the_guards_refuse_get_a_request_id_metrics_and_an_access_line(
+    make_app: Callable[..., APIFlask], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The path guards run in the pipeline's before hook, after the request has its id and is counted."""
+    app = make_app("admin")
+
+    @app.get("/things/<name>")
+    def thing(name: str) -> Any:
+        return {"name": name}
+
+    client = app.test_client()
+    capsys.readouterr()
+    # A non-canonical path (werkzeug would redirect), a NUL in a path part, and the same rule served normally.
+    redirected = client.get("/things/a/", headers={"X-Request-ID": "req-redirect-01"})
+    nul = client.get("/things/a%00b", headers={"X-Request-ID": "req-nul-000001"})
+    served = client.get("/things/ab")
+    for answer, request_id in ((redirected, "req-redirect-01"), (nul, "req-nul-000001")):
+        assert answer.status_code == 404 and answer.json["error"] == "NOT_FOUND", answer.get_data(as_text=True)
+        assert answer.headers["X-Request-ID"] == request_id
+    assert served.status_code == 200 and served.json == {"name": "ab"}
+    lines = access_lines(capsys.readouterr().err)
+    assert [(line["request_id"], line["status"]) for line in lines[:2]] == [
+        ("req-redirect-01", 404),
+        ("req-nul-000001", 404),
+    ]
+    samples = _samples(client)
+    # The NUL path matched the rule (its part then refused); the redirect matched none.
+    assert (
+        samples[
+            (
+                "flask_http_request_duration_seconds_count",
+                (("method", "GET"), ("status", "404"), ("url_rule", "/things/<name>")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            (
+                "flask_http_request_duration_seconds_count",
+                (("method", "GET"), ("status", "200"), ("url_rule", "/things/<name>")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            ("flask_http_request_duration_seconds_count", (("method", "GET"), ("status", "404"), ("url_rule", "None")))
+        ]
+        == 1
+    )

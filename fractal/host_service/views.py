@@ -35,13 +35,6 @@ host_blueprint = APIBlueprint("host", __name__, tag="Host service", url_prefix="
 _AUTH = {401: "Unauthorized (no hint whether the instance exists)"}
 
 
-@host_blueprint.before_request
-def _cap_heartbeat_body() -> None:
-    # Heartbeats are frequent and small: refuse a large body before reading it (413 PAYLOAD_TOO_LARGE).
-    if request.endpoint == "host.heartbeat":
-        request.max_content_length = MAX_HEARTBEAT_BYTES
-
-
 @host_blueprint.post("/handshake")
 @limit_failed_handshakes
 @host_required
@@ -83,6 +76,10 @@ def _heartbeat_input(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(validated)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Heartbeats are frequent and small: a large body is refused before it is read (413 PAYLOAD_TOO_LARGE).
+        # Set here, before the first read of the body, rather than in a blueprint hook that every host request
+        # would dispatch.
+        request.max_content_length = MAX_HEARTBEAT_BYTES
         # silent: a body that is not JSON is left to the model's path, which answers it as before (400).
         report = accept_heartbeat(request.get_json(force=True, silent=True))
         if report is None:
