@@ -23,6 +23,11 @@ MAX_JSON_INT = 2**63 - 1
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+# In UTF-8 text (what json.loads decodes, with surrogatepass), a parsed string can hold a lone surrogate only from a
+# \u escape of D800-DFFF or from the bytes that encode one (ED A0-BF): without either, the walk over every parsed
+# string (check_storable_strings, a few percent of a heartbeat's CPU) has nothing to find. A false alarm (an escaped
+# backslash before "ud800", a valid surrogate pair) only costs the walk.
+_MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def json_depth(raw: bytes) -> int:
@@ -74,7 +79,8 @@ def loads_limited(data: str | bytes | bytearray) -> Any:
     if json_depth(raw) > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
-    check_storable_strings(value)
+    if not json.detect_encoding(raw).startswith("utf-8") or _MAY_HOLD_SURROGATE.search(raw) is not None:
+        check_storable_strings(value)
     return value
 
 

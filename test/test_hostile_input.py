@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fractal.auth.dev_keys import DevKeyPair
-from fractal.json_limits import MAX_JSON_DEPTH
+from fractal.json_limits import MAX_JSON_DEPTH, check_storable_strings, loads_limited
 from fractal.models import Event, Heartbeat, Mandelbox
 from test.factories import Factories
 from test.servers import SmtpServer
@@ -313,3 +313,36 @@ def test_non_canonical_paths_are_json_404_never_a_redirect(
         # 404, or 405 where the merged path names a route of another method: JSON either way, no redirect.
         assert response.status_code in (404, 405) and "Location" not in response.headers
         assert_shape(response)
+
+
+def _walked(raw: bytes) -> Any:
+    """loads_limited as it was before its pre-check: every parsed string walked."""
+    value = json.loads(raw)
+    check_storable_strings(value)
+    return value
+
+
+# Text around surrogates: lone and paired code points, written raw or as \u escapes (either case), escaped
+# backslashes before "ud800", in every encoding json.loads detects.
+surrogate_texts = st.lists(
+    st.one_of(
+        st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010),
+        st.sampled_from(["\\ud800", "\\uDBFF", "\\udc00", "\\uDFFF", "\\ud83d\\ude00", "\\\\ud800", "\\u00e9", "a"]),
+    ),
+    max_size=6,
+).map("".join)
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@given(surrogate_texts, st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "utf-32-be"]))
+def test_the_surrogate_pre_check_refuses_exactly_what_walking_every_string_refuses(text: str, encoding: str) -> None:
+    raw = ('{"k": ["' + text.replace('"', "") + '"]}').encode(encoding, "surrogatepass")
+    try:
+        expected: Any = _walked(raw)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: Any = loads_limited(raw)
+    except ValueError:
+        got = ValueError
+    assert got == expected
