@@ -22,14 +22,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cachelib import SimpleCache
-from sqlalchemy import case, event, func, select, update
+from sqlalchemy import Table, bindparam, case, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -69,6 +69,20 @@ SIM_ACTOR = "simulator"
 _NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 # What it raises when only other versions have room in the region.
 _OTHER_VERSION = CommitHashMismatchError(details={})
+
+
+# The free slots on ACTIVE instances per (region, version) of some regions (built once: the simulator reads it at
+# every tick with asks).
+_instances = cast(Table, Instance.__table__)
+_FREE_SLOTS = (
+    select(
+        _instances.c.region,
+        _instances.c.client_commit_hash,
+        func.sum(_instances.c.mandelbox_capacity - _instances.c.live_mandelboxes),
+    )
+    .where(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.region.in_(bindparam("regions", expanding=True)))
+    .group_by(_instances.c.region, _instances.c.client_commit_hash)
+)
 
 
 @dataclass(frozen=True)
@@ -509,18 +523,11 @@ class Simulation:
             due.append(heapq.heappop(self._retries)[1])
         return sorted(due)  # indices are in arrival order
 
-    def _free_slots(self) -> tuple[set[str], Counter[tuple[str, str]]]:
-        """The enabled regions, and the free slots on ACTIVE instances per (region, version), at this instant."""
+    def _free_slots(self, regions: Collection[str]) -> tuple[set[str], Counter[tuple[str, str]]]:
+        """The enabled regions, and the free slots on ACTIVE instances per (region, version) of ``regions`` (those
+        of the users asking: no other region's count is looked at), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
-        rows = self.session.execute(
-            select(
-                Instance.region,
-                Instance.client_commit_hash,
-                func.sum(Instance.mandelbox_capacity - Instance.live_mandelboxes),
-            )
-            .where(Instance.status == InstanceStatus.ACTIVE)
-            .group_by(Instance.region, Instance.client_commit_hash)
-        ).all()
+        rows = self.session.execute(_FREE_SLOTS, {"regions": sorted(regions)}).all()
         self.session.commit()
         return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
@@ -535,7 +542,7 @@ class Simulation:
         # in an enabled region (the service's first check) a simulated user asking holds no live mandelbox, so
         # with no room for its version the service answers COMMIT_HASH_MISMATCH when another version has room in
         # the region, else NO_INSTANCE_AVAILABLE (``_assign_in_transaction``'s order).
-        enabled, free = self._free_slots()
+        enabled, free = self._free_slots({self._users[index].request.region for index in due})
         refusals: list[dict[str, Any]] = []
         for index in due:
             user = self._users[index]
