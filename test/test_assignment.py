@@ -204,3 +204,60 @@ def test_assign_without_token_is_401(public_client: Any) -> None:
     response = public_client.post("/mandelbox/assign", json={"regions": ["x"], "client_commit_hash": "a"})
     assert response.status_code == 401
     assert response.json["error"] == "UNAUTHORIZED"
+
+
+def test_on_sqlite_the_user_limit_is_checked_where_the_slot_is_taken() -> None:
+    """SQLite (the development default and the simulator) checks the per-user limit in the statement that takes the
+    slot and counts only when it took none: over the limit is still USER_ALREADY_ACTIVE, with room or without."""
+    from sqlalchemy import create_engine, insert
+
+    from fractal.assignment.service import assign_mandelbox
+    from fractal.errors import NoInstanceAvailableError, UserAlreadyActiveError
+    from fractal.images import ImageSpec, upsert_image
+    from fractal.models import Base
+
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    session = Session(engine)
+    try:
+        upsert_image(
+            session,
+            region="us-east-1",
+            client_commit_hash="abc123",
+            spec=ImageSpec(ami_id="ami-1", active=True, instance_type="g4dn.xlarge", mandelbox_capacity=3),
+            actor="test",
+        )
+        session.execute(
+            insert(Instance).values(
+                instance_name="host-1",
+                region="us-east-1",
+                client_commit_hash="abc123",
+                ami_id="ami-1",
+                instance_type="g4dn.xlarge",
+                mandelbox_capacity=3,
+                status=InstanceStatus.ACTIVE,
+                cloud_provider_id="i-1",
+                host_secret_hash="hash-1",
+            )
+        )
+        session.commit()
+
+        def ask(user: str, limit: int = 1) -> str:
+            try:
+                assign_mandelbox(
+                    session, user_id=user, regions=["us-east-1"], client_commit_hash="abc123", max_per_user=limit
+                )
+            except (UserAlreadyActiveError, NoInstanceAvailableError) as error:
+                session.rollback()
+                return error.code
+            return "201"
+
+        assert [ask("one"), ask("one")] == ["201", "USER_ALREADY_ACTIVE"]  # room left: refused by the limit
+        assert [ask("two", 2), ask("two", 2)] == ["201", "201"]  # the host is full now
+        assert ask("one") == "USER_ALREADY_ACTIVE"  # no room either: the limit is the answer, as before
+        assert ask("three") == "NO_INSTANCE_AVAILABLE"
+        live = session.execute(select(Instance.live_mandelboxes)).scalar_one()
+        assert live == 3 == session.execute(select(func.count()).select_from(Mandelbox)).scalar_one()
+    finally:
+        session.close()
+        engine.dispose()

@@ -129,3 +129,17 @@ def test_assign_bench_quick_prints_json_figures() -> None:
     assert 0 < by_name["rss_worker_max"]["value"] < 4096
     # The human table is printed too.
     assert "== bench assign (quick, load client: wrk" in done.stdout
+
+
+def test_simulate_bench_quick_prints_json_figures() -> None:
+    """bench/simulate.py --quick: the first 20 minutes of the synthetic day, over worker processes (no wrk)."""
+    stdout, figures = run_bench("simulate", 600)
+    assert len(figures) == 1, stdout
+    (figure,) = figures
+    assert figure["workers"] >= 1 and figure["regions"] == 20
+    assert figure["sessions"] > 0 and figure["assign_calls"] >= figure["service_calls"] > 0
+    assert figure["scaler_passes"] > 0
+    for key in ("wall_s", "cpu_s", "projected_day_wall_s", "projected_day_cpu_s", "p95_wait_s"):
+        assert isinstance(figure[key], int | float) and figure[key] >= 0, key
+    assert set(figure["cpu_by_part_s"]) == {"hosts", "sample", "scaler", "users"}
+    assert isinstance(figure["meets_target"], bool)

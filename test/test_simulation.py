@@ -189,6 +189,35 @@ def test_a_seed_fixes_the_run_and_another_seed_changes_it(tmp_path: Path) -> Non
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_result_is_the_same_whatever_the_number_of_worker_processes() -> None:
+    """Regions are independent (users ask for one, the scaler decides per region and version, each region draws its
+    own boots and failures), so splitting a run by region over processes changes no figure."""
+    regions = ("eu-west-1", "us-east-1", "ap-southeast-1")
+    trace = synthetic_trace(SyntheticSpec(sessions=120, regions=regions, hours=0.5), seed=4)
+    config = SimulationConfig(
+        seed=4,
+        launch_failure_rate=0.1,
+        region_capacity=5,
+        scale_down_delay_s=120,
+        scaler_interval_s=30,
+        give_up_s=300,
+        warmup_s=300,
+    )
+    policies = ["static:1", "demand:floor=1"]
+    alone = compare(trace, policies, config)
+    split = compare(trace, policies, config, workers=2)
+
+    def figures(result: Any) -> dict[str, Any]:
+        return {k: v for k, v in result.as_dict().items() if k != "elapsed_s"}
+
+    for one, two in zip(alone, split, strict=True):
+        assert figures(one) == figures(two)
+        assert one.series == two.series
+        assert [r.region for r in two.regions] == sorted(regions)
+        assert two.overall.sessions == len(trace) and two.overall.launches > 0
+    assert figures(alone[0]) != figures(alone[1])  # the policies differ: the comparison is not vacuous
+
+
 def test_a_region_out_of_capacity_refuses_launches_and_its_users_give_up() -> None:
     config = SimulationConfig(
         seed=2, boot=BootDistribution.parse("const:60"), mandelbox_capacity=1, region_capacity=3, give_up_s=300

@@ -38,6 +38,7 @@ from fractal.fleet.mandelboxes import (
     allocate_first_choice,
     allocate_in_one_statement,
     allocate_waiting,
+    limit_checked_by_allocate_waiting,
     live_count_for_user,
     move_mandelboxes,
     move_user_mandelbox,
@@ -234,7 +235,10 @@ def _assign_in_transaction(
     newest: dict[str, str] = dict(summary["newest"]) if use_newest else {}
     mandelbox_id = uuid.uuid4()
     actor = f"user:{user_id}"
-    if not fast and live_count_for_user(session, user_id) >= max_per_user:
+    # SQLite checks the limit in the statement that takes the slot: the user's live mandelboxes are counted only
+    # when it took none, to tell "over the limit" from "no room" (the same answer as counting first).
+    limit_in_take = not fast and limit_checked_by_allocate_waiting(session)
+    if not fast and not limit_in_take and live_count_for_user(session, user_id) >= max_per_user:
         raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
     for region in candidates:
         commit = newest.get(region, client_commit_hash)
@@ -263,6 +267,10 @@ def _assign_in_transaction(
                 lock_key = None
         slot = slot or allocate_waiting(session, wanted)
         if slot is None:
+            if limit_in_take:
+                if live_count_for_user(session, user_id) >= max_per_user:
+                    raise UserAlreadyActiveError(details={"max_mandelboxes_per_user": max_per_user})
+                limit_in_take = False  # counted once: under the limit, a later region's empty take means no room
             continue
         assignment = Assignment(
             mandelbox_id=mandelbox_id,

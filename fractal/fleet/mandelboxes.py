@@ -39,6 +39,7 @@ __all__ = [
     "allocate_first_choice",
     "allocate_in_one_statement",
     "allocate_waiting",
+    "limit_checked_by_allocate_waiting",
     "live_count_for_user",
     "move_mandelboxes",
     "move_user_mandelbox",
@@ -109,7 +110,12 @@ def move_mandelboxes(
         return []
     selection = and_(where, Mandelbox.status.in_(sorted(allowed)))
     ends = to is MandelboxStatus.EXITED
-    if ends:
+    read = select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
+    if ends and session.get_bind().dialect.name == "sqlite":
+        # No row locks on SQLite (one writer at a time): the rows whose instance exists, in one read, are what
+        # the instance lock and the locked re-read below would give.
+        read = read.join(Instance, Instance.instance_name == Mandelbox.instance_name)
+    elif ends:
         # Lock order: the instances whose slots come back, before their mandelboxes.
         names = session.scalars(select(Mandelbox.instance_name).where(selection).distinct()).all()
         locked = lock_instance_rows(session, names, skip_locked=skip_locked)
@@ -121,10 +127,7 @@ def move_mandelboxes(
     # Locking re-evaluates ``selection`` on the newest row versions: a row another transaction just moved is
     # either still allowed (and ours now) or no longer matches.
     rows = session.execute(
-        select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
-        .where(selection)
-        .order_by(Mandelbox.mandelbox_id)
-        .with_for_update(skip_locked=skip_locked)
+        read.where(selection).order_by(Mandelbox.mandelbox_id).with_for_update(skip_locked=skip_locked)
     ).all()
     if not rows:
         return []
@@ -688,17 +691,25 @@ _CREATE_ALLOCATED = insert(_mandelboxes).values(
 
 
 # SQLite: the fullest candidate picked and its slot taken in one statement (SQLite runs one writer at a time, so
-# nothing can take the slot between the pick and the take; the guard is kept all the same).
+# nothing can take the slot between the pick and the take; the guard is kept all the same), and only while the
+# user holds fewer than ``p_max_per_user`` live mandelboxes (the limit checked in the statement that takes the slot).
 _TAKE_FULLEST_SLOT = (
     update(_instances)
     .where(
         _instances.c.instance_name == _WAITING_CANDIDATES.limit(1).scalar_subquery(),
         _instances.c.status == InstanceStatus.ACTIVE,
         _instances.c.live_mandelboxes < _instances.c.mandelbox_capacity,
+        _LIVE_COUNT_FOR_USER.scalar_subquery() < bindparam("p_max_per_user"),
     )
     .values(live_mandelboxes=_instances.c.live_mandelboxes + 1, empty_since=None)
     .returning(_instances.c.instance_name, _instances.c.ip, _instances.c.region)
 )
+
+
+def limit_checked_by_allocate_waiting(session: Session) -> bool:
+    """Whether ``allocate_waiting`` checks the per-user limit itself (SQLite), so that the caller need not count
+    the user's live mandelboxes before it (only after, when it took no slot)."""
+    return session.get_bind().dialect.name == "sqlite"
 
 
 def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
@@ -707,12 +718,19 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
     Every candidate may be locked by concurrent assigns whose commits can still leave room. A guarded UPDATE
     waits for the row lock and re-checks status and room on the newest version; holding at most one instance
     lock at a time means two assigns can never deadlock (a multi-row blocking FOR UPDATE could). On SQLite, whose
-    writers take turns, the pick and the take are one statement: the same fullest candidate, one round trip.
+    writers take turns, the pick and the take are one statement: the same fullest candidate, one round trip; it
+    also checks ``wanted.max_per_user`` (None too when the user holds that many live mandelboxes already: the
+    caller counts them to tell which, see ``limit_checked_by_allocate_waiting``). Elsewhere the caller checks the
+    limit first.
     """
-    if session.get_bind().dialect.name == "sqlite":
-        taken = session.execute(
-            _TAKE_FULLEST_SLOT, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
-        ).first()
+    if limit_checked_by_allocate_waiting(session):
+        params = {
+            "p_region": wanted.region,
+            "p_commit": wanted.client_commit_hash,
+            "p_user_id": wanted.user_id,
+            "p_max_per_user": wanted.max_per_user,
+        }
+        taken = session.execute(_TAKE_FULLEST_SLOT, params).first()
         return None if taken is None else _create_allocated(session, wanted, taken)
     candidates = session.scalars(
         _WAITING_CANDIDATES, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}

@@ -79,13 +79,13 @@ class SimulatedCloud:
         self,
         now: Callable[[], datetime],
         *,
-        rng: random.Random,
+        rng: Callable[[str], random.Random],
         boot: BootDistribution,
         launch_failure_rate: float = 0.0,
         region_capacity: int | None = None,
     ) -> None:
         self._now = now
-        self._rng = rng
+        self._rng = rng  # each region's own draws: a region's boots and failures do not depend on the others'
         self._boot = boot
         self._failure_rate = launch_failure_rate
         self._region_capacity = region_capacity
@@ -108,7 +108,8 @@ class SimulatedCloud:
                 code="InsufficientInstanceCapacity",
                 retryable=True,
             )
-        if self._failure_rate > 0 and self._rng.random() < self._failure_rate:
+        rng = self._rng(request.region)
+        if self._failure_rate > 0 and rng.random() < self._failure_rate:
             self.launch_failures[request.region] += 1
             raise CloudError("simulated launch failure", code="InternalError", retryable=True)
         now = self._now()
@@ -123,7 +124,7 @@ class SimulatedCloud:
             mandelbox_capacity=request.mandelbox_capacity,
             ip=f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}",
             launched_at=now,
-            boot_at=now + timedelta(seconds=self._boot.draw(self._rng)),
+            boot_at=now + timedelta(seconds=self._boot.draw(rng)),
         )
         self._by_name[request.instance_name] = cloud_id
         self._running[request.region] += 1

@@ -22,14 +22,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cachelib import SimpleCache
-from sqlalchemy import case, event, func, select, update
+from sqlalchemy import Table, bindparam, case, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -69,6 +69,20 @@ SIM_ACTOR = "simulator"
 _NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 # What it raises when only other versions have room in the region.
 _OTHER_VERSION = CommitHashMismatchError(details={})
+
+
+# The free slots on ACTIVE instances per (region, version) of some regions (built once: the simulator reads it at
+# every tick with asks).
+_instances = cast(Table, Instance.__table__)
+_FREE_SLOTS = (
+    select(
+        _instances.c.region,
+        _instances.c.client_commit_hash,
+        func.sum(_instances.c.mandelbox_capacity - _instances.c.live_mandelboxes),
+    )
+    .where(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.region.in_(bindparam("regions", expanding=True)))
+    .group_by(_instances.c.region, _instances.c.client_commit_hash)
+)
 
 
 @dataclass(frozen=True)
@@ -240,7 +254,11 @@ class Simulation:
         config: SimulationConfig | None = None,
         *,
         workdir: Path | None = None,
+        window: tuple[datetime, datetime] | None = None,
     ) -> None:
+        """``window``: when this runs from and until (``trace_window`` of the whole trace when this simulates a
+        part of it, so that every part's scaler passes, heartbeats and samples fall at the same instants); the
+        trace's own window by default."""
         if not trace:
             raise ValueError("the trace has no sessions")
         self.trace = sorted(trace)
@@ -249,14 +267,12 @@ class Simulation:
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fractal-sim-"))
         cfg = self.config
-        first = self.trace[0].arrival.replace(second=0, microsecond=0)
-        self.started_at = first - timedelta(seconds=cfg.warmup_s)
+        self.started_at, self.ends_at = window or trace_window(self.trace, cfg)
         self.now = self.started_at
-        self.ends_at = self.trace[-1].arrival + timedelta(seconds=cfg.give_up_s + cfg.tick_s)
-        self.rng = random.Random(cfg.seed)
+        self._rngs: dict[str, random.Random] = {}
         self.cloud = SimulatedCloud(
             lambda: self.now,
-            rng=self.rng,
+            rng=self.rng_for,
             boot=cfg.boot,
             launch_failure_rate=cfg.launch_failure_rate,
             region_capacity=cfg.region_capacity,
@@ -343,6 +359,13 @@ class Simulation:
             if newer:
                 changes.append((last[key] + timedelta(seconds=self.config.tick_s), *key, False))
         return sorted(changes, key=lambda c: (c[0], c[1], c[2], not c[3]))
+
+    def rng_for(self, region: str) -> random.Random:
+        """The region's own random draws (boot times, launch failures), seeded by the seed and the region alone: a
+        region's run is the same whether it is simulated alone or with others (``simulate(workers=...)``)."""
+        if region not in self._rngs:
+            self._rngs[region] = random.Random(f"fractal-sim:{self.config.seed}:{region}")
+        return self._rngs[region]
 
     def instance_name(self, plan: LaunchPlan) -> str:
         self._names += 1
@@ -500,18 +523,11 @@ class Simulation:
             due.append(heapq.heappop(self._retries)[1])
         return sorted(due)  # indices are in arrival order
 
-    def _free_slots(self) -> tuple[set[str], Counter[tuple[str, str]]]:
-        """The enabled regions, and the free slots on ACTIVE instances per (region, version), at this instant."""
+    def _free_slots(self, regions: Collection[str]) -> tuple[set[str], Counter[tuple[str, str]]]:
+        """The enabled regions, and the free slots on ACTIVE instances per (region, version) of ``regions`` (those
+        of the users asking: no other region's count is looked at), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
-        rows = self.session.execute(
-            select(
-                Instance.region,
-                Instance.client_commit_hash,
-                func.sum(Instance.mandelbox_capacity - Instance.live_mandelboxes),
-            )
-            .where(Instance.status == InstanceStatus.ACTIVE)
-            .group_by(Instance.region, Instance.client_commit_hash)
-        ).all()
+        rows = self.session.execute(_FREE_SLOTS, {"regions": sorted(regions)}).all()
         self.session.commit()
         return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
@@ -526,7 +542,7 @@ class Simulation:
         # in an enabled region (the service's first check) a simulated user asking holds no live mandelbox, so
         # with no room for its version the service answers COMMIT_HASH_MISMATCH when another version has room in
         # the region, else NO_INSTANCE_AVAILABLE (``_assign_in_transaction``'s order).
-        enabled, free = self._free_slots()
+        enabled, free = self._free_slots({self._users[index].request.region for index in due})
         refusals: list[dict[str, Any]] = []
         for index in due:
             user = self._users[index]
@@ -618,60 +634,41 @@ class Simulation:
     # --- results -----------------------------------------------------------------------------------------------
 
     def result(self) -> SimulationResult:
-        until = self.now
-        billed = self.cloud.billed_hours(until)
-        for (region, instance_type), hours in billed.items():
-            item = self._result(region)
+        return merge_outcomes(self.policy.name, self.config, self.started_at, [self.outcome()])
+
+    def outcome(self) -> RegionsOutcome:
+        """What this run found, per region, unrounded: what ``merge_outcomes`` adds up with other parts'. Hosts are
+        billed until the window's end (``ends_at``), whichever tick came last."""
+        until = min(self.now, self.ends_at)
+        results = {name: replace(item) for name, item in self._results.items()}
+
+        def region_result(region: str) -> RegionResult:
+            return results.setdefault(region, RegionResult(region))
+
+        for (region, instance_type), hours in self.cloud.billed_hours(until).items():
+            item = region_result(region)
             item.instance_hours += hours
             item.cost_usd += hours * self.config.prices.get(instance_type, DEFAULT_PRICE)
         for host in self.cloud.hosts.values():
-            item = self._result(host.region)
+            item = region_result(host.region)
             item.launches += 1
             item.terminations += host.terminated_at is not None
         for region, count in self.cloud.launch_failures.items():
-            self._result(region).launch_failures += count
+            region_result(region).launch_failures += count
         for region, count in self.cloud.capacity_errors.items():
-            self._result(region).capacity_errors += count
-        overall = RegionResult("overall")
-        all_waits: list[float] = []
-        for name, item in sorted(self._results.items()):
-            waits = self._waits.get(name, [])
-            all_waits += waits
-            _fill_waits(item, waits)
+            region_result(region).capacity_errors += count
+        for name, item in results.items():
             item.busy_hours = min(self._busy_hours.get(name, 0.0), item.instance_hours)
             item.idle_hours = max(0.0, item.instance_hours - item.busy_hours)
-            for attribute in (
-                "sessions",
-                "served",
-                "refused",
-                "refusals_503",
-                "instance_hours",
-                "busy_hours",
-                "idle_hours",
-                "launches",
-                "terminations",
-                "launch_failures",
-                "capacity_errors",
-                "cost_usd",
-            ):
-                setattr(overall, attribute, getattr(overall, attribute) + getattr(item, attribute))
-        _fill_waits(overall, all_waits)
-        regions = [self._results[name] for name in sorted(self._results)]
-        for item in [*regions, overall]:
-            for attribute in ("instance_hours", "busy_hours", "idle_hours", "cost_usd"):
-                setattr(item, attribute, round(getattr(item, attribute), 4))
-        return SimulationResult(
-            policy=self.policy.name,
-            seed=self.config.seed,
-            overall=overall,
-            regions=regions,
+        return RegionsOutcome(
+            regions=results,
+            waits={name: list(self._waits.get(name, [])) for name in results},
             series=list(self._series),
-            started_at=self.started_at,
-            ended_at=until,
             scaler_passes=self.scaler_passes,
             assign_calls=self.assign_calls,
             service_calls=self.service_calls,
-            cpu_s={name: round(seconds, 3) for name, seconds in sorted(self.cpu_s.items())},
+            cpu_s=dict(self.cpu_s),
+            ended_at=until,
         )
 
     def save_database(self, path: Path) -> Path:
@@ -699,16 +696,208 @@ def _fill_waits(item: RegionResult, waits: Sequence[float]) -> None:
     item.wait_mean_s = round(sum(waits) / len(waits), 3) if waits else 0.0
 
 
-def simulate(
-    trace: Sequence[SessionRequest], policy: Policy | str, config: SimulationConfig | None = None
+def trace_window(trace: Sequence[SessionRequest], config: SimulationConfig) -> tuple[datetime, datetime]:
+    """When a run of ``trace`` starts (``warmup_s`` before its first arrival's minute) and ends (its last user can
+    have given up)."""
+    first = min(item.arrival for item in trace).replace(second=0, microsecond=0)
+    last = max(item.arrival for item in trace)
+    return first - timedelta(seconds=config.warmup_s), last + timedelta(seconds=config.give_up_s + config.tick_s)
+
+
+@dataclass
+class RegionsOutcome:
+    """A run's findings for the regions it simulated, unrounded (picklable: a worker process sends it back)."""
+
+    regions: dict[str, RegionResult]  # busy and idle hours filled, the waits not yet
+    waits: dict[str, list[float]]  # each user's wait, per region
+    series: list[Sample]
+    scaler_passes: int
+    assign_calls: int
+    service_calls: int
+    cpu_s: dict[str, float]
+    ended_at: datetime  # the run's last instant (its hosts are billed until then)
+    elapsed_s: float = 0.0
+
+
+_SUMMED = (
+    "sessions",
+    "served",
+    "refused",
+    "refusals_503",
+    "instance_hours",
+    "busy_hours",
+    "idle_hours",
+    "launches",
+    "terminations",
+    "launch_failures",
+    "capacity_errors",
+    "cost_usd",
+)
+
+
+def merge_outcomes(
+    policy: str,
+    config: SimulationConfig,
+    started_at: datetime,
+    outcomes: Sequence[RegionsOutcome],
 ) -> SimulationResult:
-    """Run ``policy`` over ``trace`` on a throwaway database; deterministic for ``config.seed``."""
-    chosen = Policy.parse(policy) if isinstance(policy, str) else policy
-    return Simulation(trace, chosen, config).run()
+    """One result from the runs of disjoint sets of regions over the same window: each region's figures as its run
+    found them, the overall ones from every region's (percentiles over all users' waits, hours and costs summed,
+    regions in name order whatever the order of ``outcomes``), samples summed per instant. Scaler passes are the
+    passes of one run (every run passes at the same instants); asks, service calls and CPU seconds are summed."""
+    found: dict[str, RegionResult] = {}
+    waits: dict[str, list[float]] = {}
+    series: dict[datetime, list[int]] = {}
+    cpu_s: defaultdict[str, float] = defaultdict(float)
+    for outcome in outcomes:
+        for name, item in outcome.regions.items():
+            if name in found:
+                raise ValueError(f"region {name} was simulated twice")
+            found[name] = replace(item)
+            waits[name] = outcome.waits.get(name, [])
+        for sample in outcome.series:
+            sums = series.setdefault(sample.at, [0, 0, 0, 0])
+            for i, value in enumerate((sample.demand, sample.capacity, sample.free, sample.booting)):
+                sums[i] += value
+        for part, seconds in outcome.cpu_s.items():
+            cpu_s[part] += seconds
+    overall = RegionResult("overall")
+    all_waits: list[float] = []
+    regions = [found[name] for name in sorted(found)]
+    for item in regions:
+        all_waits += waits[item.region]
+        _fill_waits(item, waits[item.region])
+        for attribute in _SUMMED:
+            setattr(overall, attribute, getattr(overall, attribute) + getattr(item, attribute))
+    _fill_waits(overall, all_waits)
+    for item in [*regions, overall]:
+        for attribute in ("instance_hours", "busy_hours", "idle_hours", "cost_usd"):
+            setattr(item, attribute, round(getattr(item, attribute), 4))
+    return SimulationResult(
+        policy=policy,
+        seed=config.seed,
+        overall=overall,
+        regions=regions,
+        series=[Sample(at, *series[at]) for at in sorted(series)],
+        started_at=started_at,
+        ended_at=max(outcome.ended_at for outcome in outcomes),
+        elapsed_s=sum(outcome.elapsed_s for outcome in outcomes),
+        scaler_passes=max((outcome.scaler_passes for outcome in outcomes), default=0),
+        assign_calls=sum(outcome.assign_calls for outcome in outcomes),
+        service_calls=sum(outcome.service_calls for outcome in outcomes),
+        cpu_s={name: round(seconds, 3) for name, seconds in sorted(cpu_s.items())},
+    )
+
+
+@dataclass(frozen=True)
+class _RegionRun:
+    """Some regions of one policy's run: what a worker process needs (picklable)."""
+
+    policy_index: int
+    policy: Policy
+    trace: list[SessionRequest]
+    config: SimulationConfig
+    window: tuple[datetime, datetime]
+
+
+def split_by_region(trace: Sequence[SessionRequest], parts: int) -> list[list[SessionRequest]]:
+    """``trace`` in at most ``parts`` parts, each region's sessions all in one part, the parts about as big (the
+    biggest region first into the smallest part), biggest first."""
+    by_region: dict[str, list[SessionRequest]] = defaultdict(list)
+    for item in trace:
+        by_region[item.region].append(item)
+    split: list[list[SessionRequest]] = [[] for _ in range(min(parts, len(by_region)))]
+    for region in sorted(by_region, key=lambda name: (-len(by_region[name]), name)):
+        min(split, key=len).extend(by_region[region])
+    return sorted((sorted(part) for part in split), key=len, reverse=True)
+
+
+def _run_region(run: _RegionRun) -> tuple[int, RegionsOutcome]:
+    started = time.perf_counter()
+    simulation = Simulation(run.trace, run.policy, run.config, window=run.window)
+    try:
+        while simulation.now <= simulation.ends_at:
+            simulation.step()
+            simulation.now = simulation.next_time()
+        outcome = simulation.outcome()
+    finally:
+        simulation.close()
+    outcome.elapsed_s = time.perf_counter() - started
+    return run.policy_index, outcome
+
+
+def _quiet_worker() -> None:
+    """A worker process's logs: warnings only, as the command line and the bench set them (a region's day is
+    thousands of scaler passes, each logging a line)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def simulate(
+    trace: Sequence[SessionRequest],
+    policy: Policy | str,
+    config: SimulationConfig | None = None,
+    *,
+    workers: int = 1,
+) -> SimulationResult:
+    """Run ``policy`` over ``trace`` on throwaway databases; deterministic for ``config.seed``, whatever ``workers``.
+
+    Users ask for one region and the scaler decides per (region, version), so each region is simulated on its own
+    (its own database, its own random draws) over the whole trace's window, and the regions' results are merged
+    (``merge_outcomes``); ``workers`` > 1 runs the regions in that many processes."""
+    return compare(trace, [policy], config, workers=workers)[0]
 
 
 def compare(
-    trace: Sequence[SessionRequest], policies: Sequence[Policy | str], config: SimulationConfig | None = None
+    trace: Sequence[SessionRequest],
+    policies: Sequence[Policy | str],
+    config: SimulationConfig | None = None,
+    *,
+    workers: int = 1,
 ) -> list[SimulationResult]:
-    """Every policy over the same trace with the same seed (the same boots and failures for the same launches)."""
-    return [simulate(trace, policy, config) for policy in policies]
+    """Every policy over the same trace with the same seed (the same boots and failures for the same launches);
+    ``workers`` processes share all policies' regions."""
+    if not trace:
+        raise ValueError("the trace has no sessions")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    cfg = config or SimulationConfig()
+    chosen = [Policy.parse(policy) if isinstance(policy, str) else policy for policy in policies]
+    window = trace_window(trace, cfg)
+    runs = [
+        _RegionRun(index, policy, part, cfg, window)
+        for index, policy in enumerate(chosen)
+        for part in split_by_region(trace, workers)
+    ]
+    outcomes: dict[int, list[RegionsOutcome]] = defaultdict(list)
+    finished: dict[int, float] = {}
+    started = time.perf_counter()
+    if workers == 1 or len(runs) == 1:
+        done = map(_run_region, runs)
+        for index, outcome in done:
+            outcomes[index].append(outcome)
+            finished[index] = time.perf_counter() - started
+    else:
+        import multiprocessing
+
+        # spawn: a fresh interpreter, nothing of this process's connections, locks or threads carried over.
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(min(workers, len(runs)), initializer=_quiet_worker)
+        try:
+            for index, outcome in pool.imap_unordered(_run_region, runs, chunksize=1):
+                outcomes[index].append(outcome)
+                finished[index] = time.perf_counter() - started
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
+    results = []
+    for index, policy in enumerate(chosen):
+        result = merge_outcomes(policy.name, cfg, window[0], outcomes[index])
+        result.elapsed_s = finished[index]  # wall seconds until this policy's last region was done
+        results.append(result)
+    return results
