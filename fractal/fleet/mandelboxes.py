@@ -110,12 +110,7 @@ def move_mandelboxes(
         return []
     selection = and_(where, Mandelbox.status.in_(sorted(allowed)))
     ends = to is MandelboxStatus.EXITED
-    read = select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
-    if ends and session.get_bind().dialect.name == "sqlite":
-        # No row locks on SQLite (one writer at a time): the rows whose instance exists, in one read, are what
-        # the instance lock and the locked re-read below would give.
-        read = read.join(Instance, Instance.instance_name == Mandelbox.instance_name)
-    elif ends:
+    if ends:
         # Lock order: the instances whose slots come back, before their mandelboxes.
         names = session.scalars(select(Mandelbox.instance_name).where(selection).distinct()).all()
         locked = lock_instance_rows(session, names, skip_locked=skip_locked)
@@ -127,7 +122,10 @@ def move_mandelboxes(
     # Locking re-evaluates ``selection`` on the newest row versions: a row another transaction just moved is
     # either still allowed (and ours now) or no longer matches.
     rows = session.execute(
-        read.where(selection).order_by(Mandelbox.mandelbox_id).with_for_update(skip_locked=skip_locked)
+        select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
+        .where(selection)
+        .order_by(Mandelbox.mandelbox_id)
+        .with_for_update(skip_locked=skip_locked)
     ).all()
     if not rows:
         return []
