@@ -376,14 +376,18 @@ class Simulation:
     def run(self) -> SimulationResult:
         started = time.perf_counter()
         try:
-            while self.now <= self.ends_at:
-                self.step()
-                self.now = self.next_time()
+            self.run_to_end()
             result = self.result()
         finally:
             self.close()
         result.elapsed_s = time.perf_counter() - started
         return result
+
+    def run_to_end(self) -> None:
+        """Every tick of the window, in order (ticks where nothing would happen are skipped)."""
+        while self.now <= self.ends_at:
+            self.step()
+            self.now = self.next_time()
 
     def next_time(self) -> datetime:
         """The next tick at which anything happens (ticks where nothing would are skipped: same outcome, faster)."""
@@ -816,9 +820,7 @@ def _run_region(run: _RegionRun) -> tuple[int, RegionsOutcome]:
     started = time.perf_counter()
     simulation = Simulation(run.trace, run.policy, run.config, window=run.window)
     try:
-        while simulation.now <= simulation.ends_at:
-            simulation.step()
-            simulation.now = simulation.next_time()
+        simulation.run_to_end()
         outcome = simulation.outcome()
     finally:
         simulation.close()
