@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, insert, update
+from sqlalchemy import create_engine, delete, insert, update
 from sqlalchemy.orm import Session
 
 from fractal.assignment.service import assign_mandelbox
@@ -19,7 +20,7 @@ from fractal.config import Settings
 from fractal.errors import NoInstanceAvailableError
 from fractal.events import EventKind, record_event
 from fractal.models import Base, Event, Instance, InstanceStatus
-from fractal.scaling.demand import LeadTimeCache, launch_lead_times, recent_arrivals
+from fractal.scaling.demand import AskCache, LeadTimeCache, launch_lead_times, recent_arrivals, waiting_users
 from fractal.scaling.policy import BufferKind, BufferPolicy, DemandStats, ImageTarget, ScheduledMinimum, decide_target
 from fractal.scaling.reconcile import reconcile_fleet
 from test.factories import Factories
@@ -285,5 +286,75 @@ def test_the_lead_time_cache_gives_what_a_fresh_read_gives_as_hosts_activate_and
     assert cache.reads == 2
     cache.clear()
     assert both(later + timedelta(minutes=41)) and cache.reads == 3
+    if backend == "sqlite":
+        session.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_the_ask_cache_gives_what_fresh_reads_give_as_asks_arrive_commit_late_and_leave(
+    backend: str, db: Session
+) -> None:
+    """AskCache against the database's own count and read, pass after pass: new asks (some stamped after the
+    pass's clock), late commits of lower ids (near the newest: found by re-reading the tail; far below: the whole
+    window is read again), a deletion inside the window, and a longer window asked for."""
+    session = _session_on(backend, db)
+    _demand_history(session, NOW)
+    session.commit()
+    rng = random.Random(17)
+    cache = AskCache()
+    cache.TAIL_IDS = 50
+    keys = [(region, commit) for region in ("region-a", "region-b", "region-c") for commit in ("v1", "v2")]
+    next_id = [10_000]
+
+    def ask(at: datetime, *, event_id: int | None = None) -> None:
+        if event_id is None:
+            next_id[0] += 10  # gaps, so a "late commit" can take an id below the newest
+            event_id = next_id[0]
+        actor = f"user:{rng.randrange(40)}"
+        if rng.random() < 0.4:
+            name = rng.choice(["a-v1", "a-v2", "gone-host"])  # an assignment on a row that is gone counts nowhere
+            values: dict[str, Any] = {"kind": str(EventKind.MANDELBOX_ASSIGNED), "instance_name": name, "detail": {}}
+        else:
+            code = rng.choice(["NO_INSTANCE_AVAILABLE", "COMMIT_HASH_MISMATCH"])
+            regions = rng.choice([["region-a"], ["region-b", "region-a"], ["region-c"], []])
+            detail = {"code": code, "regions": regions, "client_commit_hash": rng.choice(["v1", "v2"])}
+            values = {"kind": str(EventKind.ASSIGNMENT_REFUSED), "instance_name": None, "detail": detail}
+        session.execute(insert(Event).values(id=event_id, actor=actor, created_at=at, mandelbox_id=None, **values))
+
+    def both(now: datetime, window_s: float = 600) -> None:
+        cached = recent_arrivals(session, now=now, window_s=window_s, keys=keys, cache=cache)
+        assert cached == recent_arrivals(session, now=now, window_s=window_s, keys=keys)  # counted in SQL
+        for waiting_window_s in (30.0, window_s):
+            fresh = waiting_users(session, now=now, window_s=waiting_window_s)
+            assert waiting_users(session, now=now, window_s=waiting_window_s, cache=cache) == fresh
+
+    now = NOW
+    both(now)
+    assert cache.reads == 1
+    for _ in range(60):  # passes 15 s apart, a few asks between them, some stamped ahead of the next clock
+        for _ in range(rng.randrange(6)):
+            ask(now + timedelta(seconds=rng.uniform(0, 20)))
+        session.commit()
+        now += timedelta(seconds=15)
+        both(now)
+    # A lower id committed late, just below the newest: the tail's read finds it, no whole-window read.
+    reads = cache.reads
+    ask(now - timedelta(seconds=5), event_id=next_id[0] - 5)
+    session.commit()
+    both(now + timedelta(seconds=1))
+    assert cache.reads == reads
+    # Far below the newest (a long-open transaction): only the whole window's read finds it.
+    ask(now - timedelta(seconds=5), event_id=9_000)
+    session.commit()
+    both(now + timedelta(seconds=2))
+    assert cache.reads == reads + 1
+    # An ask deleted inside the window (a purge elsewhere): the count shows it too.
+    session.execute(delete(Event).where(Event.id == next_id[0]))
+    session.commit()
+    both(now + timedelta(seconds=3))
+    assert cache.reads == reads + 2
+    both(now + timedelta(seconds=4), window_s=1200)  # a longer window: read whole once, then increments
+    both(now + timedelta(seconds=20), window_s=1200)
+    assert cache.reads == reads + 3
     if backend == "sqlite":
         session.close()

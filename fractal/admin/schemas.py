@@ -15,6 +15,7 @@ from fractal.events import EventKind
 from fractal.fleet.views import InstanceView
 from fractal.models import InstanceStatus, MandelboxStatus
 from fractal.regions import region_problem
+from fractal.scaling.demand import ARRIVAL_WINDOW_MAX_S
 from fractal.schemas import RequestIn, StrictIn
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -37,7 +38,7 @@ class BufferPolicyIn(StrictIn):
 
     kind: Literal["static", "demand"] = "demand"
     safety_factor: float = Field(default=1.5, gt=0, le=100)
-    window_s: float = Field(default=900, ge=60, le=86_400)
+    window_s: float = Field(default=900, ge=60, le=ARRIVAL_WINDOW_MAX_S)
     floor: int = Field(default=0, ge=0, le=100_000)
     ceiling: int = Field(default=100, ge=0, le=100_000)
     default_lead_time_s: float = Field(default=180, ge=0, le=86_400)

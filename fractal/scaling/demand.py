@@ -1,14 +1,18 @@
-"""What the scaler measures from the audit log: who is waiting after a 503 right now (every pass, one read of the
-last seconds), and for demand-aware buffers who asked lately and how long a launch takes to become ACTIVE (two
-bounded reads, only when an image's buffer policy needs them)."""
+"""What the scaler measures from the audit log: who is waiting after a 503 right now (every pass, from the last
+seconds' asks), and for demand-aware buffers who asked lately and how long a launch takes to become ACTIVE (only when
+an image's buffer policy needs them). Each is a bounded read; a ``DemandCache`` kept from pass to pass makes each
+read only what changed since the last pass."""
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
+import json
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,18 +31,30 @@ instances = Instance.__table__
 # Launch lead times are the median over the region's launches that became ACTIVE within this long.
 LEAD_TIME_WINDOW_S = 6 * 3600.0
 LEAD_TIME_SAMPLES = 50
+# The longest arrival window a buffer policy may ask for (the admin API's bound).
+ARRIVAL_WINDOW_MAX_S = 86_400.0
 # A user refused within this long and not served since is still retrying (clients retry after Retry-After, 10 s).
 WAITING_WINDOW_S = 30.0
 
 
 def recent_arrivals(
-    session: Session, *, now: datetime, window_s: float, keys: Iterable[tuple[str, str]]
+    session: Session,
+    *,
+    now: datetime,
+    window_s: float,
+    keys: Iterable[tuple[str, str]],
+    cache: AskCache | None = None,
 ) -> dict[tuple[str, str], int]:
     """Distinct users per (region, client_commit_hash) who were given a mandelbox or refused one (their first
-    region) since ``now - window_s``: the demand, served or not, each user once however often they retried."""
+    region) since ``now - window_s``: the demand, served or not, each user once however often they retried.
+
+    ``cache``: the asks earlier passes read (``AskCache``); None: counted in the database."""
     wanted = set(keys)
     if not wanted:
         return {}
+    if cache is not None:
+        cache.refresh(session, now=now, window_s=window_s)
+        return cache.arrivals(wanted, since=now - timedelta(seconds=window_s))
     rows = session.execute(
         _recent_arrivals_statement(),
         {"cutoff": now - timedelta(seconds=window_s), "now": now, "regions": sorted({region for region, _ in wanted})},
@@ -174,6 +190,20 @@ class LeadTimeCache:
         self._changed = set()
 
 
+class DemandCache:
+    """What the demand reads keep from pass to pass (the scaler loop and the simulator keep one per process and
+    database): the launch lead times' activations and the recent asks."""
+
+    def __init__(self) -> None:
+        self.lead_times = LeadTimeCache()
+        self.asks = AskCache()
+
+    def clear(self) -> None:
+        """Forget everything (after a purge, which may delete what they hold)."""
+        self.lead_times.clear()
+        self.asks.clear()
+
+
 def _activations(where: ColumnElement[bool]) -> Any:
     """Activation events (id, time) with their instance's region and launch time (None when the row is gone)."""
     return (
@@ -184,33 +214,220 @@ def _activations(where: ColumnElement[bool]) -> Any:
     )
 
 
-# waiting_users' read, built once (it runs every pass): the window's assignments and refusals, in order.
-_WAITING_READ = (
-    select(events.c.kind, events.c.actor, events.c.created_at, events.c.detail)
+# waiting_users' read, built once (it runs every pass when no AskCache is kept): the window's assignments and
+# refusals, in order, as the AskCache reads them.
+def _asks_read(*, after_id: bool) -> Select[Any]:
+    """The window's asks (assignments and refusals) in id order, with an assignment's instance's region and version
+    (None when the row is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only)."""
+    created_at = events.c.created_at
+    where = [
+        created_at > bindparam("cutoff", type_=created_at.type),
+        created_at <= bindparam("now", type_=created_at.type),
+        events.c.kind.in_(ASK_KINDS),
+    ]
+    if after_id:
+        where.append(events.c.id > bindparam("after", type_=events.c.id.type))
+    return (
+        select(
+            events.c.id,
+            events.c.kind,
+            events.c.actor,
+            created_at,
+            events.c.detail,
+            instances.c.region,
+            instances.c.client_commit_hash,
+        )
+        .select_from(events)
+        .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
+        .where(*where)
+        .order_by(events.c.id)
+    )
+
+
+ASK_KINDS = (str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED))
+_ASKS_READ = _asks_read(after_id=False)
+_ASKS_AFTER_READ = _asks_read(after_id=True)
+_ASKS_COUNT = (
+    select(func.count())
+    .select_from(events)
     .where(
         events.c.created_at > bindparam("cutoff", type_=events.c.created_at.type),
         events.c.created_at <= bindparam("now", type_=events.c.created_at.type),
-        events.c.kind.in_([str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED)]),
+        events.c.kind.in_(ASK_KINDS),
     )
-    .order_by(events.c.id)
 )
 
 
-def waiting_users(session: Session, *, now: datetime, window_s: float) -> dict[tuple[str, str], int]:
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One assignment or refusal event, as the demand reads see it."""
+
+    event_id: int
+    assigned: bool
+    actor: str
+    created_at: datetime
+    # recent_arrivals' key: a refusal's first region asked and version (from its detail), an assignment's
+    # instance's (None when the instance row is gone, or a refusal names no region).
+    key: tuple[str, str | None] | None
+    # waiting_users' key: set only on a refusal for lack of room (NO_INSTANCE_AVAILABLE) that names a region.
+    waiting_key: tuple[str, str] | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Ask:
+        event_id, kind, actor, created_at, detail, region, commit = row
+        if kind == EventKind.MANDELBOX_ASSIGNED:
+            key = (region, commit) if region is not None else None
+            return cls(event_id, True, actor, created_at, key, None)
+        detail = detail or {}
+        regions = detail.get("regions") or []
+        first = _as_text(regions[0]) if regions else None
+        commit = _as_text(detail.get("client_commit_hash"))
+        waiting = detail.get("code") == str(ErrorCode.NO_INSTANCE_AVAILABLE) and bool(regions)
+        return cls(
+            event_id,
+            False,
+            actor,
+            created_at,
+            (first, commit) if first is not None else None,
+            (str(regions[0]), str(detail.get("client_commit_hash"))) if waiting else None,
+        )
+
+
+def _as_text(value: Any) -> str | None:
+    """A JSON value as the database's ``->>`` gives it (None stays None)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def waiting_users(
+    session: Session, *, now: datetime, window_s: float, cache: AskCache | None = None
+) -> dict[tuple[str, str], int]:
     """Users per (region, client_commit_hash) refused for lack of room in the last ``window_s`` seconds and not
-    given a mandelbox since: they are retrying now (every Retry-After), and the buffer must cover them too."""
-    cutoff = now - timedelta(seconds=window_s)
+    given a mandelbox since: they are retrying now (every Retry-After), and the buffer must cover them too.
+
+    ``cache``: the asks earlier passes read (``AskCache``); None: the window is read anew."""
+    if cache is not None:
+        cache.refresh(session, now=now, window_s=window_s)
+        return count_waiting(cache.asks_since(now - timedelta(seconds=window_s)))
+    rows = session.execute(_ASKS_READ, {"cutoff": now - timedelta(seconds=window_s), "now": now})
+    return count_waiting(Ask.from_row(row) for row in rows)
+
+
+def count_waiting(asks: Iterable[Ask]) -> dict[tuple[str, str], int]:
+    """waiting_users' count over the window's asks in id order: each user's last refusal for lack of room, unless
+    an assignment came after it."""
     last_refused: dict[str, tuple[datetime, tuple[str, str]]] = {}
     assigned: dict[str, datetime] = {}
-    rows = session.execute(_WAITING_READ, {"cutoff": cutoff, "now": now})
-    for kind, actor, created_at, detail in rows:
-        detail = detail or {}
-        if kind == EventKind.MANDELBOX_ASSIGNED:
-            assigned[actor] = created_at
-        elif detail.get("code") == str(ErrorCode.NO_INSTANCE_AVAILABLE) and detail.get("regions"):
-            last_refused[actor] = (created_at, (str(detail["regions"][0]), str(detail.get("client_commit_hash"))))
+    for ask in asks:
+        if ask.assigned:
+            assigned[ask.actor] = ask.created_at
+        elif ask.waiting_key is not None:
+            last_refused[ask.actor] = (ask.created_at, ask.waiting_key)
     counts: Counter[tuple[str, str]] = Counter()
     for actor, (refused_at, key) in last_refused.items():
         if actor not in assigned or assigned[actor] < refused_at:
             counts[key] += 1
     return dict(counts)
+
+
+class AskCache:
+    """The asks (assignments and refusals) of the longest window asked for, kept from pass to pass: each pass reads
+    only the asks newer than the newest it holds, and answers ``recent_arrivals`` and ``waiting_users`` from memory
+    (a busy window holds thousands, which the database would count again every pass).
+
+    As ``LeadTimeCache`` does, it drops what left the window by the asks' own times and checks its size against
+    the database's count of the window: what it holds is in the window, so the same count proves it holds the
+    window's whole set. A lower id committed late (Postgres hands ids out before commit) shows as a count it
+    lacks: it reads again the newest ``TAIL_IDS`` ids it holds and above, which finds such an ask, and only when
+    the count is still off the whole window. Valid while nothing deletes asks inside the window: ``clear()``
+    after a purge (the scaler pass does). One per process and database, used by one thread at a time.
+    """
+
+    TAIL_IDS = 2_000
+
+    def __init__(self) -> None:
+        self.reads = 0  # full reads of the window (tests and benchmarks look)
+        self.clear()
+
+    def clear(self) -> None:
+        self._asks: dict[int, Ask] = {}
+        self._order: list[tuple[datetime, int]] = []  # (created_at, event id), sorted: leaving from the front
+        self._actors: dict[tuple[str, str | None], Counter[str]] = defaultdict(Counter)  # distinct users per key
+        self._newest_id = 0  # the highest id read (late commits below it are found by the count)
+        self._window_s = 0.0
+        self._as_of: datetime | None = None
+
+    def refresh(self, session: Session, *, now: datetime, window_s: float) -> None:
+        """Hold the asks of (``now`` - the longest window asked for so far, ``now``]."""
+        if self._as_of is not None and now == self._as_of and window_s <= self._window_s:
+            return  # this pass's other read: nothing to do
+        if self._as_of is None or now < self._as_of or window_s > self._window_s:
+            self._window_s = max(window_s, self._window_s)
+            self._read_window(session, now)
+            return
+        cutoff = now - timedelta(seconds=self._window_s)
+        leaving = bisect.bisect_right(self._order, (cutoff, _MAX_ID))
+        for _, event_id in self._order[:leaving]:
+            self._forget(self._asks.pop(event_id))
+        del self._order[:leaving]
+        bounds = {"cutoff": cutoff, "now": now}
+        self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": self._newest_id}))
+        if not self._holds_window(session, bounds):
+            ids = sorted(self._asks)
+            tail_floor = ids[-self.TAIL_IDS] if len(ids) >= self.TAIL_IDS else 0
+            self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": tail_floor - 1}))
+            if not self._holds_window(session, bounds):
+                self._read_window(session, now)
+                return
+        self._as_of = now
+
+    def arrivals(self, keys: Iterable[tuple[str, str]], *, since: datetime) -> dict[tuple[str, str], int]:
+        """Distinct users per key among the asks after ``since`` (held: ``refresh`` covered it)."""
+        if self._as_of is not None and since == self._as_of - timedelta(seconds=self._window_s):
+            return {key: len(self._actors.get(key, ())) for key in keys}
+        actors: dict[tuple[str, str | None], set[str]] = defaultdict(set)
+        for ask in self.asks_since(since):
+            if ask.key is not None:
+                actors[ask.key].add(ask.actor)
+        return {key: len(actors.get(key, ())) for key in keys}
+
+    def asks_since(self, since: datetime) -> list[Ask]:
+        """The held asks after ``since``, in id order."""
+        start = bisect.bisect_right(self._order, (since, _MAX_ID))
+        return sorted((self._asks[event_id] for _, event_id in self._order[start:]), key=lambda ask: ask.event_id)
+
+    def _read_window(self, session: Session, now: datetime) -> None:
+        window_s = self._window_s
+        self.clear()
+        self._window_s = window_s
+        self.reads += 1
+        self._add(session.execute(_ASKS_READ, {"cutoff": now - timedelta(seconds=window_s), "now": now}))
+        self._as_of = now
+
+    def _holds_window(self, session: Session, bounds: dict[str, datetime]) -> bool:
+        return int(session.execute(_ASKS_COUNT, bounds).scalar_one()) == len(self._asks)
+
+    def _add(self, rows: Iterable[Any]) -> None:
+        for row in rows:
+            ask = Ask.from_row(row)
+            if ask.event_id in self._asks:
+                continue
+            self._asks[ask.event_id] = ask
+            self._newest_id = max(self._newest_id, ask.event_id)
+            bisect.insort(self._order, (ask.created_at, ask.event_id))
+            if ask.key is not None:
+                self._actors[ask.key][ask.actor] += 1
+
+    def _forget(self, ask: Ask) -> None:
+        if ask.key is None:
+            return
+        actors = self._actors[ask.key]
+        actors[ask.actor] -= 1
+        if actors[ask.actor] <= 0:
+            del actors[ask.actor]
+            if not actors:
+                del self._actors[ask.key]
+
+
+_MAX_ID = 2**63

@@ -32,7 +32,7 @@ from fractal.config import Settings
 from fractal.database import SessionFactory, session_scope
 from fractal.retention import LogObjectStore, PurgeReport, RetentionPolicy, purge_history
 from fractal.scaling import steps
-from fractal.scaling.demand import LEAD_TIME_WINDOW_S, LeadTimeCache
+from fractal.scaling.demand import ARRIVAL_WINDOW_MAX_S, LEAD_TIME_WINDOW_S, DemandCache
 from fractal.scaling.lease import (
     SCALER_LEASE,
     LeaseToken,
@@ -99,7 +99,7 @@ def reconcile_fleet(
     purge: bool = False,
     log_objects: LogObjectStore | None = None,
     instance_namer: Callable[[LaunchPlan], str] | None = None,
-    lead_times: LeadTimeCache | None = None,
+    demand_cache: DemandCache | None = None,
 ) -> ReconcileReport:
     """Run one scaler pass unless another replica is running one.
 
@@ -111,8 +111,8 @@ def reconcile_fleet(
         purge: end the pass with a history purge (``fractal.retention``), under the lease.
         log_objects: where the purge deletes log objects (None: rows only).
         instance_namer: names new instances (the simulator's, reproducible); random suffixes when None.
-        lead_times: the launch lead times' activations kept from earlier passes (the scaler loop's and the
-            simulator's, one per process and database; see ``LeadTimeCache``); None: read anew.
+        demand_cache: what the demand reads kept from earlier passes (the scaler loop's and the simulator's, one per
+            process and database; see ``DemandCache``); None: read anew.
 
     Returns:
         The actions taken, or ``ran=False`` with the reason when the lock was held elsewhere.
@@ -127,8 +127,8 @@ def reconcile_fleet(
             log.info("scaler.skipped", reason=report.skipped_reason)
             return report
         report.ran = True
-        if lead_times is not None and not _retention_keeps_lead_window(settings):
-            lead_times = None  # a purge may delete activations inside the window: read them anew every pass
+        if demand_cache is not None and not _retention_keeps_demand_windows(settings):
+            demand_cache = None  # a purge may delete events inside the windows: read them anew every pass
         try:
             _run_pass(
                 session,
@@ -138,11 +138,11 @@ def reconcile_fleet(
                 report=report,
                 lease=lease,
                 instance_namer=instance_namer,
-                lead_times=lead_times,
+                demand_cache=demand_cache,
             )
             if purge:
-                if lead_times is not None:
-                    lead_times.clear()
+                if demand_cache is not None:
+                    demand_cache.clear()
                 report.purge = _purge(session, settings=settings, lease=lease, log_objects=log_objects)
         finally:
             session.rollback()  # a failed pass leaves its transaction aborted; the release needs a fresh one
@@ -175,13 +175,15 @@ def _run_pass(
     report: ReconcileReport,
     lease: LeaseToken,
     instance_namer: Callable[[LaunchPlan], str] | None = None,
-    lead_times: LeadTimeCache | None = None,
+    demand_cache: DemandCache | None = None,
 ) -> None:
     """The pipeline (see ``steps``), committing after the sweeps, after the database-only moves, and in launch."""
     report.actions += steps.sweep(session, settings=settings, now=now)
     session.commit()
     report.actions += steps.retire_hosts(session, settings=settings, now=now)
-    snapshot = steps.observe(session, now=now, waiting_window_s=settings.scaler_waiting_window_s, lead_times=lead_times)
+    snapshot = steps.observe(
+        session, now=now, waiting_window_s=settings.scaler_waiting_window_s, demand_cache=demand_cache
+    )
     fleet_plan, decided = steps.plan(session, snapshot, settings=settings, now=now)
     report.actions += decided
     drained = steps.drain(session, fleet_plan, now=now)
@@ -199,10 +201,11 @@ def _run_pass(
     session.commit()
 
 
-def _retention_keeps_lead_window(settings: Settings) -> bool:
-    """Whether the purge keeps every event and instance of the lead-time window (what ``LeadTimeCache`` needs)."""
+def _retention_keeps_demand_windows(settings: Settings) -> bool:
+    """Whether the purge keeps every event and instance of the demand reads' windows (the lead times' and the
+    longest arrival window a policy may ask for: what ``DemandCache`` needs)."""
     retention = RetentionPolicy.from_settings(settings)
-    return min(retention.events_s, retention.instances_s) > LEAD_TIME_WINDOW_S
+    return min(retention.events_s, retention.instances_s) > max(LEAD_TIME_WINDOW_S, ARRIVAL_WINDOW_MAX_S)
 
 
 def _purge(

@@ -26,7 +26,7 @@ from fractal.metrics import observe_reconcile, record_reconcile_failure, start_m
 from fractal.nudge import LocalNudge, build_nudge
 from fractal.observability import redact_text
 from fractal.retention import LogObjectStore, default_log_objects
-from fractal.scaling.demand import LeadTimeCache
+from fractal.scaling.demand import DemandCache
 from fractal.scaling.health import record_healthy_pass
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 
@@ -94,8 +94,8 @@ class ScalerLoop:
         # The first pass that wins the lease purges; then every purge_interval_s (0: never).
         self._next_purge_at = time.monotonic()
         self._log_objects: LogObjectStore | None = default_log_objects(settings)
-        # The launch lead times' activations, kept from pass to pass (each pass reads what changed).
-        self._lead_times = LeadTimeCache()
+        # What the demand reads keep from pass to pass (each pass reads what changed).
+        self._demand_cache = DemandCache()
 
     def _purge_due(self) -> bool:
         return self.settings.purge_interval_s > 0 and time.monotonic() >= self._next_purge_at
@@ -109,7 +109,7 @@ class ScalerLoop:
                 cloud=self.cloud,
                 purge=self._purge_due(),
                 log_objects=self._log_objects,
-                lead_times=self._lead_times,
+                demand_cache=self._demand_cache,
             )
         except Exception as error:
             self._failed(error)

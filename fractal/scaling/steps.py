@@ -29,7 +29,7 @@ from fractal.fleet.sweeps import mark_silent_hosts_lost, release_unclaimed_mande
 from fractal.models import EndReason, Image, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 from fractal.scaling.demand import (
     WAITING_WINDOW_S,
-    LeadTimeCache,
+    DemandCache,
     launch_lead_times,
     recent_arrivals,
     waiting_users,
@@ -231,12 +231,12 @@ def observe(
     *,
     now: datetime | None = None,
     waiting_window_s: float = WAITING_WINDOW_S,
-    lead_times: LeadTimeCache | None = None,
+    demand_cache: DemandCache | None = None,
 ) -> FleetSnapshot:
     """Read what the policy needs: every image (newest first per region) and every instance not TERMINATED; as of
     ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
-    and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``lead_times``: the
-    activations earlier passes read, see ``LeadTimeCache``)."""
+    and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``demand_cache``:
+    what earlier passes read, see ``DemandCache``; None: read anew)."""
     images = [
         ImageTarget(
             region=row.region,
@@ -251,10 +251,11 @@ def observe(
         for row in session.execute(_IMAGES_READ)
     ]
     if now is not None:
-        waiting = waiting_users(session, now=now, window_s=waiting_window_s) if waiting_window_s > 0 else {}
+        asks = demand_cache.asks if demand_cache is not None else None
+        waiting = waiting_users(session, now=now, window_s=waiting_window_s, cache=asks) if waiting_window_s > 0 else {}
         if waiting:
             images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
-        images = _with_demand(session, images, now=now, lead_times=lead_times)
+        images = _with_demand(session, images, now=now, demand_cache=demand_cache)
     instances = [
         InstanceSnapshot(name, region, commit, _STATUS_BY_VALUE[status], capacity, live, idle_since)
         for name, region, commit, status, capacity, live, idle_since in session.execute(_FLEET_READ)
@@ -297,13 +298,18 @@ _FLEET_READ = select(
 
 
 def _with_demand(
-    session: Session, images: list[ImageTarget], *, now: datetime, lead_times: LeadTimeCache | None = None
+    session: Session, images: list[ImageTarget], *, now: datetime, demand_cache: DemandCache | None = None
 ) -> list[ImageTarget]:
     """The images, those with a demand policy carrying what was measured (one read per distinct window)."""
     demand_aware = [i for i in images if i.active and i.buffer_policy and i.buffer_policy.kind is BufferKind.DEMAND]
     if not demand_aware:
         return images
-    lead = launch_lead_times(session, now=now, regions={i.region for i in demand_aware}, cache=lead_times)
+    lead = launch_lead_times(
+        session,
+        now=now,
+        regions={i.region for i in demand_aware},
+        cache=demand_cache.lead_times if demand_cache is not None else None,
+    )
     by_window: dict[float, list[ImageTarget]] = defaultdict(list)
     for image in demand_aware:
         assert image.buffer_policy is not None
@@ -311,7 +317,11 @@ def _with_demand(
     stats: dict[tuple[str, str], DemandStats] = {}
     for window_s, group in by_window.items():
         counts = recent_arrivals(
-            session, now=now, window_s=window_s, keys=[(i.region, i.client_commit_hash) for i in group]
+            session,
+            now=now,
+            window_s=window_s,
+            keys=[(i.region, i.client_commit_hash) for i in group],
+            cache=demand_cache.asks if demand_cache is not None else None,
         )
         for image in group:
             key = (image.region, image.client_commit_hash)

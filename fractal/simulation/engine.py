@@ -45,7 +45,7 @@ from fractal.fleet.mandelboxes import move_mandelboxes
 from fractal.host_service.service import handshake_host
 from fractal.images import ImageSpec, active_image_summary, upsert_image
 from fractal.models import Base, EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
-from fractal.scaling.demand import LeadTimeCache
+from fractal.scaling.demand import DemandCache
 from fractal.scaling.policy import LaunchPlan
 from fractal.scaling.reconcile import ReconcileReport, reconcile_fleet
 from fractal.scaling.steps import NOT_TERMINATED
@@ -316,7 +316,7 @@ class Simulation:
         self.service_calls = 0  # of which assign_mandelbox gave (the others: refusals known beforehand)
         self.cpu_s: defaultdict[str, float] = defaultdict(float)  # CPU seconds: hosts, users, scaler, sample
         self.last_report: ReconcileReport | None = None
-        self.lead_times = LeadTimeCache()  # what the live scaler loop keeps too (ScalerLoop)
+        self.demand_cache = DemandCache()  # what the live scaler loop keeps too (ScalerLoop)
 
     # --- set-up ------------------------------------------------------------------------------------------------
 
@@ -439,7 +439,7 @@ class Simulation:
             settings=self.settings,
             cloud=self.cloud,
             instance_namer=self.instance_name,
-            lead_times=self.lead_times,
+            demand_cache=self.demand_cache,
         )
         self.scaler_passes += 1
         self.last_report = report
