@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import structlog
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from fractal.clock import SQLITE_TEXT_FORMAT, VIRTUAL_CLOCK_FUNCTION, utcnow
 from fractal.cloud.memory import MemoryCloud
@@ -323,3 +324,36 @@ def test_policies_parse_and_validate_like_the_admin_api() -> None:
     for bad in ("demand:floor=5,ceiling=2", "demand:speed=3", "elastic", "static:x", "demand:schedule=18-25@2"):
         with pytest.raises(ValueError):
             Policy.parse(bad)
+
+
+HISTORY_TABLES = ("mandelboxes", "events", "instances", "heartbeats")
+
+
+def test_on_sqlite_no_statement_of_the_scaler_assign_or_host_paths_reads_a_whole_history_table() -> None:
+    """Every statement an hour of the simulator sends (the real scaler pass, assignment and host paths, on SQLite:
+    the embedded default) is planned on an index for the tables that grow with history. A move by instance once
+    read every mandelbox ever made, because SQLite uses a partial index only when the query states its condition."""
+    plans: dict[str, list[str]] = {}
+
+    def explain(_conn: Any, cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        verb = statement.lstrip().split(" ", 1)[0].upper()
+        if many or statement in plans or verb not in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH"):
+            return
+        rows = cursor.connection.execute("EXPLAIN QUERY PLAN " + statement, parameters).fetchall()
+        plans[statement] = [str(row[-1]) for row in rows]
+
+    trace = synthetic_trace(SyntheticSpec(sessions=300, regions=("eu-west-1", "us-east-1"), hours=1), seed=11)
+    event.listen(Engine, "before_cursor_execute", explain)
+    try:
+        result = simulate(trace, "demand", SimulationConfig(seed=11), workers=1)
+    finally:
+        event.remove(Engine, "before_cursor_execute", explain)
+    assert result.overall.served > 0 and result.overall.terminations > 0  # ends, drains and terminations ran
+    assert len(plans) > 30
+    full_scans = {
+        statement: steps
+        for statement, steps in plans.items()
+        for step in steps
+        if any(step == f"SCAN {table}" for table in HISTORY_TABLES)
+    }
+    assert full_scans == {}

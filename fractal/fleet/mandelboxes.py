@@ -108,7 +108,9 @@ def move_mandelboxes(
         allowed &= set(from_statuses)
     if not allowed:
         return []
-    selection = and_(where, Mandelbox.status.in_(sorted(allowed)))
+    # "Not EXITED" adds nothing (no move starts from EXITED) but lets SQLite use the live-mandelbox indexes, which
+    # are partial on it: without it, a move by instance read every mandelbox ever made (Postgres infers it).
+    selection = and_(where, Mandelbox.status.in_(sorted(allowed)), Mandelbox.status != MandelboxStatus.EXITED)
     ends = to is MandelboxStatus.EXITED
     if ends:
         # Lock order: the instances whose slots come back, before their mandelboxes.
