@@ -149,9 +149,13 @@ def virtual_clock_ddl(statement: str) -> str:
     ).replace("DEFAULT CURRENT_TIMESTAMP", f"DEFAULT (strftime('%Y-%m-%d %H:%M:%f', {VIRTUAL_CLOCK_FUNCTION}()))")
 
 
+# Built once: building the statement cost more than running it (every scaler pass and sweep reads the clock).
+_DATABASE_NOW = select(db_now())
+
+
 def database_now(session: Session) -> datetime:
     """The database's "now" (one round trip), for a pass that compares many stored times with one instant."""
-    value = session.execute(select(db_now())).scalar_one()
+    value = session.execute(_DATABASE_NOW).scalar_one()
     assert isinstance(value, datetime)
     return value
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
@@ -41,12 +41,46 @@ class SweepResult:
     skipped: bool = False
 
 
+_instances = Instance.__table__
+_heartbeats = Heartbeat.__table__
+_mandelboxes = Mandelbox.__table__
+
+
 def _last_seen() -> Any:
     """When the host was last heard from: its newest heartbeat, else when it entered its current status.
 
     Needs ``heartbeats`` outer-joined to ``instances`` (one hash join over the fleet, not a lookup per host).
     """
-    return func.coalesce(Heartbeat.last_heartbeat_at, Instance.status_changed_at)
+    return func.coalesce(_heartbeats.c.last_heartbeat_at, _instances.c.status_changed_at)
+
+
+# The sweeps' reads, built once over the tables' columns (every scaler pass runs them; building them cost more than
+# running them). Binds ``cutoff``.
+# Lock the silent rows in name order and skip rows an assign is holding right now: that host is judged again next
+# pass. Locking re-checks the status on the newest version. Instances first: the fleet's lock order.
+_SILENT_HOSTS = (
+    select(_instances.c.instance_name, _instances.c.status, _last_seen().label("last_seen"))
+    .select_from(_instances)
+    .outerjoin(_heartbeats, _heartbeats.c.instance_name == _instances.c.instance_name)
+    .where(
+        _instances.c.status.in_(WATCHED_STATUSES),
+        _last_seen() < bindparam("cutoff", type_=_instances.c.status_changed_at.type),
+    )
+    .order_by(_instances.c.instance_name)
+    .with_for_update(key_share=True, skip_locked=True, of=_instances)
+)
+# Whether any mandelbox is stuck (ALLOCATED or DYING since before ``cutoff``): most passes have none, and one read
+# on the live index says so instead of two empty moves. "Not EXITED" is what the live-mandelbox indexes are partial
+# on: saying it lets the planner walk those (the live boxes) instead of every mandelbox ever made.
+_ANY_STUCK = (
+    select(_mandelboxes.c.mandelbox_id)
+    .where(
+        _mandelboxes.c.status != MandelboxStatus.EXITED,
+        _mandelboxes.c.status.in_([MandelboxStatus.ALLOCATED, MandelboxStatus.DYING]),
+        _mandelboxes.c.status_changed_at < bindparam("cutoff", type_=_mandelboxes.c.status_changed_at.type),
+    )
+    .limit(1)
+)
 
 
 def mark_silent_hosts_lost(session: Session, *, host_timeout_s: float, now: datetime | None = None) -> list[str]:
@@ -56,16 +90,7 @@ def mark_silent_hosts_lost(session: Session, *, host_timeout_s: float, now: date
     """
     now = now or database_now(session)
     cutoff = now - timedelta(seconds=host_timeout_s)
-    last_seen = _last_seen()
-    # Lock the silent rows in name order and skip rows an assign is holding right now: that host is judged again
-    # next pass. Locking re-checks the status on the newest version. Instances first: the fleet's lock order.
-    silent = session.execute(
-        select(Instance.instance_name, Instance.status, last_seen.label("last_seen"))
-        .outerjoin(Heartbeat, Heartbeat.instance_name == Instance.instance_name)
-        .where(Instance.status.in_(WATCHED_STATUSES), last_seen < cutoff)
-        .order_by(Instance.instance_name)
-        .with_for_update(key_share=True, skip_locked=True, of=Instance)
-    ).all()
+    silent = session.execute(_SILENT_HOSTS, {"cutoff": cutoff}).all()
     if not silent:
         return []
     names = [row.instance_name for row in silent]
@@ -112,12 +137,10 @@ def release_unclaimed_mandelboxes(
     Returns the ids that ended.
     """
     now = now or database_now(session)
-    # "Not EXITED" is what the live-mandelbox indexes are partial on: saying it lets the planner walk those (the live
-    # boxes) instead of every mandelbox ever made, which is what this sweep would otherwise read every pass.
-    stuck = and_(
-        Mandelbox.status != MandelboxStatus.EXITED,
-        Mandelbox.status_changed_at < now - timedelta(seconds=connect_timeout_s),
-    )
+    cutoff = now - timedelta(seconds=connect_timeout_s)
+    if session.execute(_ANY_STUCK, {"cutoff": cutoff}).first() is None:
+        return []
+    stuck = Mandelbox.status_changed_at < cutoff  # (move_mandelboxes adds the statuses and "not EXITED")
     unclaimed = move_mandelboxes(
         session,
         where=stuck,

@@ -137,32 +137,29 @@ class LeadTimeCache:
         self._changed: set[str] | None = None  # regions to recompute (None: all)
 
     def lead_times(self, session: Session, *, now: datetime, regions: Sequence[str]) -> dict[str, float]:
-        cutoff = now - timedelta(seconds=LEAD_TIME_WINDOW_S)
-        in_window = and_(
-            events.c.kind == str(EventKind.INSTANCE_ACTIVATED), events.c.created_at > cutoff, events.c.created_at <= now
-        )
+        bounds = {"cutoff": now - timedelta(seconds=LEAD_TIME_WINDOW_S), "now": now}
         if self._as_of is None or now < self._as_of:
-            self._read_window(session, in_window)
+            self._read_window(session, bounds)
         else:
             changed = self._changed if self._changed is not None else set()
-            while self._leaving and self._leaving[0][0] <= cutoff:
+            while self._leaving and self._leaving[0][0] <= bounds["cutoff"]:
                 _, event_id = heapq.heappop(self._leaving)
                 region = self._samples.pop(event_id)[0]
                 if region is not None:
                     changed.add(region)
             self._changed = changed
-            self._add(session.execute(_activations(and_(in_window, events.c.id > self._newest_id))))
-            held = session.execute(select(func.count()).select_from(events).where(in_window)).scalar_one()
+            self._add(session.execute(_ACTIVATIONS_AFTER, {**bounds, "after": self._newest_id}))
+            held = session.execute(_ACTIVATIONS_COUNT, bounds).scalar_one()
             if held != len(self._samples):
-                self._read_window(session, in_window)
+                self._read_window(session, bounds)
         self._as_of = now
         self._recompute()
         return {region: self._medians[region] for region in regions if region in self._medians}
 
-    def _read_window(self, session: Session, in_window: ColumnElement[bool]) -> None:
+    def _read_window(self, session: Session, bounds: dict[str, datetime]) -> None:
         self.clear()
         self.reads += 1
-        self._add(session.execute(_activations(in_window)))
+        self._add(session.execute(_ACTIVATIONS, bounds))
 
     def _add(self, rows: Iterable[Any]) -> None:
         for event_id, activated_at, region, launched_at in rows:
@@ -204,14 +201,32 @@ class DemandCache:
         self.asks.clear()
 
 
-def _activations(where: ColumnElement[bool]) -> Any:
-    """Activation events (id, time) with their instance's region and launch time (None when the row is gone)."""
+def _activations_read(*, after_id: bool) -> Select[Any]:
+    """Activation events (id, time) of the window with their instance's region and launch time (None when the row
+    is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only)."""
     return (
         select(events.c.id, events.c.created_at, instances.c.region, instances.c.created_at)
         .select_from(events)
         .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
-        .where(where)
+        .where(
+            _in_activation_window(), *([events.c.id > bindparam("after", type_=events.c.id.type)] if after_id else [])
+        )
     )
+
+
+def _in_activation_window() -> ColumnElement[bool]:
+    created_at = events.c.created_at
+    return and_(
+        events.c.kind == str(EventKind.INSTANCE_ACTIVATED),
+        created_at > bindparam("cutoff", type_=created_at.type),
+        created_at <= bindparam("now", type_=created_at.type),
+    )
+
+
+# The lead times' reads, built once (every pass runs two: building them cost more than running them).
+_ACTIVATIONS = _activations_read(after_id=False)
+_ACTIVATIONS_AFTER = _activations_read(after_id=True)
+_ACTIVATIONS_COUNT = select(func.count()).select_from(events).where(_in_activation_window())
 
 
 # waiting_users' read, built once (it runs every pass when no AskCache is kept): the window's assignments and

@@ -100,11 +100,14 @@ def acquire_lease(session: Session, *, name: str, holder: str, ttl_s: float) -> 
 _NAME: BindParameter[str] = bindparam("lease_name", type_=String())
 _HOLDER: BindParameter[str] = bindparam("lease_holder", type_=String())
 _TOKEN: BindParameter[int] = bindparam("lease_token", type_=Integer())
+# Over the table's columns, not the mapped class's: DML on a mapped class takes the ORM's bulk-persistence path,
+# which cost ten times the statement itself (the lease's upsert about 0.6 ms of CPU, every pass).
+_leases = Lease.__table__
 _HELD = and_(
-    Lease.name == _NAME,
-    Lease.holder == _HOLDER,
-    Lease.fencing_token == _TOKEN,
-    Lease.expires_at > db_now(live=True),
+    _leases.c.name == _NAME,
+    _leases.c.holder == _HOLDER,
+    _leases.c.fencing_token == _TOKEN,
+    _leases.c.expires_at > db_now(live=True),
 )
 
 
@@ -115,40 +118,34 @@ def _bound(token: LeaseToken) -> dict[str, object]:
 @functools.lru_cache(maxsize=8)
 def _acquire_statement(on_postgres: bool, ttl_s: float) -> Executable:
     dialect_insert = postgresql.insert if on_postgres else sqlite.insert
-    statement = dialect_insert(Lease).values(
+    statement = dialect_insert(_leases).values(
         name=_NAME, holder=_HOLDER, fencing_token=1, acquired_at=db_now(live=True), expires_at=db_now(ttl_s, live=True)
     )
     current = statement.excluded
-    renewing = and_(Lease.holder == _HOLDER, Lease.expires_at > db_now(live=True))
+    lease = _leases.c
+    renewing = and_(lease.holder == _HOLDER, lease.expires_at > db_now(live=True))
     return statement.on_conflict_do_update(
-        index_elements=[Lease.name],
+        index_elements=[lease.name],
         set_={
             "holder": current.holder,
-            "fencing_token": _if(renewing, Lease.fencing_token, Lease.fencing_token + 1),
-            "acquired_at": _if(renewing, Lease.acquired_at, current.acquired_at),
+            "fencing_token": _if(renewing, lease.fencing_token, lease.fencing_token + 1),
+            "acquired_at": _if(renewing, lease.acquired_at, current.acquired_at),
             "expires_at": current.expires_at,
         },
-        where=(Lease.holder == _HOLDER) | (Lease.expires_at <= db_now(live=True)),
-    ).returning(Lease.fencing_token)
+        where=(lease.holder == _HOLDER) | (lease.expires_at <= db_now(live=True)),
+    ).returning(lease.fencing_token)
 
 
 @functools.lru_cache(maxsize=8)
 def _renew_statement(ttl_s: float) -> Executable:
-    return (
-        update(Lease)
-        .where(_HELD)
-        .values(expires_at=db_now(ttl_s, live=True))
-        .returning(Lease.fencing_token)
-        .execution_options(synchronize_session=False)
-    )
+    return update(_leases).where(_HELD).values(expires_at=db_now(ttl_s, live=True)).returning(_leases.c.fencing_token)
 
 
-_FENCE = select(Lease.fencing_token).where(_HELD).with_for_update(read=True)
+_FENCE = select(_leases.c.fencing_token).where(_HELD).with_for_update(read=True)
 _RELEASE = (
-    update(Lease)
-    .where(Lease.name == _NAME, Lease.holder == _HOLDER, Lease.fencing_token == _TOKEN)
+    update(_leases)
+    .where(_leases.c.name == _NAME, _leases.c.holder == _HOLDER, _leases.c.fencing_token == _TOKEN)
     .values(expires_at=db_now(live=True))
-    .execution_options(synchronize_session=False)
 )
 
 

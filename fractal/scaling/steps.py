@@ -529,11 +529,7 @@ def _new_instance(plan: LaunchPlan, namer: Callable[[LaunchPlan], str] | None = 
 def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime, lease: LeaseToken) -> CloudStepResult:
     """Terminate every TERMINATING host and mark TERMINATED those the cloud confirms gone, region by region."""
     result = CloudStepResult()
-    rows = session.execute(
-        select(Instance.instance_name, Instance.region, Instance.cloud_provider_id, Instance.status_changed_at)
-        .where(Instance.status == InstanceStatus.TERMINATING)
-        .order_by(Instance.region, Instance.instance_name)
-    ).all()
+    rows = session.execute(_TERMINATING_READ).all()
     # End the read before asking the cloud (describe/terminate may take many seconds with retries): an open
     # transaction idle that long is ended by the server (FRACTAL_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS). The leader
     # lock, not this transaction, keeps other passes away from these rows.
@@ -582,6 +578,16 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
         for box in ended
     ]
     return result
+
+
+# terminate_in_cloud's read, built once (it runs every pass).
+_TERMINATING_READ = (
+    select(
+        _instances.c.instance_name, _instances.c.region, _instances.c.cloud_provider_id, _instances.c.status_changed_at
+    )
+    .where(_instances.c.status == InstanceStatus.TERMINATING)
+    .order_by(_instances.c.region, _instances.c.instance_name)
+)
 
 
 def _terminate_region(
