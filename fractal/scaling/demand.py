@@ -52,8 +52,7 @@ def recent_arrivals(
     wanted = set(keys)
     if not wanted:
         return {}
-    if cache is not None:
-        cache.refresh(session, now=now, window_s=window_s)
+    if cache is not None and cache.refresh(session, now=now, window_s=window_s):
         return cache.arrivals(wanted, since=now - timedelta(seconds=window_s))
     rows = session.execute(
         _recent_arrivals_statement(),
@@ -322,8 +321,7 @@ def waiting_users(
     given a mandelbox since: they are retrying now (every Retry-After), and the buffer must cover them too.
 
     ``cache``: the asks earlier passes read (``AskCache``); None: the window is read anew."""
-    if cache is not None:
-        cache.refresh(session, now=now, window_s=window_s)
+    if cache is not None and cache.refresh(session, now=now, window_s=window_s):
         return count_waiting(cache.asks_since(now - timedelta(seconds=window_s)))
     rows = session.execute(_ASKS_READ, {"cutoff": now - timedelta(seconds=window_s), "now": now})
     return count_waiting(Ask.from_row(row) for row in rows)
@@ -360,6 +358,9 @@ class AskCache:
     """
 
     TAIL_IDS = 2_000
+    # At most this many asks are held (tens of MB): a longer or busier window (users refused every Retry-After for
+    # hours) is counted in the database each pass instead, as without a cache.
+    MAX_HELD = 200_000
 
     def __init__(self) -> None:
         self.reads = 0  # full reads of the window (tests and benchmarks look)
@@ -373,14 +374,14 @@ class AskCache:
         self._window_s = 0.0
         self._as_of: datetime | None = None
 
-    def refresh(self, session: Session, *, now: datetime, window_s: float) -> None:
-        """Hold the asks of (``now`` - the longest window asked for so far, ``now``]."""
+    def refresh(self, session: Session, *, now: datetime, window_s: float) -> bool:
+        """Hold the asks of (``now`` - the longest window asked for so far, ``now``]. False when the window holds more
+        than ``MAX_HELD`` (nothing is held then: the caller counts in the database, as without a cache)."""
         if self._as_of is not None and now == self._as_of and window_s <= self._window_s:
-            return  # this pass's other read: nothing to do
+            return True  # this pass's other read: nothing to do
         if self._as_of is None or now < self._as_of or window_s > self._window_s:
             self._window_s = max(window_s, self._window_s)
-            self._read_window(session, now)
-            return
+            return self._read_window(session, now)
         cutoff = now - timedelta(seconds=self._window_s)
         leaving = bisect.bisect_right(self._order, (cutoff, _MAX_ID))
         for _, event_id in self._order[:leaving]:
@@ -388,14 +389,17 @@ class AskCache:
         del self._order[:leaving]
         bounds = {"cutoff": cutoff, "now": now}
         self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": self._newest_id}))
-        if not self._holds_window(session, bounds):
+        held = self._window_count(session, bounds)
+        if held != len(self._asks):
             ids = sorted(self._asks)
             tail_floor = ids[-self.TAIL_IDS] if len(ids) >= self.TAIL_IDS else 0
             self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": tail_floor - 1}))
-            if not self._holds_window(session, bounds):
-                self._read_window(session, now)
-                return
+            if held != len(self._asks):
+                return self._read_window(session, now)
+        if held > self.MAX_HELD:
+            return self._give_up()
         self._as_of = now
+        return True
 
     def arrivals(self, keys: Iterable[tuple[str, str]], *, since: datetime) -> dict[tuple[str, str], int]:
         """Distinct users per key among the asks after ``since`` (held: ``refresh`` covered it)."""
@@ -412,16 +416,27 @@ class AskCache:
         start = bisect.bisect_right(self._order, (since, _MAX_ID))
         return sorted((self._asks[event_id] for _, event_id in self._order[start:]), key=lambda ask: ask.event_id)
 
-    def _read_window(self, session: Session, now: datetime) -> None:
+    def _read_window(self, session: Session, now: datetime) -> bool:
         window_s = self._window_s
         self.clear()
         self._window_s = window_s
+        bounds = {"cutoff": now - timedelta(seconds=window_s), "now": now}
+        if self._window_count(session, bounds) > self.MAX_HELD:
+            return self._give_up()
         self.reads += 1
-        self._add(session.execute(_ASKS_READ, {"cutoff": now - timedelta(seconds=window_s), "now": now}))
+        self._add(session.execute(_ASKS_READ, bounds))
         self._as_of = now
+        return True
 
-    def _holds_window(self, session: Session, bounds: dict[str, datetime]) -> bool:
-        return int(session.execute(_ASKS_COUNT, bounds).scalar_one()) == len(self._asks)
+    def _give_up(self) -> bool:
+        """Too many asks to hold: forget them (the next pass tries again, from a count)."""
+        window_s = self._window_s
+        self.clear()
+        self._window_s = window_s
+        return False
+
+    def _window_count(self, session: Session, bounds: dict[str, datetime]) -> int:
+        return int(session.execute(_ASKS_COUNT, bounds).scalar_one())
 
     def _add(self, rows: Iterable[Any]) -> None:
         for row in rows:
