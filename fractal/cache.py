@@ -192,14 +192,16 @@ class ReadAhead:
             return self._cache.get_or_load(namespace, name, load)
         reply, error = self._reply, self._error
         self._reply = self._error = None  # one answer per read: a second lookup reads afresh
-        if error is None and not (isinstance(reply, list) and len(reply) == 2):
-            error = TypeError("MGET answered no pair")
+        if error is None:
+            try:  # what cachelib's get_many does with the same reply
+                loads = self._backend.serializer.loads  # type: ignore[attr-defined]
+                raw_generation, entry = (loads(value) for value in reply)
+            except Exception as exc:  # anything but the pair of values we wrote is a failed read, never a 500
+                error = exc
         if error is not None:
             self._cache._failed("cache_read_failed", error)
             return load()
-        loads = self._backend.serializer.loads  # type: ignore[attr-defined]
-        key = _entry_key(namespace, name)
-        return self._cache._resolve(self._backend, key, loads(reply[0]), loads(reply[1]), load)
+        return self._cache._resolve(self._backend, _entry_key(namespace, name), raw_generation, entry, load)
 
 
 def _entry_key(namespace: str, name: str) -> str:

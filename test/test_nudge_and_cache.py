@@ -202,6 +202,18 @@ def test_a_read_sent_ahead_that_failed_is_a_failed_read(redis_settings: Settings
     assert cache.read_ahead("ns", "v") is None  # skipped for a while, like after any failed read
 
 
+@pytest.mark.parametrize("reply", [[b"1"], ["1", "j[1,2]"], None, 7])
+def test_a_read_sent_ahead_answered_with_anything_else_is_a_failed_read(redis_settings: Settings, reply: Any) -> None:
+    client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    cache = DataCache(
+        RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:"), ttl_s=60, one_server=True
+    )
+    read = cache.read_ahead("ns", "v")
+    assert read is not None
+    read.received(reply)
+    assert read.get_or_load("ns", "v", lambda: "loaded") == "loaded"
+
+
 def test_only_one_redis_server_reads_ahead() -> None:
     assert DataCache(SimpleCache(), ttl_s=60).read_ahead("ns", "v") is None
     cluster_like: Any = redis.Redis.from_url(REDIS_SERVER_URL)
