@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -96,11 +97,15 @@ def summarise(raw: Path, top: int) -> list[str]:
 def count_round_trips(
     url: str, keypair: DevKeyPair, tokens: list[str], body: str, *, idempotency_keys: bool = False
 ) -> list[str]:
-    """In-process: what one assign sends to Postgres and Redis (statements, BEGINs, pings, commits, Redis commands).
+    """In-process: what one assign sends to Postgres and Redis, counted at the drivers.
 
-    ``idempotency_keys``: every assign carries a fresh Idempotency-Key. A BEGIN is a round trip of its own (psycopg2
-    sends it before a transaction's first statement).
+    ``idempotency_keys``: every assign carries a fresh Idempotency-Key. The hot path runs its statement on the raw
+    DBAPI connection (``run_in_own_transaction``), out of sight of SQLAlchemy's events, so Postgres round trips are
+    counted on psycopg2's connections and cursors: each ``execute`` is one (a query string of several statements
+    too), plus the ``BEGIN`` psycopg2 sends first when a statement opens a transaction outside autocommit, plus each
+    ``commit``/``rollback`` that ends an open transaction.
     """
+    import psycopg2.extensions
     import redis.connection
     from sqlalchemy import event
 
@@ -123,24 +128,36 @@ def count_round_trips(
     engine = app.extensions[EXTENSION_KEY].engine
     seen: Counter[str] = Counter()
     statements: Counter[str] = Counter()
+    ready = psycopg2.extensions.STATUS_READY
 
-    def on_execute(*args: object) -> None:
-        statement = " ".join(str(args[2]).split())[:90]
-        statements[statement] += 1
-        seen["sql statements"] += 1
+    class CountingCursor(psycopg2.extensions.cursor):
+        def execute(self, query: Any, parameters: Any = None) -> None:
+            if not self.connection.autocommit and self.connection.status == ready:
+                seen["postgres round trips: BEGIN (sent by psycopg2 before a transaction's first statement)"] += 1
+            seen["postgres round trips: statements (one query string each)"] += 1
+            statements[_abridged(str(query))] += 1
+            super().execute(query, parameters)
 
-    event.listen(engine, "before_cursor_execute", on_execute)
-    event.listen(engine, "commit", lambda *_: seen.update(["commits"]))
-    checkout = "checkouts (BEGIN + the SET LOCAL bounds: 2 round trips each)"
-    event.listen(engine.pool, "checkout", lambda *_: seen.update([checkout]))
-    event.listen(engine, "rollback", lambda *_: seen.update(["rollbacks"]))
-    ping = engine.dialect.do_ping
+    class CountingConnection(psycopg2.extensions.connection):
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cursor_factory", CountingCursor)
+            return super().cursor(*args, **kwargs)
 
-    def counted_ping(connection: object) -> bool:
-        seen["pool pre-pings (SELECT 1)"] += 1
-        return bool(ping(connection))
+        def commit(self) -> None:
+            if self.status != ready:
+                seen["postgres round trips: COMMIT (the driver's)"] += 1
+            super().commit()
 
-    engine.dialect.do_ping = counted_ping
+        def rollback(self) -> None:
+            if self.status != ready:
+                seen["postgres round trips: ROLLBACK (the driver's)"] += 1
+            super().rollback()
+
+    @event.listens_for(engine, "do_connect")
+    def _counting_connections(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams["connection_factory"] = CountingConnection
+
+    event.listen(engine.pool, "checkout", lambda *_: seen.update(["pool checkouts"]))
     send = redis.connection.AbstractConnection.send_packed_command
 
     def counted_send(self: object, command: object, check_health: bool = True) -> None:
@@ -174,6 +191,13 @@ def count_round_trips(
     out += [f"  {count / n:5.2f}  {name}" for name, count in sorted(seen.items())]
     out += ["  statements:"] + [f"    {count / n:5.2f}  {text}" for text, count in statements.most_common()]
     return out
+
+
+def _abridged(query: str, width: int = 90) -> str:
+    """A query string on one line, its middle left out when long (its last statement is the one that says most)."""
+    flat = " ".join(query.split())
+    half = (width - 3) // 2
+    return flat if len(flat) <= width else f"{flat[:half]} … {flat[-half:]}"
 
 
 def main(argv: list[str] | None = None) -> int:

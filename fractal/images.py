@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fractal.cache import DataCache
+from fractal.cache import CacheReader, DataCache, ReadAhead
 from fractal.clock import utcnow
 from fractal.events import EventKind, record_event
 from fractal.models import Image
@@ -54,16 +54,23 @@ def list_images(session: Session, *, limit: int = 500, cursor: str | None = None
 
 # Cache namespace of everything derived from the images table; bumped whenever an image changes.
 IMAGES_CACHE_NAMESPACE = "images"
+ACTIVE_SUMMARY = "active"
 
 
-def active_image_summary(session: Session, *, cache: DataCache | None = None) -> dict[str, Any]:
+def active_image_summary(session: Session, *, cache: CacheReader | None = None) -> dict[str, Any]:
     """What every assign and /regions read: ``{"regions": [...], "newest": {region: commit}}``.
 
     Served from ``cache`` (plain data, short TTL, invalidated by :func:`upsert_image`) when one is given.
     """
     if cache is None:
         return _load_active_image_summary(session)
-    return cache.get_or_load(IMAGES_CACHE_NAMESPACE, "active", lambda: _load_active_image_summary(session))
+    return cache.get_or_load(IMAGES_CACHE_NAMESPACE, ACTIVE_SUMMARY, lambda: _load_active_image_summary(session))
+
+
+def active_image_summary_read_ahead(cache: DataCache) -> ReadAhead | None:
+    """The cache read of :func:`active_image_summary`, for another command's round trip to carry (the assign's
+    rate limit); pass what it returns as the ``cache`` the summary is then read through."""
+    return cache.read_ahead(IMAGES_CACHE_NAMESPACE, ACTIVE_SUMMARY)
 
 
 def _load_active_image_summary(session: Session) -> dict[str, Any]:

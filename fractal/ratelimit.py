@@ -30,8 +30,11 @@ from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 from limits import RateLimitItem, parse_many
 from limits import parse as parse_limit
-from limits.storage import RedisClusterStorage, Storage
+from limits.storage import RedisClusterStorage, RedisStorage, Storage
+from limits.strategies import FixedWindowRateLimiter, RateLimiter
+from redis.exceptions import NoScriptError
 
+from fractal.cache import ReadAhead
 from fractal.config import Settings
 from fractal.errors import RateLimitedError, UnauthorizedError, error_response
 from fractal.redis_client import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, LazyRedisCluster, RedisClient
@@ -198,19 +201,57 @@ def _parsed(limit: str) -> tuple[RateLimitItem, ...]:
     return tuple(sorted(parse_many(limit)))
 
 
-def _spend(items: tuple[RateLimitItem, ...], key: str, scope: str) -> RouteRateLimitedError | None:
+def _spend(
+    items: tuple[RateLimitItem, ...], key: str, scope: str, along: ReadAhead | None = None
+) -> RouteRateLimitedError | None:
     """Count one request against each limit (one Redis round trip each: limits' INCR+EXPIRE script on one key)
-    in order, up to the first that is spent: its refusal, else None. What was counted is remembered for
-    :func:`give_back_route_limit`."""
+    in order, up to the first that is spent: its refusal, else None. ``along``: a read sent in the first count's
+    round trip when the limits live on one Redis server (see :func:`_hit_with`). What was counted is remembered
+    for :func:`give_back_route_limit`."""
     strategy = limiter.limiter
     for n, item in enumerate(items):
-        if not strategy.hit(item, key, scope):
+        hit = _hit_with(strategy, item, key, scope, along) if n == 0 and along is not None else None
+        if hit is None:
+            hit = strategy.hit(item, key, scope)
+        if not hit:
             g.fractal_route_limit_spent = (items[: n + 1], key, scope)  # a refused hit is counted too
             reset = strategy.get_window_stats(item, key, scope).reset_time  # only refusals pay this round trip
             limiter.logger.info("ratelimit %s (%s) exceeded at endpoint: %s", item, key, scope)
             return RouteRateLimitedError(item, retry_after_s=max(1, math.ceil(reset - time.time())))
     g.fractal_route_limit_spent = (items, key, scope)
     return None
+
+
+def _hit_with(strategy: RateLimiter, item: RateLimitItem, key: str, scope: str, along: ReadAhead) -> bool | None:
+    """``strategy.hit(item, key, scope)`` with ``along``'s command in the same round trip (a pipeline of two), its
+    reply handed to ``along``; None when that cannot be done here (storage other than limits' fixed window on one
+    Redis server, such as the memory fallback or a cluster, where the two keys need not share a node; the script
+    not loaded on the server yet): the caller counts as usual, and ``along`` reads in a round trip of its own.
+
+    The count is limits' own: the INCR+EXPIRE script that ``RedisStorage.incr`` runs, on the key it would use, so
+    every replica and every other path sees one counter. Errors of the round trip are raised as limits' would be
+    (the caller's fallback handles them) after ``along`` learns of them.
+    """
+    storage = strategy.storage
+    if type(storage) is not RedisStorage or type(strategy) is not FixedWindowRateLimiter:
+        return None
+    sha: str = storage.lua_incr_expire.sha  # type: ignore[attr-defined]  # types-redis's Script lacks it
+    pipeline = storage.storage.pipeline(transaction=False)
+    # EVALSHA by hand: a Script object in a pipeline makes redis-py ask SCRIPT EXISTS first (another round trip).
+    counter = storage.prefixed_key(item.key_for(key, scope))
+    pipeline.execute_command("EVALSHA", sha, 1, counter, item.get_expiry(), 1)
+    pipeline.execute_command(*along.command)
+    try:
+        count, reply = pipeline.execute(raise_on_error=False)
+    except Exception as exc:
+        along.received(exc)
+        raise
+    along.received(reply)
+    if isinstance(count, NoScriptError):
+        return None  # the server lost its scripts (a restart): limits' own call loads it, then counts
+    if isinstance(count, Exception):
+        raise count
+    return int(count) <= item.amount
 
 
 def give_back_route_limit() -> None:
@@ -228,11 +269,19 @@ def give_back_route_limit() -> None:
         limiter.logger.exception("Failed to give back a rate limit hit. Swallowing error")
 
 
-def check_route_limit(limit: str, *, key: str, scope: str, exempt_if_refused: Callable[[], bool] | None = None) -> None:
+def check_route_limit(
+    limit: str,
+    *,
+    key: str,
+    scope: str,
+    exempt_if_refused: Callable[[], bool] | None = None,
+    along: ReadAhead | None = None,
+) -> None:
     """Count this request against ``limit`` (limits' syntax, ``;``-separated for several) under ``key`` and
     ``scope``; raise :class:`RouteRateLimitedError` when spent. Storage errors never fail the request: the first
     switches to memory (see :class:`_StorageHealth`), any later one is logged and the request goes through.
     ``exempt_if_refused``: asked only when the limit refuses; True lets the request through, its count given back.
+    ``along``: a cache read to send in the count's round trip when it can be (see :func:`_hit_with`).
     """
     if not limiter.enabled:
         return
@@ -240,7 +289,7 @@ def check_route_limit(limit: str, *, key: str, scope: str, exempt_if_refused: Ca
     if limiter._storage_dead:
         _storage_health.maybe_recover()
     try:
-        refusal = _spend(items, key, scope)
+        refusal = _spend(items, key, scope, along)
     except Exception:
         if limiter._storage_dead or not limiter._in_memory_fallback_enabled:
             limiter.logger.exception("Failed to rate limit. Swallowing error")
@@ -265,18 +314,24 @@ def route_limit(
     scope: str,
     exempt_when: Callable[[], bool] | None = None,
     exempt_if_refused: Callable[[], bool] | None = None,
+    read_ahead: Callable[[], ReadAhead | None] | None = None,
 ) -> Callable[[F], F]:
     """Decorate a view: each call counts against ``limit()`` per ``key_func()`` (Redis keys and windows as
     Flask-Limiter's fixed window: ``LIMITER/<key>/<scope>/<amount>/<multiples>/<granularity>``, one key, so one
     cluster slot). ``exempt_when`` True: not counted (nor refused). ``exempt_if_refused``: for exemptions that are
     rare and cost a lookup, asked only when the limit refuses (True: the request goes through, its count given
-    back); the view gives back the count itself (:func:`give_back_route_limit`) when it finds the request exempt."""
+    back); the view gives back the count itself (:func:`give_back_route_limit`) when it finds the request exempt.
+    ``read_ahead``: called before counting; the cache read it returns (kept by the view) travels in the count's
+    round trip when it can."""
 
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if exempt_when is None or not exempt_when():
-                check_route_limit(limit(), key=key_func(), scope=scope, exempt_if_refused=exempt_if_refused)
+                along = read_ahead() if read_ahead is not None else None
+                check_route_limit(
+                    limit(), key=key_func(), scope=scope, exempt_if_refused=exempt_if_refused, along=along
+                )
             return view(*args, **kwargs)
 
         return cast(F, wrapper)
@@ -290,11 +345,17 @@ def user_limit(
     scope: str,
     exempt_when: Callable[[], bool] | None = None,
     exempt_if_refused: Callable[[], bool] | None = None,
+    read_ahead: Callable[[], ReadAhead | None] | None = None,
 ) -> Callable[[F], F]:
     """Limit a user route per verified user; apply it *below* ``@user_required``. ``exempt_when`` True: not counted
-    (nor refused); ``exempt_if_refused``: see :func:`route_limit`."""
+    (nor refused); ``exempt_if_refused`` and ``read_ahead``: see :func:`route_limit`."""
     return route_limit(
-        limit, key_func=user_key, scope=scope, exempt_when=exempt_when, exempt_if_refused=exempt_if_refused
+        limit,
+        key_func=user_key,
+        scope=scope,
+        exempt_when=exempt_when,
+        exempt_if_refused=exempt_if_refused,
+        read_ahead=read_ahead,
     )
 
 

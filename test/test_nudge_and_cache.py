@@ -159,3 +159,62 @@ def test_cached_values_are_json_and_a_planted_pickle_is_never_loaded(redis_setti
     client.set(f"{prefix}{{ns}}:v", b"!" + pickle.dumps(_Explodes(str(marker))))
     assert cache.get_or_load("ns", "v", lambda: {"regions": ["eu-west-1"]}) == {"regions": ["eu-west-1"]}
     assert not marker.exists(), "the cache unpickled a value from Redis"
+
+
+def test_a_read_sent_ahead_is_answered_as_the_cache_answers(redis_settings: Settings) -> None:
+    client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    cache = DataCache(
+        RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:"), ttl_s=60, one_server=True
+    )
+    loads: list[int] = []
+
+    def load() -> dict[str, int]:
+        loads.append(1)
+        return {"n": len(loads)}
+
+    def sent_ahead() -> Any:
+        read = cache.read_ahead("ns", "v")
+        assert read is not None
+        read.received(client.execute_command(*read.command))  # what another command's round trip brings back
+        return read
+
+    assert sent_ahead().get_or_load("ns", "v", load) == {"n": 1}  # a miss: loaded and cached
+    assert sent_ahead().get_or_load("ns", "v", load) == {"n": 1}
+    assert cache.get_or_load("ns", "v", load) == {"n": 1}  # the same entry for plain readers
+    assert cache.invalidate("ns") is True
+    assert sent_ahead().get_or_load("ns", "v", load) == {"n": 2}  # stale by its generation
+    read = cache.read_ahead("ns", "v")
+    assert read is not None
+    assert read.get_or_load("ns", "other", lambda: "x") == "x"  # another entry: through the cache
+    assert read.get_or_load("ns", "v", load) == {"n": 2}  # nothing received: through the cache
+    assert len(loads) == 2
+
+
+def test_a_read_sent_ahead_that_failed_is_a_failed_read(redis_settings: Settings) -> None:
+    client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    cache = DataCache(
+        RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:"), ttl_s=60, one_server=True
+    )
+    read = cache.read_ahead("ns", "v")
+    assert read is not None
+    read.received(redis.ConnectionError("gone"))
+    assert read.get_or_load("ns", "v", lambda: "loaded") == "loaded"
+    assert cache.read_ahead("ns", "v") is None  # skipped for a while, like after any failed read
+
+
+@pytest.mark.parametrize("reply", [[b"1"], ["1", "j[1,2]"], None, 7])
+def test_a_read_sent_ahead_answered_with_anything_else_is_a_failed_read(redis_settings: Settings, reply: Any) -> None:
+    client: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    cache = DataCache(
+        RedisCache(host=client, key_prefix=f"{redis_settings.redis_prefix}cache:"), ttl_s=60, one_server=True
+    )
+    read = cache.read_ahead("ns", "v")
+    assert read is not None
+    read.received(reply)
+    assert read.get_or_load("ns", "v", lambda: "loaded") == "loaded"
+
+
+def test_only_one_redis_server_reads_ahead() -> None:
+    assert DataCache(SimpleCache(), ttl_s=60).read_ahead("ns", "v") is None
+    cluster_like: Any = redis.Redis.from_url(REDIS_SERVER_URL)
+    assert DataCache(RedisCache(host=cluster_like), ttl_s=60).read_ahead("ns", "v") is None  # not said: one server

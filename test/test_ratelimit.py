@@ -130,3 +130,72 @@ def test_unreachable_redis_fails_open_with_a_warning(
     assert codes == [201, 201, 429]
     logged = capfd.readouterr().err
     assert "falling back to in-memory storage" in logged and '"level": "warning"' in logged
+
+
+def test_assign_limit_carries_the_image_summary_read_in_one_redis_round_trip(
+    make_app: Callable[..., APIFlask],
+    factories: Factories,
+    user_headers: Headers,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    factories.image()
+    factories.instance(mandelbox_capacity=10)
+    app = make_app(
+        "public",
+        redis_url=REDIS_SERVER_URL,
+        redis_prefix=redis_prefix,
+        assign_rate_limit="3 per minute",
+        max_mandelboxes_per_user=10,
+    )
+    client = app.test_client()
+    assert client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code == 201  # cached now
+    sent: list[bytes] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(command if isinstance(command, bytes) else b"".join(command))
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    assert client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code == 201
+    assert len(sent) == 1 and b"EVALSHA" in sent[0] and b"MGET" in sent[0]
+    # Counted as before: the third assign is the last the limit allows.
+    codes = [client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code for _ in range(2)]
+    assert codes == [201, 429]
+    # What the read brought back is judged as the cache judges it: an image change is seen at once.
+    state = app.extensions["fractal"]
+    factories.image(region="eu-west-1")
+    assert state.cache.invalidate("images") is True
+    eu = {"regions": ["eu-west-1"], "client_commit_hash": "abc123"}
+    assert client.post("/mandelbox/assign", json=eu, headers=user_headers("u2")).status_code == 503  # not 422
+
+
+def test_assign_limit_counts_when_the_server_lost_its_script(
+    make_app: Callable[..., APIFlask],
+    factories: Factories,
+    user_headers: Headers,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fractal.ratelimit import limiter
+
+    factories.image()
+    factories.instance(mandelbox_capacity=10)
+    client = make_app(
+        "public",
+        redis_url=REDIS_SERVER_URL,
+        redis_prefix=redis_prefix,
+        assign_rate_limit="2 per minute",
+        max_mandelboxes_per_user=10,
+    ).test_client()
+    # A digest the server never saw answers NOSCRIPT, as after a Redis restart (without flushing the shared
+    # server's scripts): limits' own call loads the script and counts.
+    script: Any = limiter.limiter.storage.lua_incr_expire
+    monkeypatch.setattr(script, "sha", "0" * 40)
+    codes = [client.post("/mandelbox/assign", json=ASSIGN, headers=user_headers("u1")).status_code for _ in range(3)]
+    assert codes == [201, 201, 429]
+    # In Redis, not the memory fallback: the counter is shared by every replica.
+    assert limiter._storage_dead is False
+    (counter,) = redis.Redis.from_url(REDIS_SERVER_URL).keys(f"{redis_prefix}limits*user:u1*")
+    assert redis.Redis.from_url(REDIS_SERVER_URL).get(counter) == b"3"

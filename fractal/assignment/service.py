@@ -19,7 +19,7 @@ from sqlalchemy import Delete, Insert, bindparam, delete, insert, select, text, 
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningDelete
 
-from fractal.cache import DataCache
+from fractal.cache import CacheReader
 from fractal.clock import db_now
 from fractal.database import advisory_key, advisory_xact_lock, is_postgres
 from fractal.errors import (
@@ -126,7 +126,7 @@ def assign_mandelbox(
     on_no_capacity: Callable[[Sequence[str], str], None] | None = None,
     idempotency_key: str | None = None,
     idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S,
-    cache: DataCache | None = None,
+    cache: CacheReader | None = None,
 ) -> AssignResult:
     """Give ``user_id`` a mandelbox on the fullest suitable instance of the first region with room.
 
@@ -186,7 +186,7 @@ def _assign_in_transaction(
     max_per_user: int,
     allow_local_dev: bool,
     idempotency: IdempotencyRequest | None,
-    cache: DataCache | None,
+    cache: CacheReader | None,
 ) -> AssignResult:
     # Serialise this user's assigns so that counting live mandelboxes and adding one is atomic, and so that
     # concurrent retries with one Idempotency-Key queue here: the first stores its answer and commits, the
@@ -315,7 +315,7 @@ def _first_choice(
     max_per_user: int,
     allow_local_dev: bool,
     idempotency: IdempotencyRequest | None,
-    cache: DataCache | None,
+    cache: CacheReader | None,
 ) -> _FirstTry:
     """Postgres: settle the common assign in one round trip (see allocate_first_choice): the user's lock, the stored
     answer, the live count and a slot in the nearest enabled region. Its result is None when it could not be

@@ -6,14 +6,15 @@ import re
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import request
+from flask import g, request
 
 from fractal.assignment import service
 from fractal.assignment.schemas import AssignIn, AssignOut, RegionsOut
 from fractal.auth.decorators import user_required
+from fractal.cache import CacheReader, ReadAhead
 from fractal.config import Environment
 from fractal.errors import ValidationError
-from fractal.images import enabled_regions
+from fractal.images import active_image_summary_read_ahead, enabled_regions
 from fractal.metrics import count_assignments
 from fractal.ratelimit import give_back_route_limit, user_limit
 from fractal.schemas import MandelboxOut
@@ -46,6 +47,20 @@ def _is_idempotent_replay() -> bool:
     if key is None or not _IDEMPOTENCY_KEY.fullmatch(key):
         return False
     return service.has_stored_answer(db_session(), user_id=current_user().user_id, idempotency_key=key)
+
+
+def _read_images_ahead() -> ReadAhead | None:
+    """The image summary's cache read, for the assign limit's Redis round trip to carry (one round trip for both);
+    kept on ``g`` for the assign to read the summary through (:func:`_image_cache`)."""
+    read = active_image_summary_read_ahead(state().cache)
+    g.fractal_images_read_ahead = read
+    return read
+
+
+def _image_cache() -> CacheReader:
+    """What this assign reads the image summary through: the read sent ahead, else the cache."""
+    read: ReadAhead | None = g.get("fractal_images_read_ahead")
+    return read if read is not None else state().cache
 
 
 @public_blueprint.get("/regions")
@@ -91,7 +106,12 @@ def list_regions() -> dict[str, Any]:
 # Under user_required: counted per verified user, after authentication. Replays of a stored answer are exempt: the
 # assign finds out in its own round trip (reading the stored answer is part of its one statement), so the count is
 # taken first and given back for a replay; only a refusal asks the database first (a replay is never refused).
-@user_limit(lambda: settings().assign_rate_limit, scope="assign", exempt_if_refused=lambda: _is_idempotent_replay())
+@user_limit(
+    lambda: settings().assign_rate_limit,
+    scope="assign",
+    exempt_if_refused=lambda: _is_idempotent_replay(),
+    read_ahead=_read_images_ahead,
+)
 @count_assignments
 def assign(body: AssignIn) -> Any:
     config, app_state = settings(), state()
@@ -106,7 +126,7 @@ def assign(body: AssignIn) -> Any:
         on_no_capacity=app_state.nudge.nudge,
         idempotency_key=idempotency_key_header(),
         idempotency_ttl_s=config.idempotency_ttl_s,
-        cache=app_state.cache,
+        cache=_image_cache(),
     )
     headers = {}
     if result.replayed:
