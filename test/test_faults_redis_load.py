@@ -86,7 +86,9 @@ def test_redis_outage_under_concurrent_assign_and_heartbeat_load(
             try:
                 while not stop.is_set():
                     answer = client.post("/mandelbox/assign", json=ASSIGN, headers=headers)
-                    record("assign", answer.status_code)
+                    # A refusal is counted with its error code, so a failure says which (capacity or a dependency).
+                    refused = answer.status_code >= 500 and (answer.get_json() or {}).get("error")
+                    record(f"assign {refused}" if refused else "assign", answer.status_code)
                     if answer.status_code == 201:
                         gone = client.delete(f"/mandelbox/{answer.get_json()['mandelbox_id']}", headers=headers)
                         record("delete", gone.status_code)
