@@ -14,10 +14,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
@@ -201,7 +201,7 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
     return actions
 
 
-_instances = Instance.__table__
+_instances = cast(Table, Instance.__table__)
 # Whether any row matches one of retire_hosts' moves (the same conditions, over the table's columns).
 _ANY_TO_RETIRE = (
     select(_instances.c.instance_name)
@@ -482,8 +482,8 @@ def launch(
         fence(session, lease)  # from here to the commit below, no successor can take the lease
     if launched:
         session.execute(  # the provider ids replace the pending markers (by primary key)
-            update(Instance).execution_options(synchronize_session=None),
-            [{"instance_name": a.instance_name, "cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
+            _RECORD_PROVIDER_ID,
+            [{"p_name": a.instance_name, "p_cloud_provider_id": a.detail["cloud_provider_id"]} for a in launched],
         )
         record_decisions(session, EventKind.INSTANCE_LAUNCHED, launched)
     result.actions += launched
@@ -509,6 +509,14 @@ def launch(
         )
     session.commit()
     return result
+
+
+# launch's record of what the cloud answered, built once over the table (one executemany, by primary key).
+_RECORD_PROVIDER_ID = (
+    update(_instances)
+    .where(_instances.c.instance_name == bindparam("p_name"))
+    .values(cloud_provider_id=bindparam("p_cloud_provider_id"))
+)
 
 
 def _new_instance(plan: LaunchPlan, namer: Callable[[LaunchPlan], str] | None = None) -> NewInstance:
