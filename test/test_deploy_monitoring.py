@@ -198,6 +198,7 @@ def test_the_running_stack_exports_every_metric_the_rules_use(three_shells: Stac
             scraped.update(sample.name for sample in family.samples)
     used = {name for rule in rules() for name in METRIC.findall(rule["expr"])}
     assert used - scraped == set()
-    assert f'fractal_target_free_mandelboxes{{client_commit_hash="{commit}",region="{region}"}}' in http_get(
-        three_shells.admin.url + "/metrics"
-    )[1].decode()
+    assert (
+        f'fractal_target_free_mandelboxes{{client_commit_hash="{commit}",region="{region}"}}'
+        in http_get(three_shells.admin.url + "/metrics")[1].decode()
+    )
