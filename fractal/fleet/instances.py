@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ __all__ = [
     "drain_instance",
     "get_instance_fresh",
     "insert_instances",
+    "instance_lock",
     "lock_instance_rows",
     "move_instances",
 ]
@@ -60,6 +61,9 @@ EVENT_FOR: Mapping[InstanceStatus, EventKind] = {
     InstanceStatus.TERMINATING: EventKind.INSTANCE_TERMINATING,
     InstanceStatus.TERMINATED: EventKind.INSTANCE_TERMINATED,
 }
+
+
+_instances = cast(Table, Instance.__table__)
 
 
 @dataclass(frozen=True)
@@ -149,22 +153,28 @@ def move_instances(
     return moved
 
 
-def lock_instance_rows(session: Session, names: Sequence[str], *, skip_locked: bool = False) -> list[str]:
-    """Lock instance rows in name order (the fleet's lock order); returns the names locked.
+def instance_lock(which: ColumnElement[bool], *, skip_locked: bool = False) -> Select[tuple[str]]:
+    """The statement that locks the instance rows matching ``which`` in name order (the fleet's lock order) and
+    returns their names: what ``lock_instance_rows`` runs, for movers that build it once or name the rows by a
+    subquery.
 
     FOR NO KEY UPDATE: it conflicts with assignment's lock on the same row but not with the KEY SHARE that
     heartbeat rows take through their foreign key, so heartbeats never wait.
     """
+    return (
+        select(_instances.c.instance_name)
+        .where(which)
+        .order_by(_instances.c.instance_name)
+        .with_for_update(key_share=True, skip_locked=skip_locked)
+    )
+
+
+def lock_instance_rows(session: Session, names: Sequence[str], *, skip_locked: bool = False) -> list[str]:
+    """Lock instance rows in name order (the fleet's lock order, see ``instance_lock``); returns the names locked."""
     if not names:
         return []
-    return list(
-        session.scalars(
-            select(Instance.instance_name)
-            .where(Instance.instance_name.in_(sorted(set(names))))
-            .order_by(Instance.instance_name)
-            .with_for_update(key_share=True, skip_locked=skip_locked)
-        )
-    )
+    which = _instances.c.instance_name.in_(sorted(set(names)))
+    return list(session.scalars(instance_lock(which, skip_locked=skip_locked)))
 
 
 @dataclass(frozen=True)

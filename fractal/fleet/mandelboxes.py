@@ -10,20 +10,36 @@ rows first (the fleet's lock order, see ``fractal.fleet``).
 from __future__ import annotations
 
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, Table, and_, bindparam, case, func, insert, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Integer,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from fractal.clock import as_utc, db_now
 from fractal.database import run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
-from fractal.fleet.instances import lock_instance_rows
+from fractal.fleet.instances import instance_lock
 from fractal.models import LIVE_MANDELBOX_STATUSES, EndReason, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 __all__ = [
@@ -74,6 +90,12 @@ class MovedMandelbox:
     to_status: MandelboxStatus
 
 
+_instances = cast(Table, Instance.__table__)
+_mandelboxes = cast(Table, Mandelbox.__table__)
+# The mover's own bind parameters: a caller's ``params`` may not use these names.
+_MOVER_PARAMS = frozenset({"move_locked", "move_ids", "move_reason", "move_now", "move_names", "move_freed"})
+
+
 def move_mandelboxes(
     session: Session,
     *,
@@ -86,6 +108,7 @@ def move_mandelboxes(
     detail: dict[str, Any] | None = None,
     skip_locked: bool = False,
     now: datetime | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[MovedMandelbox]:
     """Move every mandelbox matching ``where`` (and whose status may move to ``to``) to ``to``. Flushes only.
 
@@ -97,6 +120,9 @@ def move_mandelboxes(
         from_statuses: only rows in these statuses (a subset of those the table allows).
         skip_locked: leave rows another transaction holds (sweeps: judged again next pass) instead of waiting.
         now: the time written (tests); the database's clock when None.
+        params: the values of bind parameters in ``where`` (names not starting with ``move_``). With them, ``where``
+            is a reusable condition: the move's statements are built once per ``where`` object and kept (hot
+            callers pass a module-level condition), since building a statement costs more CPU than running it.
 
     Returns:
         The rows that moved, in mandelbox_id order; repeats are no-ops that return nothing.
@@ -108,44 +134,39 @@ def move_mandelboxes(
         allowed &= set(from_statuses)
     if not allowed:
         return []
-    # "Not EXITED" adds nothing (no move starts from EXITED) but lets SQLite use the live-mandelbox indexes, which
-    # are partial on it: without it, a move by instance read every mandelbox ever made (Postgres infers it).
-    selection = and_(where, Mandelbox.status.in_(sorted(allowed)), Mandelbox.status != MandelboxStatus.EXITED)
+    if params is not None and not _MOVER_PARAMS.isdisjoint(params):
+        raise ValueError(f"params may not use the mover's own names {sorted(_MOVER_PARAMS & set(params))}")
     ends = to is MandelboxStatus.EXITED
-    if ends:
+    shape = _MoveShape(to, frozenset(allowed), reason is not None, now is not None, skip_locked)
+    statements = _move_statements(where, shape) if params is None else _reusable_move_statements(where, shape)
+    # The statements run on the session's connection (Core: nothing is loaded into the session, and the ORM's
+    # per-statement work is skipped); what the session holds unflushed is written first, as its autoflush would.
+    if session.autoflush:
+        session.flush()
+    connection = session.connection()
+    values: dict[str, Any] = dict(params or {})
+    if statements.lock is not None:
         # Lock order: the instances whose slots come back, before their mandelboxes.
-        names = session.scalars(select(Mandelbox.instance_name).where(selection).distinct()).all()
-        locked = lock_instance_rows(session, names, skip_locked=skip_locked)
+        locked = list(connection.scalars(statements.lock, values))
         if not locked:
             return []
         # With skip_locked, boxes whose instance someone else holds wait for a later pass: touching them would
-        # mean holding their locks while waiting for the instance, the wrong way round.
-        selection = and_(selection, Mandelbox.instance_name.in_(locked))
-    # Locking re-evaluates ``selection`` on the newest row versions: a row another transaction just moved is
+        # mean holding their locks while waiting for the instance, the wrong way round. Without it, the condition
+        # keeps out a box that began to match after the instances were locked (its instance is not locked).
+        values["move_locked"] = locked
+    # Locking re-evaluates the selection on the newest row versions: a row another transaction just moved is
     # either still allowed (and ours now) or no longer matches.
-    rows = session.execute(
-        select(Mandelbox.mandelbox_id, Mandelbox.instance_name, Mandelbox.status)
-        .where(selection)
-        .order_by(Mandelbox.mandelbox_id)
-        .with_for_update(skip_locked=skip_locked)
-    ).all()
+    rows = connection.execute(statements.rows, values).all()
     if not rows:
         return []
-    stamp: Any = now if now is not None else db_now()
-    values: dict[str, Any] = {"status": to, "status_changed_at": stamp}
-    if ends:
-        values["ended_at"] = stamp
+    written: dict[str, Any] = {"move_ids": [row.mandelbox_id for row in rows]}
     if reason is not None:
-        values["end_reason"] = func.coalesce(Mandelbox.end_reason, reason.value)
-    ids = [row.mandelbox_id for row in rows]
-    session.execute(
-        update(Mandelbox)
-        .where(Mandelbox.mandelbox_id.in_(ids))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+        written["move_reason"] = reason.value
+    if now is not None:
+        written["move_now"] = now
+    connection.execute(statements.update, written)
     if ends:
-        _release_slots(session, Counter(row.instance_name for row in rows), stamp=stamp)
+        _release_slots(connection, Counter(row.instance_name for row in rows), now=now)
     moved = [MovedMandelbox(row.mandelbox_id, row.instance_name, MandelboxStatus(row.status), to) for row in rows]
     extra = {**(detail or {}), **({"reason": str(reason)} if reason is not None else {})}
     record_events(
@@ -165,22 +186,112 @@ def move_mandelboxes(
     return moved
 
 
-def _release_slots(session: Session, freed: Counter[str], *, stamp: Any) -> None:
-    """Give ``freed[name]`` slots back to each instance in one statement (the rows are locked already)."""
-    names = sorted(name for name, count in freed.items() if count)
-    if not names:
-        return
-    delta = case({name: freed[name] for name in names}, value=Instance.instance_name, else_=0)
-    session.execute(
-        update(Instance)
-        .where(Instance.instance_name.in_(names))
+@dataclass(frozen=True)
+class _MoveShape:
+    """What, besides its condition, decides a move's statements."""
+
+    to: MandelboxStatus
+    allowed: frozenset[MandelboxStatus]
+    has_reason: bool
+    has_now: bool
+    skip_locked: bool
+
+
+@dataclass(frozen=True)
+class _MoveStatements:
+    lock: Select[tuple[str]] | None  # an end's instances (their slots come back), locked in name order
+    rows: Select[Any]  # the rows to move, locked, in mandelbox_id order
+    update: Update  # the move of the rows read, by id
+
+
+def _stamp(has_now: bool) -> ColumnElement[Any]:
+    """The time a move writes: the caller's ``now`` (a parameter) or the database's clock."""
+    return bindparam("move_now", type_=_mandelboxes.c.status_changed_at.type) if has_now else db_now()
+
+
+def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStatements:
+    # "Not EXITED" adds nothing (no move starts from EXITED) but lets SQLite use the live-mandelbox indexes, which
+    # are partial on it: without it, a move by instance read every mandelbox ever made (Postgres infers it).
+    selection = and_(
+        where,
+        _mandelboxes.c.status.in_(sorted(shape.allowed)),
+        _mandelboxes.c.status != MandelboxStatus.EXITED,
+    )
+    lock = None
+    chosen = selection
+    if shape.to is MandelboxStatus.EXITED:
+        # The instances are named by a subquery: one statement reads and locks them (the subquery locks nothing).
+        boxes_instances = select(_mandelboxes.c.instance_name).where(selection)
+        lock = instance_lock(_instances.c.instance_name.in_(boxes_instances), skip_locked=shape.skip_locked)
+        chosen = and_(selection, _mandelboxes.c.instance_name.in_(bindparam("move_locked", expanding=True)))
+    rows = (
+        select(_mandelboxes.c.mandelbox_id, _mandelboxes.c.instance_name, _mandelboxes.c.status)
+        .where(chosen)
+        .order_by(_mandelboxes.c.mandelbox_id)
+        .with_for_update(skip_locked=shape.skip_locked)
+    )
+    stamp = _stamp(shape.has_now)
+    values: dict[str, Any] = {"status": shape.to, "status_changed_at": stamp}
+    if shape.to is MandelboxStatus.EXITED:
+        values["ended_at"] = stamp
+    if shape.has_reason:
+        values["end_reason"] = func.coalesce(_mandelboxes.c.end_reason, bindparam("move_reason"))
+    move = (
+        update(_mandelboxes)
+        .where(_mandelboxes.c.mandelbox_id.in_(bindparam("move_ids", expanding=True)))
+        .values(values)
+    )
+    return _MoveStatements(lock, rows, move)
+
+
+# Reusable conditions' statements, by the condition object's identity (the entry keeps the object alive, so its id
+# is not reused meanwhile) and the move's shape. Bounded: a caller that builds a parameterised condition per call
+# gets statements built per call, as without params.
+_REUSABLE: dict[tuple[int, _MoveShape], tuple[ColumnElement[bool], _MoveStatements]] = {}
+_REUSABLE_MAX = 64
+
+
+def _reusable_move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStatements:
+    key = (id(where), shape)
+    found = _REUSABLE.get(key)
+    if found is not None and found[0] is where:
+        return found[1]
+    statements = _move_statements(where, shape)
+    if len(_REUSABLE) >= _REUSABLE_MAX:
+        _REUSABLE.clear()
+    _REUSABLE[key] = (where, statements)
+    return statements
+
+
+def _release_statement(has_now: bool) -> Update:
+    freed = bindparam("move_freed", type_=Integer)
+    live = _instances.c.live_mandelboxes
+    return (
+        update(_instances)
+        .where(_instances.c.instance_name.in_(bindparam("move_names", expanding=True)))
         .values(
-            live_mandelboxes=Instance.live_mandelboxes - delta,
-            empty_since=case((Instance.live_mandelboxes - delta == 0, stamp), else_=Instance.empty_since),
+            live_mandelboxes=live - freed,
+            empty_since=case((live - freed == 0, _stamp(has_now)), else_=_instances.c.empty_since),
         )
-        .execution_options(synchronize_session=False)
     )
 
+
+_RELEASE_SLOTS = {has_now: _release_statement(has_now) for has_now in (False, True)}
+
+
+def _release_slots(connection: Connection, freed: Counter[str], *, now: datetime | None) -> None:
+    """Give ``freed[name]`` slots back to each instance (the rows are locked already): one statement per distinct
+    count of freed slots (one when each instance gets the same number back, the common case)."""
+    by_count: defaultdict[int, list[str]] = defaultdict(list)
+    for name in sorted(freed):
+        if freed[name]:
+            by_count[freed[name]].append(name)
+    statement = _RELEASE_SLOTS[now is not None]
+    for count, names in sorted(by_count.items()):
+        values: dict[str, Any] = {"move_names": names, "move_freed": count}
+        if now is not None:
+            values["move_now"] = now
+        connection.execute(statement, values)
 
 
 # A user's move of one of their own mandelboxes (Postgres), in one statement: lock the row, move it when the table
@@ -279,11 +390,10 @@ def move_user_mandelbox(
         view["ended_at"] = as_utc(view["ended_at"])
     return view
 
+
 # Statements of the SQLite allocation path, built once (building a statement costs more CPU than running it on
 # SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they
 # run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects).
-_instances = cast(Table, Instance.__table__)
-_mandelboxes = cast(Table, Mandelbox.__table__)
 _LIVE_COUNT_FOR_USER = (
     select(func.count())
     .select_from(_mandelboxes)

@@ -84,6 +84,9 @@ _FREE_SLOTS = (
     .group_by(_instances.c.region, _instances.c.client_commit_hash)
 )
 
+# The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once.
+_BY_IDS = Mandelbox.mandelbox_id.in_(bindparam("ids", expanding=True))
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -499,7 +502,8 @@ class Simulation:
         if ended:  # the hosts report the mandelboxes EXITED: the fleet's mover returns their slots
             move_mandelboxes(
                 self.session,
-                where=Mandelbox.mandelbox_id.in_(ended),
+                where=_BY_IDS,
+                params={"ids": ended},
                 to=MandelboxStatus.EXITED,
                 reason=EndReason.HOST_EXITED,
                 actor=SIM_ACTOR,
@@ -509,9 +513,9 @@ class Simulation:
     def _claim(self) -> None:
         if not self._unclaimed:
             return
-        where = Mandelbox.mandelbox_id.in_(self._unclaimed)
+        claimed = {"ids": self._unclaimed}
         for status in (MandelboxStatus.CONNECTING, MandelboxStatus.RUNNING):  # the client connects
-            move_mandelboxes(self.session, where=where, to=status, actor=SIM_ACTOR)
+            move_mandelboxes(self.session, where=_BY_IDS, params=claimed, to=status, actor=SIM_ACTOR)
         self.session.commit()
         self._unclaimed = []
 
