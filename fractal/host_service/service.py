@@ -6,15 +6,16 @@ the instance without locking it, so they never contend with assignment, which lo
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import structlog
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Insert, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -28,6 +29,9 @@ from fractal.fleet.mandelboxes import HOST_REPORTABLE, move_mandelboxes
 from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
 
 log = structlog.get_logger(__name__)
+
+_instances = cast(Table, Instance.__table__)
+_heartbeats = cast(Table, Heartbeat.__table__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,21 @@ def _refuse(
     raise error
 
 
+# The instance as a handshake judges it, its row locked (built once, over the table's columns: nothing is loaded
+# into the session).
+_HANDSHAKE_INSTANCE = (
+    select(
+        _instances.c.status,
+        _instances.c.client_commit_hash,
+        _instances.c.live_mandelboxes,
+        _instances.c.mandelbox_capacity,
+        _instances.c.ip,
+    )
+    .where(_instances.c.instance_name == bindparam("p_instance_name"))
+    .with_for_update(key_share=True)
+)
+
+
 def handshake_host(
     session: Session,
     *,
@@ -101,12 +120,7 @@ def handshake_host(
     _require_own_name(authenticated_instance, instance_name)
     now = now or utcnow()
     # Handshakes are rare: locking the row here is fine, and it orders us against drains and sweeps.
-    instance = session.execute(
-        select(Instance)
-        .where(Instance.instance_name == instance_name)
-        .with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+    instance = session.execute(_HANDSHAKE_INSTANCE, {"p_instance_name": instance_name}).one()
     if instance.status in RETIRED_STATUSES:
         status = instance.status
         _refuse(
@@ -438,16 +452,25 @@ def _heartbeat_portable(
 def _upsert_heartbeat(session: Session, *, instance_name: str, now: datetime, metrics: dict[str, Any] | None) -> None:
     # INSERT ... ON CONFLICT DO UPDATE on the heartbeats row only. The FK check on first insert takes KEY SHARE
     # on the instance, which never conflicts with the FOR NO KEY UPDATE locks that assignment holds.
-    dialect_insert = postgresql.insert if is_postgres(session) else sqlite.insert
-    values: dict[str, Any] = {"instance_name": instance_name, "last_heartbeat_at": now}
-    changes: dict[str, Any] = {"last_heartbeat_at": now}
-    if metrics is not None:
-        values["metrics"] = metrics
-        changes["metrics"] = metrics
-    else:
-        values["metrics"] = {}
-    statement = dialect_insert(Heartbeat).values(**values)
-    session.execute(statement.on_conflict_do_update(index_elements=[Heartbeat.instance_name], set_=changes))
+    statement = _heartbeat_upsert(postgres=is_postgres(session), with_metrics=metrics is not None)
+    values = {"p_instance_name": instance_name, "p_now": now, "p_metrics": metrics if metrics is not None else {}}
+    session.execute(statement, values)
+
+
+@functools.cache
+def _heartbeat_upsert(*, postgres: bool, with_metrics: bool) -> Insert:
+    """The heartbeats row's upsert, built once per dialect and form: without metrics (a handshake) a new row gets
+    empty ones and an existing row keeps its own."""
+    dialect_insert = postgresql.insert if postgres else sqlite.insert
+    statement = dialect_insert(_heartbeats).values(
+        instance_name=bindparam("p_instance_name"),
+        last_heartbeat_at=bindparam("p_now", type_=_heartbeats.c.last_heartbeat_at.type),
+        metrics=bindparam("p_metrics", type_=_heartbeats.c.metrics.type),
+    )
+    changes = {"last_heartbeat_at": statement.excluded.last_heartbeat_at}
+    if with_metrics:
+        changes["metrics"] = statement.excluded.metrics
+    return statement.on_conflict_do_update(index_elements=[_heartbeats.c.instance_name], set_=changes)
 
 
 def get_mandelbox_for_host(session: Session, *, instance_name: str, mandelbox_id: uuid.UUID) -> HostMandelboxView:
