@@ -84,6 +84,13 @@ _FREE_SLOTS = (
     .group_by(_instances.c.region, _instances.c.client_commit_hash)
 )
 
+# Every running host's heartbeat, as one statement (built once).
+_heartbeats = cast(Table, Heartbeat.__table__)
+_HEARTBEATS = (
+    update(_heartbeats)
+    .where(_heartbeats.c.instance_name.in_(bindparam("names", expanding=True)))
+    .values(last_heartbeat_at=bindparam("now", type_=_heartbeats.c.last_heartbeat_at.type))
+)
 # The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once.
 _BY_IDS = Mandelbox.mandelbox_id.in_(bindparam("ids", expanding=True))
 
@@ -487,12 +494,7 @@ class Simulation:
         """Every running host heartbeats: one statement for the fleet (what each host's heartbeat writes)."""
         names = [h.instance_name for h in self.cloud.up()]
         if names:
-            self.session.execute(
-                update(Heartbeat)
-                .where(Heartbeat.instance_name.in_(names))
-                .values(last_heartbeat_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            self.session.execute(_HEARTBEATS, {"names": names, "now": now})
             self.session.commit()
 
     def _end_sessions(self, now: datetime) -> None:
