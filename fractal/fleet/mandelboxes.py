@@ -393,7 +393,8 @@ def move_user_mandelbox(
 
 # Statements of the SQLite allocation path, built once (building a statement costs more CPU than running it on
 # SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they
-# run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects).
+# run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects); the
+# hottest (an assign's take and insert) on the session's connection, skipping the session's execute path too.
 _LIVE_COUNT_FOR_USER = (
     select(func.count())
     .select_from(_mandelboxes)
@@ -840,7 +841,7 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
             "p_user_id": wanted.user_id,
             "p_max_per_user": wanted.max_per_user,
         }
-        taken = session.execute(_TAKE_FULLEST_SLOT, params).first()
+        taken = session.connection().execute(_TAKE_FULLEST_SLOT, params).first()
         return None if taken is None else _create_allocated(session, wanted, taken)
     candidates = session.scalars(
         _WAITING_CANDIDATES, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
@@ -854,7 +855,7 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
 
 def _create_allocated(session: Session, wanted: SlotRequest, taken: Any) -> Slot:
     """The ALLOCATED mandelbox on the instance whose slot ``taken`` (a _TAKE_SLOT row) is, and its event."""
-    session.execute(
+    session.connection().execute(
         _CREATE_ALLOCATED,
         {
             "p_mandelbox_id": wanted.mandelbox_id,
