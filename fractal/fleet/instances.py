@@ -114,13 +114,26 @@ def move_instances(
         allowed &= set(from_statuses)
     if not allowed:
         return []
-    rows = session.execute(
-        update(Instance)
-        .where(and_(where, Instance.status.in_(sorted(allowed))))
-        .values(status=to, status_changed_at=now if now is not None else db_now(), **(values or {}))
-        .returning(Instance.instance_name, Instance.region, Instance.client_commit_hash, Instance.live_mandelboxes)
-        .execution_options(synchronize_session=False)
-    ).all()
+    # A Core UPDATE over the table's columns, on the session's connection: nothing in the session is synchronised
+    # (it never was: the rows are read back from RETURNING), so the ORM's bulk-update path would only cost CPU.
+    # What the session holds unflushed is written first, as its autoflush would.
+    if session.autoflush:
+        session.flush()
+    rows = (
+        session.connection()
+        .execute(
+            update(_instances)
+            .where(and_(where, _instances.c.status.in_(sorted(allowed))))
+            .values(status=to, status_changed_at=now if now is not None else db_now(), **(values or {}))
+            .returning(
+                _instances.c.instance_name,
+                _instances.c.region,
+                _instances.c.client_commit_hash,
+                _instances.c.live_mandelboxes,
+            )
+        )
+        .all()
+    )
     moved = [
         MovedInstance(
             instance_name=row.instance_name,

@@ -491,6 +491,12 @@ def get_mandelbox_for_host(session: Session, *, instance_name: str, mandelbox_id
     )
 
 
+# The mandelbox a host reports on, one of its own: one condition object, so the mover builds its statements once.
+_REPORTED_MANDELBOX = (Mandelbox.mandelbox_id == bindparam("report_mandelbox_id")) & (
+    Mandelbox.instance_name == bindparam("report_instance_name")
+)
+
+
 def report_mandelbox_status(
     session: Session,
     *,
@@ -515,7 +521,8 @@ def report_mandelbox_status(
         # For EXITED the mover locks this host's instance row first (its slot comes back), then the mandelbox.
         moved = move_mandelboxes(
             session,
-            where=(Mandelbox.mandelbox_id == mandelbox_id) & (Mandelbox.instance_name == instance_name),
+            where=_REPORTED_MANDELBOX,
+            params={"report_mandelbox_id": mandelbox_id, "report_instance_name": instance_name},
             to=status,
             from_statuses=[source for source, following in HOST_REPORTABLE.items() if status in following],
             # Keeps USER_DELETED when the user asked for this exit; the slot returns in this transaction.
