@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now
@@ -88,6 +88,42 @@ def test_mandelbox_mover_follows_the_table(
 def test_exits_need_an_end_reason(db: Session) -> None:
     with pytest.raises(ValueError, match="end reason"):
         move_mandelboxes(db, where=Mandelbox.user_id == "x", to=MandelboxStatus.EXITED, actor="t")
+
+
+# A condition with bind parameters, as the hot callers pass it: module-level, its values in ``params``.
+BY_IDS = Mandelbox.mandelbox_id.in_(bindparam("ids", expanding=True))
+
+
+def test_a_reusable_condition_moves_only_what_its_parameters_name(db: Session, factories: Factories) -> None:
+    first, _ = make_box(db, factories, MandelboxStatus.RUNNING)
+    second, _ = make_box(db, factories, MandelboxStatus.ALLOCATED)
+    bystander, _ = make_box(db, factories, MandelboxStatus.RUNNING)
+    # The second and third calls run the statements the first built; each moves only the rows it names, and the
+    # repeat moves nothing.
+    for box, expected in ((first, [first.mandelbox_id]), (second, [second.mandelbox_id]), (first, [])):
+        moved = move_mandelboxes(
+            db,
+            where=BY_IDS,
+            params={"ids": [box.mandelbox_id]},
+            to=MandelboxStatus.EXITED,
+            reason=EndReason.HOST_EXITED,
+            actor="t",
+        )
+        db.commit()
+        assert [m.mandelbox_id for m in moved] == expected
+    assert status_of(db, Mandelbox, first.mandelbox_id) is MandelboxStatus.EXITED
+    assert status_of(db, Mandelbox, second.mandelbox_id) is MandelboxStatus.EXITED
+    assert status_of(db, Mandelbox, bystander.mandelbox_id) is MandelboxStatus.RUNNING
+    db.expire_all()
+    assert [db.get(Instance, box.instance_name).live_mandelboxes for box in (first, second, bystander)] == [0, 0, 1]
+    ended = [first.mandelbox_id, second.mandelbox_id]
+    events = db.scalars(select(Event).where(Event.mandelbox_id.in_(ended))).all()
+    assert sorted(str(e.mandelbox_id) for e in events) == sorted(str(i) for i in ended)  # one each, none for the repeat
+
+
+def test_a_reusable_condition_may_not_use_the_movers_own_parameter_names(db: Session) -> None:
+    with pytest.raises(ValueError, match="mover's own names"):
+        move_mandelboxes(db, where=BY_IDS, params={"ids": [], "move_ids": []}, to=MandelboxStatus.DYING, actor="t")
 
 
 # --- the entry points ------------------------------------------------------------------------------------------
