@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import weakref
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection
@@ -19,6 +19,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPo
 from fractal.config import Settings
 
 SessionFactory = sessionmaker[Session]
+T = TypeVar("T")
 
 
 def create_db_engine(settings: Settings, **overrides: object) -> Engine:
@@ -280,3 +281,27 @@ def advisory_xact_lock(session: Session, name: str) -> None:
     """Wait for a transaction-scoped advisory lock (no-op on SQLite, which serialises writers anyway)."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(name)})
+
+
+class ReusableStatements(Generic[T]):
+    """Statements built from callers' objects (a condition, a mapping of values) and kept by those objects' identity:
+    a hot caller that passes module-level objects, their values as bind parameters, pays for building a statement
+    once instead of every call (building one costs more CPU than running it; SQLAlchemy caches only the compiled
+    form). An entry holds its objects, so their ids are not reused while it is kept. Bounded: a caller that builds
+    its objects per call gets statements built per call."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self._entries: dict[tuple[tuple[int, ...], Hashable], tuple[tuple[object, ...], T]] = {}
+        self._max_entries = max_entries
+
+    def get(self, objects: tuple[object, ...], shape: Hashable, build: Callable[[], T]) -> T:
+        """The statement built from ``objects`` for ``shape`` (what else decides it), built now if not kept."""
+        key = (tuple(id(item) for item in objects), shape)
+        found = self._entries.get(key)
+        if found is not None and all(kept is item for kept, item in zip(found[0], objects, strict=True)):
+            return found[1]
+        statement = build()
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[key] = (objects, statement)
+        return statement

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, and_, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
 from fractal.clock import db_now
+from fractal.database import ReusableStatements
 from fractal.errors import ConflictError, InvalidTransitionError, NotFoundError
 from fractal.events import EventKind, record_event, record_events
 from fractal.models import Instance, InstanceStatus
@@ -93,6 +95,7 @@ def move_instances(
     detail: Mapping[str, Any] | None = None,
     row_detail: Mapping[str, Mapping[str, Any]] | None = None,
     now: datetime | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[MovedInstance]:
     """Move every instance matching ``where`` whose status may move to ``to``. One UPDATE; flushes only.
 
@@ -105,6 +108,9 @@ def move_instances(
         values: other columns written with the move (e.g. the provider id, the live count).
         detail: more event detail; ``row_detail`` adds detail for one row (by instance name).
         now: the time written (tests); the database's clock when None.
+        params: the values of bind parameters in ``where`` and ``values`` (not named ``move_now``). With them,
+            ``where`` and ``values`` are reusable: the UPDATE is built once per pair of objects and kept (a hot
+            caller passes module-level ones; see ``ReusableStatements``).
 
     Returns:
         The rows that moved.
@@ -119,21 +125,15 @@ def move_instances(
     # What the session holds unflushed is written first, as its autoflush would.
     if session.autoflush:
         session.flush()
-    rows = (
-        session.connection()
-        .execute(
-            update(_instances)
-            .where(and_(where, _instances.c.status.in_(sorted(allowed))))
-            .values(status=to, status_changed_at=now if now is not None else db_now(), **(values or {}))
-            .returning(
-                _instances.c.instance_name,
-                _instances.c.region,
-                _instances.c.client_commit_hash,
-                _instances.c.live_mandelboxes,
-            )
-        )
-        .all()
-    )
+    if params is not None and "move_now" in params:
+        raise ValueError("params may not use the mover's own name move_now")
+    shape = (to, frozenset(allowed), now is not None)
+    if params is None:
+        statement = _move_statement(where, values, *shape)
+    else:
+        statement = _REUSABLE.get((where, values), shape, lambda: _move_statement(where, values, *shape))
+    written = {**(params or {}), **({"move_now": now} if now is not None else {})}
+    rows = session.connection().execute(statement, written).all()
     moved = [
         MovedInstance(
             instance_name=row.instance_name,
@@ -180,6 +180,31 @@ def instance_lock(which: ColumnElement[bool], *, skip_locked: bool = False) -> S
         .order_by(_instances.c.instance_name)
         .with_for_update(key_share=True, skip_locked=skip_locked)
     )
+
+
+def _move_statement(
+    where: ColumnElement[bool],
+    values: Mapping[str, Any] | None,
+    to: InstanceStatus,
+    allowed: frozenset[InstanceStatus],
+    has_now: bool,
+) -> ReturningUpdate[tuple[str, str, str, int]]:
+    stamp = bindparam("move_now", type_=_instances.c.status_changed_at.type) if has_now else db_now()
+    return (
+        update(_instances)
+        .where(and_(where, _instances.c.status.in_(sorted(allowed))))
+        .values(status=to, status_changed_at=stamp, **(values or {}))
+        .returning(
+            _instances.c.instance_name,
+            _instances.c.region,
+            _instances.c.client_commit_hash,
+            _instances.c.live_mandelboxes,
+        )
+    )
+
+
+# Reusable conditions' UPDATEs (``params`` given), by the condition and values objects and the move's shape.
+_REUSABLE: ReusableStatements[ReturningUpdate[tuple[str, str, str, int]]] = ReusableStatements()
 
 
 def lock_instance_rows(session: Session, names: Sequence[str], *, skip_locked: bool = False) -> list[str]:

@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from fractal.clock import as_utc, db_now
-from fractal.database import run_in_own_transaction
+from fractal.database import ReusableStatements, run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
 from fractal.fleet.instances import instance_lock
@@ -138,7 +138,10 @@ def move_mandelboxes(
         raise ValueError(f"params may not use the mover's own names {sorted(_MOVER_PARAMS & set(params))}")
     ends = to is MandelboxStatus.EXITED
     shape = _MoveShape(to, frozenset(allowed), reason is not None, now is not None, skip_locked)
-    statements = _move_statements(where, shape) if params is None else _reusable_move_statements(where, shape)
+    if params is None:
+        statements = _move_statements(where, shape)
+    else:
+        statements = _REUSABLE.get((where,), shape, lambda: _move_statements(where, shape))
     # The statements run on the session's connection (Core: nothing is loaded into the session, and the ORM's
     # per-statement work is skipped); what the session holds unflushed is written first, as its autoflush would.
     if session.autoflush:
@@ -244,23 +247,8 @@ def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStat
     return _MoveStatements(lock, rows, move)
 
 
-# Reusable conditions' statements, by the condition object's identity (the entry keeps the object alive, so its id
-# is not reused meanwhile) and the move's shape. Bounded: a caller that builds a parameterised condition per call
-# gets statements built per call, as without params.
-_REUSABLE: dict[tuple[int, _MoveShape], tuple[ColumnElement[bool], _MoveStatements]] = {}
-_REUSABLE_MAX = 64
-
-
-def _reusable_move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStatements:
-    key = (id(where), shape)
-    found = _REUSABLE.get(key)
-    if found is not None and found[0] is where:
-        return found[1]
-    statements = _move_statements(where, shape)
-    if len(_REUSABLE) >= _REUSABLE_MAX:
-        _REUSABLE.clear()
-    _REUSABLE[key] = (where, statements)
-    return statements
+# Reusable conditions' statements (``params`` given), by the condition object and the move's shape.
+_REUSABLE: ReusableStatements[_MoveStatements] = ReusableStatements()
 
 
 def _release_statement(has_now: bool) -> Update:

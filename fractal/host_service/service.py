@@ -96,6 +96,14 @@ _HANDSHAKE_INSTANCE = (
     .with_for_update(key_share=True)
 )
 
+# The handshake's move (module-level objects, so that the mover builds its UPDATE once): this instance becomes
+# ACTIVE with the address and capacity it reported.
+_HANDSHAKING = _instances.c.instance_name == bindparam("handshake_instance_name")
+_HANDSHAKE_VALUES = {
+    "ip": bindparam("handshake_ip", type_=_instances.c.ip.type),
+    "mandelbox_capacity": bindparam("handshake_capacity", type_=_instances.c.mandelbox_capacity.type),
+}
+
 
 def handshake_host(
     session: Session,
@@ -164,11 +172,16 @@ def handshake_host(
     if previous_status is InstanceStatus.PRE_CONNECTION:
         move_instances(
             session,
-            where=Instance.instance_name == instance_name,
+            where=_HANDSHAKING,
+            values=_HANDSHAKE_VALUES,
+            params={
+                "handshake_instance_name": instance_name,
+                "handshake_ip": ip,
+                "handshake_capacity": mandelbox_capacity,
+            },
             to=InstanceStatus.ACTIVE,
             actor=_actor(instance_name),
             reason="handshake",
-            values={"ip": ip, "mandelbox_capacity": mandelbox_capacity},
             detail=seen,
         )
         status = InstanceStatus.ACTIVE
