@@ -383,10 +383,14 @@ def move_user_mandelbox(
 # SQLite; the compiled form is cached by shape, the values travel as parameters), over the tables' columns: they
 # run as plain Core statements, without the ORM's per-statement work (none of them loads or syncs objects); the
 # hottest (an assign's take and insert) on the session's connection, skipping the session's execute path too.
+# Live is "not EXITED" (LIVE_MANDELBOX_STATUSES is every other status), said so: it is what the partial index
+# ix_mandelboxes_live_user is on (SQLite then counts on it instead of the user's whole history), and a plain
+# parameter, where an IN list would be expanded into the statement's text at every execution.
+assert set(LIVE_MANDELBOX_STATUSES) == set(MandelboxStatus) - {MandelboxStatus.EXITED}
 _LIVE_COUNT_FOR_USER = (
     select(func.count())
     .select_from(_mandelboxes)
-    .where(_mandelboxes.c.user_id == bindparam("p_user_id"), _mandelboxes.c.status.in_(LIVE_MANDELBOX_STATUSES))
+    .where(_mandelboxes.c.user_id == bindparam("p_user_id"), _mandelboxes.c.status != MandelboxStatus.EXITED)
 )
 
 
