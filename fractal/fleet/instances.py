@@ -120,13 +120,13 @@ def move_instances(
         allowed &= set(from_statuses)
     if not allowed:
         return []
+    if params is not None and "move_now" in params:
+        raise ValueError("params may not use the mover's own name move_now")
     # A Core UPDATE over the table's columns, on the session's connection: nothing in the session is synchronised
     # (it never was: the rows are read back from RETURNING), so the ORM's bulk-update path would only cost CPU.
     # What the session holds unflushed is written first, as its autoflush would.
     if session.autoflush:
         session.flush()
-    if params is not None and "move_now" in params:
-        raise ValueError("params may not use the mover's own name move_now")
     shape = (to, frozenset(allowed), now is not None)
     if params is None:
         statement = _move_statement(where, values, *shape)
