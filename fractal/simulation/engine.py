@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cachelib import SimpleCache
-from sqlalchemy import Table, bindparam, case, event, func, select, update
+from sqlalchemy import Table, bindparam, case, event, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -72,17 +72,16 @@ _OTHER_VERSION = CommitHashMismatchError(details={})
 
 
 # The free slots on ACTIVE instances per (region, version) of some regions (built once: the simulator reads it at
-# every tick with asks).
-_instances = cast(Table, Instance.__table__)
-_FREE_SLOTS = (
-    select(
-        _instances.c.region,
-        _instances.c.client_commit_hash,
-        func.sum(_instances.c.mandelbox_capacity - _instances.c.live_mandelboxes),
-    )
-    .where(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.region.in_(bindparam("regions", expanding=True)))
-    .group_by(_instances.c.region, _instances.c.client_commit_hash)
-)
+# every tick with asks). On the partial index of ACTIVE hosts by (region, version), pinned as the take-a-slot
+# statement pins it (fleet/mandelboxes.py): SQLite would otherwise read every ACTIVE host and sort them.
+_FREE_SLOTS = text(
+    """
+SELECT region, client_commit_hash, sum(mandelbox_capacity - live_mandelboxes)
+FROM instances INDEXED BY ix_instances_assignable
+WHERE status = 'ACTIVE' AND region IN :regions
+GROUP BY region, client_commit_hash
+"""
+).bindparams(bindparam("regions", expanding=True))
 
 # Every running host's heartbeat, as one statement (built once).
 _heartbeats = cast(Table, Heartbeat.__table__)
