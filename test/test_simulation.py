@@ -51,10 +51,19 @@ DEMAND_POLICY = "demand:floor=2"
 
 @pytest.fixture(autouse=True)
 def _quiet_scaler_logs() -> Any:
-    """A simulated hour is hundreds of scaler passes, each logging a line: keep the output readable (and fast)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    """A simulated hour is hundreds of scaler passes, each logging a line: keep the output readable (and fast).
+
+    The configuration before is put back after, root level included. Loggers are not cached meanwhile: an app made
+    by an earlier test turned caching on, and a module's logger first used here would keep the quiet one for the
+    rest of the run (a later test would find its info lines missing)."""
+    before = structlog.get_config()
+    root_level = logging.getLogger().level
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), cache_logger_on_first_use=False
+    )
     yield
-    structlog.reset_defaults()
+    structlog.configure(**before)
+    logging.getLogger().setLevel(root_level)
 
 
 def evenly(n: int, *, every_s: float, session_s: float, region: str = "eu-west-1") -> list[SessionRequest]:

@@ -36,8 +36,11 @@ from fractal.simulation.trace import (
 
 
 def quiet_logs() -> None:
-    """Only warnings: a simulated day runs thousands of scaler passes, each of which logs a line."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    """Only warnings: a simulated day runs thousands of scaler passes, each of which logs a line. Loggers are not
+    cached, so a process that configures logging again later (an app made in the same process) gets its own."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), cache_logger_on_first_use=False
+    )
     logging.getLogger().setLevel(logging.WARNING)
 
 
