@@ -364,14 +364,15 @@ class AskCache:
 
     def __init__(self) -> None:
         self.reads = 0  # full reads of the window (tests and benchmarks look)
+        self._window_s = 0.0  # the longest window asked for (kept by ``clear``)
         self.clear()
 
     def clear(self) -> None:
+        """Forget every ask held; the next refresh reads the window whole."""
         self._asks: dict[int, Ask] = {}
         self._order: list[tuple[datetime, int]] = []  # (created_at, event id), sorted: leaving from the front
         self._actors: dict[tuple[str, str | None], Counter[str]] = defaultdict(Counter)  # distinct users per key
         self._newest_id = 0  # the highest id read (late commits below it are found by the count)
-        self._window_s = 0.0
         self._as_of: datetime | None = None
 
     def refresh(self, session: Session, *, now: datetime, window_s: float) -> bool:
@@ -417,10 +418,8 @@ class AskCache:
         return sorted((self._asks[event_id] for _, event_id in self._order[start:]), key=lambda ask: ask.event_id)
 
     def _read_window(self, session: Session, now: datetime) -> bool:
-        window_s = self._window_s
         self.clear()
-        self._window_s = window_s
-        bounds = {"cutoff": now - timedelta(seconds=window_s), "now": now}
+        bounds = {"cutoff": now - timedelta(seconds=self._window_s), "now": now}
         if self._window_count(session, bounds) > self.MAX_HELD:
             return self._give_up()
         self.reads += 1
@@ -430,9 +429,7 @@ class AskCache:
 
     def _give_up(self) -> bool:
         """Too many asks to hold: forget them (the next pass tries again, from a count)."""
-        window_s = self._window_s
         self.clear()
-        self._window_s = window_s
         return False
 
     def _window_count(self, session: Session, bounds: dict[str, datetime]) -> int:
