@@ -11,6 +11,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
+from fractal.database import DriverStatement
 from fractal.models import Event
 from fractal.pagination import Page, SortKey, after_key, decode_cursor, fetch_page
 
@@ -44,14 +45,15 @@ class EventKind(enum.StrEnum):
 # statement, most of an event's CPU on SQLite): every assign records one, sweeps and the simulator many. They run
 # on the session's connection: a Core statement gains nothing from the session's execute path but its CPU.
 _events = cast(Table, Event.__table__)
-_RECORD_EVENT = insert(_events).values(
-    kind=bindparam("p_kind"),
-    actor=bindparam("p_actor"),
-    instance_name=bindparam("p_instance_name"),
-    mandelbox_id=bindparam("p_mandelbox_id", type_=_events.c.mandelbox_id.type),
-    detail=bindparam("p_detail", type_=_events.c.detail.type),
+_RECORD_EVENT = DriverStatement(
+    insert(_events).values(
+        kind=bindparam("p_kind"),
+        actor=bindparam("p_actor"),
+        instance_name=bindparam("p_instance_name"),
+        mandelbox_id=bindparam("p_mandelbox_id", type_=_events.c.mandelbox_id.type),
+        detail=bindparam("p_detail", type_=_events.c.detail.type),
+    )
 )
-_RECORD_EVENTS = insert(_events)
 
 
 def record_event(
@@ -64,8 +66,8 @@ def record_event(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Add one event to the caller's transaction (the caller commits)."""
-    session.connection().execute(
-        _RECORD_EVENT,
+    _RECORD_EVENT.execute(
+        session,
         {
             "p_kind": str(kind),
             "p_actor": actor,
@@ -79,15 +81,15 @@ def record_event(
 def record_events(session: Session, rows: list[dict[str, Any]]) -> None:
     """Add many events in one statement (set-based sweeps); each dict has record_event's fields."""
     if rows:
-        session.connection().execute(
-            _RECORD_EVENTS,
+        _RECORD_EVENT.executemany(
+            session,
             [
                 {
-                    "kind": str(row["kind"]),
-                    "actor": row["actor"],
-                    "instance_name": row.get("instance_name"),
-                    "mandelbox_id": row.get("mandelbox_id"),
-                    "detail": row.get("detail") or {},
+                    "p_kind": str(row["kind"]),
+                    "p_actor": row["actor"],
+                    "p_instance_name": row.get("instance_name"),
+                    "p_mandelbox_id": row.get("mandelbox_id"),
+                    "p_detail": row.get("detail") or {},
                 }
                 for row in rows
             ],

@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from fractal.clock import as_utc, db_now
-from fractal.database import ReusableStatements, run_in_own_transaction
+from fractal.database import DriverStatement, ReusableStatements, run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
 from fractal.fleet.instances import instance_lock
@@ -782,14 +782,16 @@ _TAKE_SLOT = (
     .values(live_mandelboxes=_instances.c.live_mandelboxes + 1, empty_since=None)
     .returning(_instances.c.instance_name, _instances.c.ip, _instances.c.region)
 )
-_CREATE_ALLOCATED = insert(_mandelboxes).values(
-    mandelbox_id=bindparam("p_mandelbox_id", type_=_mandelboxes.c.mandelbox_id.type),
-    instance_name=bindparam("p_name"),
-    user_id=bindparam("p_user_id"),
-    session_id=bindparam("p_session_id"),
-    status=MandelboxStatus.ALLOCATED,
-    created_at=db_now(),
-    status_changed_at=db_now(),
+_CREATE_ALLOCATED = DriverStatement(
+    insert(_mandelboxes).values(
+        mandelbox_id=bindparam("p_mandelbox_id", type_=_mandelboxes.c.mandelbox_id.type),
+        instance_name=bindparam("p_name"),
+        user_id=bindparam("p_user_id"),
+        session_id=bindparam("p_session_id"),
+        status=MandelboxStatus.ALLOCATED,
+        created_at=db_now(),
+        status_changed_at=db_now(),
+    )
 )
 
 
@@ -801,8 +803,9 @@ _CREATE_ALLOCATED = insert(_mandelboxes).values(
 # every region read and sorted, which at a busy hour (a thousand ACTIVE hosts) was most of an assign's CPU. INDEXED
 # BY pins the partial index (its condition written literally, so that the index is usable when the statement is
 # prepared); the live count reads ix_mandelboxes_live_user the same way. Same rows, same order as _WAITING_CANDIDATES.
-_TAKE_FULLEST_SLOT = text(
-    """
+_TAKE_FULLEST_SLOT = DriverStatement(
+    text(
+        """
 UPDATE instances SET live_mandelboxes = live_mandelboxes + 1, empty_since = NULL
 WHERE instance_name = (
     SELECT instance_name FROM instances INDEXED BY ix_instances_assignable
@@ -815,6 +818,7 @@ WHERE instance_name = (
   AND (SELECT count(*) FROM mandelboxes WHERE user_id = :p_user_id AND status <> 'EXITED') < :p_max_per_user
 RETURNING instance_name, ip, region
 """
+    )
 )
 
 
@@ -842,7 +846,7 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
             "p_user_id": wanted.user_id,
             "p_max_per_user": wanted.max_per_user,
         }
-        taken = session.connection().execute(_TAKE_FULLEST_SLOT, params).first()
+        taken = _TAKE_FULLEST_SLOT.execute(session, params).first()
         return None if taken is None else _create_allocated(session, wanted, taken)
     candidates = session.scalars(
         _WAITING_CANDIDATES, {"p_region": wanted.region, "p_commit": wanted.client_commit_hash}
@@ -856,8 +860,8 @@ def allocate_waiting(session: Session, wanted: SlotRequest) -> Slot | None:
 
 def _create_allocated(session: Session, wanted: SlotRequest, taken: Any) -> Slot:
     """The ALLOCATED mandelbox on the instance whose slot ``taken`` (a _TAKE_SLOT row) is, and its event."""
-    session.connection().execute(
-        _CREATE_ALLOCATED,
+    _CREATE_ALLOCATED.execute(
+        session,
         {
             "p_mandelbox_id": wanted.mandelbox_id,
             "p_name": taken.instance_name,

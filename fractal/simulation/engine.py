@@ -14,6 +14,7 @@ answer and event without the call (``Simulation._serve_users``); every ask that 
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cachelib import SimpleCache
-from sqlalchemy import Table, bindparam, case, event, func, select, text, update
+from sqlalchemy import Table, bindparam, case, column, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelb
 from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
 from fractal.config import Environment, Settings
-from fractal.database import SessionFactory, create_db_engine, create_session_factory
+from fractal.database import DriverStatement, SessionFactory, create_db_engine, create_session_factory
 from fractal.errors import CommitHashMismatchError, FractalError, NoInstanceAvailableError
 from fractal.events import record_events
 from fractal.fleet.mandelboxes import move_mandelboxes
@@ -71,27 +72,40 @@ _NO_ROOM = NoInstanceAvailableError(retry_after_s=NO_CAPACITY_RETRY_AFTER_S)
 _OTHER_VERSION = CommitHashMismatchError(details={})
 
 
-# The free slots on ACTIVE instances per (region, version) of some regions (built once: the simulator reads it at
-# every tick with asks). On the partial index of ACTIVE hosts by (region, version), pinned as the take-a-slot
-# statement pins it (fleet/mandelboxes.py): SQLite would otherwise read every ACTIVE host and sort them.
-_FREE_SLOTS = text(
-    """
+# The simulator's own statements pass their lists as one JSON array (``json_each``) rather than as an expanding IN:
+# the statement's text is then the same whatever the list's length, so it is compiled once and run on the driver
+# (DriverStatement), and SQLite prepares it once, where an IN list is rendered and prepared anew for every length.
+
+# The free slots on ACTIVE instances per (region, version) of some regions (the simulator reads it at every tick
+# with asks). On the partial index of ACTIVE hosts by (region, version), pinned as the take-a-slot statement pins it
+# (fleet/mandelboxes.py): SQLite would otherwise read every ACTIVE host and sort them.
+_FREE_SLOTS = DriverStatement(
+    text(
+        """
 SELECT region, client_commit_hash, sum(mandelbox_capacity - live_mandelboxes)
 FROM instances INDEXED BY ix_instances_assignable
-WHERE status = 'ACTIVE' AND region IN :regions
+WHERE status = 'ACTIVE' AND region IN (SELECT value FROM json_each(:regions))
 GROUP BY region, client_commit_hash
 """
-).bindparams(bindparam("regions", expanding=True))
-
-# Every running host's heartbeat, as one statement (built once).
-_heartbeats = cast(Table, Heartbeat.__table__)
-_HEARTBEATS = (
-    update(_heartbeats)
-    .where(_heartbeats.c.instance_name.in_(bindparam("names", expanding=True)))
-    .values(last_heartbeat_at=bindparam("now", type_=_heartbeats.c.last_heartbeat_at.type))
+    )
 )
-# The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once.
-_BY_IDS = Mandelbox.mandelbox_id.in_(bindparam("ids", expanding=True))
+
+# Every running host's heartbeat, as one statement.
+_HEARTBEATS = DriverStatement(
+    text(
+        """
+UPDATE heartbeats SET last_heartbeat_at = :now
+WHERE instance_name IN (SELECT value FROM json_each(:names))
+"""
+    ).bindparams(bindparam("now", type_=cast(Table, Heartbeat.__table__).c.last_heartbeat_at.type))
+)
+# The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once. The ids
+# as SQLite stores them (32 hex digits: ``_id_list``).
+_BY_IDS = Mandelbox.mandelbox_id.in_(select(column("value")).select_from(func.json_each(bindparam("ids"))))
+
+
+def _id_list(ids: Sequence[uuid.UUID]) -> str:
+    return json.dumps([item.hex for item in ids])
 
 
 @dataclass(frozen=True)
@@ -303,7 +317,12 @@ class Simulation:
         )
         self.engine = self._create_database()
         self.session_factory: SessionFactory = create_session_factory(self.engine)
-        self.session: Session = self.session_factory()
+        # The hosts' and users' session works on one connection of its own for the whole run: a session bound to
+        # the engine checks a connection out and wraps it anew for every transaction, a fifth of an assign's CPU
+        # here. Nothing else uses this connection, so each of the session's transactions is its own (the scaler's
+        # sessions still come from the engine; in memory, every connection is the same database connection).
+        self._connection = self.engine.connect()
+        self.session: Session = create_session_factory(self._connection)()
         self.cache = DataCache(SimpleCache(threshold=100), ttl_s=3600)
         self._names = 0
         self._users = [_User(i, r) for i, r in enumerate(self.trace)]
@@ -493,7 +512,7 @@ class Simulation:
         """Every running host heartbeats: one statement for the fleet (what each host's heartbeat writes)."""
         names = [h.instance_name for h in self.cloud.up()]
         if names:
-            self.session.execute(_HEARTBEATS, {"names": names, "now": now})
+            _HEARTBEATS.execute(self.session, {"names": json.dumps(names), "now": now})
             self.session.commit()
 
     def _end_sessions(self, now: datetime) -> None:
@@ -504,7 +523,7 @@ class Simulation:
             move_mandelboxes(
                 self.session,
                 where=_BY_IDS,
-                params={"ids": ended},
+                params={"ids": _id_list(ended)},
                 to=MandelboxStatus.EXITED,
                 reason=EndReason.HOST_EXITED,
                 actor=SIM_ACTOR,
@@ -514,7 +533,7 @@ class Simulation:
     def _claim(self) -> None:
         if not self._unclaimed:
             return
-        claimed = {"ids": self._unclaimed}
+        claimed = {"ids": _id_list(self._unclaimed)}
         for status in (MandelboxStatus.CONNECTING, MandelboxStatus.RUNNING):  # the client connects
             move_mandelboxes(self.session, where=_BY_IDS, params=claimed, to=status, actor=SIM_ACTOR)
         self.session.commit()
@@ -536,7 +555,7 @@ class Simulation:
         """The enabled regions, and the free slots on ACTIVE instances per (region, version) of ``regions`` (those
         of the users asking: no other region's count is looked at), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
-        rows = self.session.execute(_FREE_SLOTS, {"regions": sorted(regions)}).all()
+        rows = _FREE_SLOTS.execute(self.session, {"regions": json.dumps(sorted(regions))}).rows
         self.session.commit()
         return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
@@ -693,6 +712,7 @@ class Simulation:
 
     def close(self) -> None:
         self.session.close()
+        self._connection.close()
         self.engine.dispose()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)

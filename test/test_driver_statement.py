@@ -1,0 +1,173 @@
+"""DriverStatement: a Core statement run on the DBAPI cursor gives what SQLAlchemy's own execution gives — the same
+typed values in and out, the same row count, the same errors — on Postgres and on SQLite, in the caller's
+transaction; it refuses what it cannot do; and anything listening to the cursor events still sees its statements."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Engine, Table, bindparam, event, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from fractal.config import Settings
+from fractal.database import DriverStatement, create_db_engine, create_session_factory
+from fractal.models import Base, Event, Mandelbox
+
+_events = cast(Table, Event.__table__)
+_mandelboxes = cast(Table, Mandelbox.__table__)
+
+_INSERT_EVENT = DriverStatement(
+    insert(_events).values(
+        kind=bindparam("p_kind"),
+        actor=bindparam("p_actor"),
+        mandelbox_id=bindparam("p_mandelbox_id", type_=_events.c.mandelbox_id.type),
+        detail=bindparam("p_detail", type_=_events.c.detail.type),
+    )
+)
+_EVENTS_BY_ACTOR = (
+    select(_events.c.id, _events.c.kind, _events.c.created_at, _events.c.mandelbox_id, _events.c.detail)
+    .where(_events.c.actor == bindparam("p_actor"))
+    .order_by(_events.c.id)
+)
+_READ_EVENTS = DriverStatement(_EVENTS_BY_ACTOR)
+_RENAME_KIND = DriverStatement(
+    update(_events)
+    .where(_events.c.actor == bindparam("p_actor"), _events.c.kind == "test.before")
+    .values(kind="test.after")
+)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def session(request: pytest.FixtureRequest) -> Iterator[Session]:
+    """A session on each backend, rolled back afterwards (Postgres: the test's outer transaction)."""
+    if request.param == "postgres":
+        yield request.getfixturevalue("db")
+        return
+    settings: Settings = request.getfixturevalue("settings")
+    engine = create_db_engine(Settings(**{**settings.model_dump(), "database_url": "sqlite:///:memory:"}))
+    Base.metadata.create_all(engine)
+    with Session(engine) as sqlite_session:
+        yield sqlite_session
+    engine.dispose()
+
+
+def _insert(session: Session, actor: str, kind: str = "test.before", **detail: Any) -> uuid.UUID:
+    mandelbox_id = uuid.uuid4()
+    _INSERT_EVENT.execute(
+        session, {"p_kind": kind, "p_actor": actor, "p_mandelbox_id": mandelbox_id, "p_detail": dict(detail)}
+    )
+    return mandelbox_id
+
+
+def test_values_go_in_and_come_out_typed_as_sqlalchemy_gives_them(session: Session) -> None:
+    first = _insert(session, "driver-test", n=1, nested={"a": [1, 2]})
+    second = _insert(session, "driver-test", n=2)
+    rows = _READ_EVENTS.execute(session, {"p_actor": "driver-test"}).rows
+    expected = session.execute(_EVENTS_BY_ACTOR, {"p_actor": "driver-test"}).all()
+    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+    assert type(rows[0]).__name__ == "DriverRow"  # the driver's path was taken (nothing listens here)
+    assert [row.mandelbox_id for row in rows] == [first, second]  # UUIDs, by column name
+    assert rows[0].detail == {"n": 1, "nested": {"a": [1, 2]}}  # JSON documents
+    created = rows[0].created_at
+    assert isinstance(created, datetime) and created.tzinfo is not None and created.utcoffset() == UTC.utcoffset(None)
+    # A second execution reuses the compiled form and its processors.
+    assert _READ_EVENTS.execute(session, {"p_actor": "driver-test"}).first() == rows[0]
+    assert _READ_EVENTS.execute(session, {"p_actor": "nobody"}).first() is None
+
+
+def test_row_count_and_literal_values(session: Session) -> None:
+    _insert(session, "driver-count")
+    _insert(session, "driver-count")
+    _insert(session, "driver-count", kind="test.other")
+    # The statement's own literals ("test.before", "test.after") travel as its defaults.
+    assert _RENAME_KIND.execute(session, {"p_actor": "driver-count"}).rowcount == 2
+    kinds = sorted(row.kind for row in _READ_EVENTS.execute(session, {"p_actor": "driver-count"}).rows)
+    assert kinds == ["test.after", "test.after", "test.other"]
+    count = DriverStatement(text("SELECT count(*) FROM events WHERE actor = :actor"))
+    assert count.execute(session, {"actor": "driver-count"}).scalar() == 3
+
+
+def test_executemany_writes_every_row(session: Session) -> None:
+    ids = [uuid.uuid4() for _ in range(5)]
+    _INSERT_EVENT.executemany(
+        session,
+        [
+            {"p_kind": "test.many", "p_actor": "driver-many", "p_mandelbox_id": i, "p_detail": {"i": n}}
+            for n, i in enumerate(ids)
+        ],
+    )
+    rows = _READ_EVENTS.execute(session, {"p_actor": "driver-many"}).rows
+    assert [(row.mandelbox_id, row.detail) for row in rows] == [(i, {"i": n}) for n, i in enumerate(ids)]
+
+
+def test_driver_errors_are_sqlalchemys_and_the_transaction_recovers(session: Session) -> None:
+    mandelbox_id = uuid.uuid4()
+    insert_box = DriverStatement(
+        insert(_mandelboxes).values(
+            mandelbox_id=bindparam("p_id", type_=_mandelboxes.c.mandelbox_id.type),
+            instance_name="no-such-instance",  # the foreign key refuses it
+            user_id="u",
+            status="ALLOCATED",
+        )
+    )
+    savepoint = session.begin_nested()
+    with pytest.raises(IntegrityError):
+        insert_box.execute(session, {"p_id": mandelbox_id})
+    savepoint.rollback()
+    _insert(session, "driver-after-error")  # the transaction goes on
+    assert len(_READ_EVENTS.execute(session, {"p_actor": "driver-after-error"}).rows) == 1
+
+
+def test_what_it_cannot_do_is_refused_when_compiled(session: Session) -> None:
+    with pytest.raises(ValueError, match="expand"):
+        DriverStatement(select(_events.c.id).where(_events.c.kind.in_(bindparam("kinds", expanding=True)))).execute(
+            session, {"kinds": ["a"]}
+        )
+    with pytest.raises(ValueError, match="default"):  # mandelbox_id's default is uuid.uuid4, run in Python
+        DriverStatement(insert(_mandelboxes).values(instance_name="i", user_id="u", status="ALLOCATED")).execute(
+            session
+        )
+
+
+def test_cursor_listeners_still_see_every_statement(session: Session) -> None:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    engine = session.get_bind()
+    target = engine.engine if not isinstance(engine, Engine) else engine
+    event.listen(target, "before_cursor_execute", record)
+    try:
+        first = _insert(session, "driver-listened")
+        rows = _READ_EVENTS.execute(session, {"p_actor": "driver-listened"}).rows
+    finally:
+        event.remove(target, "before_cursor_execute", record)
+    assert [row.mandelbox_id for row in rows] == [first]
+    assert sum("INSERT INTO events" in s for s in seen) == 1 and sum("FROM events" in s for s in seen) == 1
+
+
+def test_a_lost_postgres_connection_is_invalidated_and_replaced(settings: Settings) -> None:
+    """The backend killed under an open transaction: the statement raises SQLAlchemy's error for a lost connection
+    (what the error handler answers 503 DATABASE_UNAVAILABLE), and the session's next transaction gets a fresh one."""
+    engine = create_db_engine(settings)
+    factory = create_session_factory(engine)
+    try:
+        with factory() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with engine.connect() as killer:
+                killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                killer.commit()
+            with pytest.raises(DBAPIError) as raised:
+                _READ_EVENTS.execute(session, {"p_actor": "nobody"})
+            assert raised.value.connection_invalidated
+            session.rollback()
+            assert _READ_EVENTS.execute(session, {"p_actor": "nobody"}).rows == []
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        engine.dispose()
