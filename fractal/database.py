@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 import zlib
 from collections import namedtuple
@@ -12,14 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Boolean, Engine, String, TypeDecorator, bindparam, create_engine, event, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError, StatementError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+from sqlalchemy.sql.type_api import TypeEngine
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from fractal.config import Settings
 
@@ -397,29 +402,42 @@ class DriverStatement:
     statement runs through SQLAlchemy's own path instead, so every statement is still seen.
     """
 
-    __slots__ = ("_forms", "statement")
+    __slots__ = ("_forms", "statement", "strict")
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, statement: Executable, *, strict: bool = True) -> None:
+        """``strict``: refuse, when first run, a statement the driver's path cannot run; when False, such a statement
+        (a caller's condition with an IN list, say) runs through SQLAlchemy's own path instead."""
         self.statement = statement
-        self._forms: dict[tuple[str, str, str], _DriverForm] = {}
+        self.strict = strict
+        # By dialect object, which is each engine's own: how a statement compiles may depend on more than the
+        # dialect's name (the simulator's virtual clock, a server's version).
+        self._forms: weakref.WeakKeyDictionary[Dialect, _DriverForm | None] = weakref.WeakKeyDictionary()
 
-    def compiled_for(self, dialect: Dialect) -> _DriverForm:
-        key = (dialect.name, dialect.driver, dialect.paramstyle)
-        form = self._forms.get(key)
-        if form is None:
-            form = self._forms[key] = _DriverForm(self.statement, dialect)
+    def compiled_for(self, dialect: Dialect) -> _DriverForm | None:
+        """The statement's form for ``dialect``; None when it runs through SQLAlchemy's path (``strict`` False)."""
+        try:
+            return self._forms[dialect]
+        except KeyError:
+            pass
+        try:
+            form: _DriverForm | None = _DriverForm(self.statement, dialect)
+        except ValueError:
+            if self.strict:
+                raise
+            form = None
+        self._forms[dialect] = form
         return form
 
     def execute(self, bind: Session | Connection, values: Mapping[str, Any] | None = None) -> DriverResult:
         """Run the statement with ``values`` (by bind parameter name) in ``bind``'s transaction."""
         connection = bind.connection() if isinstance(bind, Session) else bind
         values = values or {}
+        dialect = connection.dialect
         dispatch = connection.dispatch
-        if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+        form = self.compiled_for(dialect)
+        if form is None or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
             result = connection.execute(self.statement, values)
             return DriverResult(result.all() if result.returns_rows else (), result.rowcount)
-        dialect = connection.dialect
-        form = self.compiled_for(dialect)
         parameters = form.parameters(values)
         proxied = connection.connection
         cursor = proxied.cursor()
@@ -456,10 +474,10 @@ class DriverStatement:
         connection = bind.connection() if isinstance(bind, Session) else bind
         dialect = connection.dialect
         dispatch = connection.dispatch
-        if dialect.name != "sqlite" or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+        form = self.compiled_for(dialect) if dialect.name == "sqlite" else None
+        if form is None or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
             connection.execute(self.statement, list(rows))
             return
-        form = self.compiled_for(dialect)
         parameters = [form.parameters(row) for row in rows]
         cursor = connection.connection.cursor()
         try:
@@ -479,3 +497,63 @@ def _driver_error(connection: Connection, sql: str, parameters: Any, error: Exce
     return DBAPIError.instance(
         sql, parameters, error, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
     )
+
+
+class _ValueList(TypeDecorator[list[Any]]):
+    """A list of values of one type as ONE bind parameter (``in_values``): an array on Postgres, a JSON array of the
+    element type's stored form on SQLite (read there with ``json_each``)."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, element: TypeEngine[Any]) -> None:
+        super().__init__()
+        self.element = element
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(self.element))
+        return dialect.type_descriptor(String())
+
+    def process_bind_param(self, value: list[Any] | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value  # the array type converts each element
+        process = self.element.dialect_impl(dialect).bind_processor(dialect)
+        return json.dumps([item if process is None else process(item) for item in value])
+
+
+class _InValues(ColumnElement[bool]):
+    """``column`` is one of the list bound to ``bind`` (``in_values``)."""
+
+    __visit_name__ = "fractal_in_values"
+    inherit_cache = True
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("bind", InternalTraversal.dp_clauseelement),
+    ]
+    type = Boolean()
+    _is_implicitly_boolean = True  # a comparison: no "= 1" after it where booleans are integers (SQLite)
+
+    def __init__(self, column: ColumnElement[Any], bind: BindParameter[Any]) -> None:
+        self.column = column
+        self.bind = bind
+
+
+def in_values(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """``column IN (the list passed as parameter name)``, written so that the statement's text does not depend on
+    the list's length: ``= ANY(CAST(:name AS type[]))`` on Postgres, ``IN (SELECT value FROM json_each(:name))`` on
+    SQLite. An expanding IN renders (and SQLite prepares) the statement anew for every length, and cannot run as a
+    ``DriverStatement``; this can. Both forms use the column's index."""
+    return _InValues(column, bindparam(name, type_=_ValueList(column.type)))
+
+
+@compiles(_InValues, "postgresql")
+def _in_values_postgres(element: _InValues, compiler: SQLCompiler, **kw: Any) -> str:
+    # The bind is typed as an array of the column's type, which psycopg2's dialect renders with its cast.
+    return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(element.bind, **kw)})"
+
+
+@compiles(_InValues)
+def _in_values_json(element: _InValues, compiler: SQLCompiler, **kw: Any) -> str:
+    column, values = compiler.process(element.column, **kw), compiler.process(element.bind, **kw)
+    return f"{column} IN (SELECT value FROM json_each({values}))"  # noqa: S608 (compiled SQL, no values)

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Engine, Table, bindparam, event, insert, select, text, update
+from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from fractal.config import Settings
-from fractal.database import DriverStatement, create_db_engine, create_session_factory
+from fractal.database import DriverStatement, create_db_engine, create_session_factory, in_values
 from fractal.models import Base, Event, Mandelbox
 
 _events = cast(Table, Event.__table__)
@@ -171,3 +171,44 @@ def test_a_lost_postgres_connection_is_invalidated_and_replaced(settings: Settin
             assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
     finally:
         engine.dispose()
+
+
+def test_in_values_matches_an_in_list_whatever_its_length(session: Session) -> None:
+    ids = [_insert(session, "driver-in") for _ in range(4)]
+    by_ids = DriverStatement(
+        select(_events.c.mandelbox_id).where(in_values(_events.c.mandelbox_id, "ids")).order_by(_events.c.id)
+    )
+    for chosen in ([], ids[:1], ids[1:], [ids[2], uuid.uuid4()]):
+        rows = by_ids.execute(session, {"ids": chosen}).rows
+        expected = session.execute(
+            select(_events.c.mandelbox_id).where(_events.c.mandelbox_id.in_(chosen)).order_by(_events.c.id)
+        ).all()
+        assert (
+            [row.mandelbox_id for row in rows]
+            == [row.mandelbox_id for row in expected]
+            == [i for i in ids if i in chosen]
+        )
+    by_actor = select(func.count()).select_from(_events).where(in_values(_events.c.actor, "actors"))
+    assert session.execute(by_actor, {"actors": ["driver-in", "nobody"]}).scalar_one() == 4  # SQLAlchemy's path too
+
+
+def test_a_statement_compiles_for_each_engine_of_its_own() -> None:
+    """The same statement on a SQLite engine with the simulator's virtual clock and on a plain one: each gets its
+    own compiled form (the clock compiles differently), not the first one's."""
+    from sqlalchemy import create_engine
+
+    from fractal.clock import attach_virtual_clock, db_now
+
+    instant = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    now = DriverStatement(select(db_now()))
+    virtual = create_engine("sqlite://")
+    attach_virtual_clock(virtual, lambda: instant)
+    plain = create_engine("sqlite://")
+    try:
+        with virtual.connect() as connection:
+            assert now.execute(connection).scalar() == instant
+        with plain.connect() as connection:
+            assert abs((now.execute(connection).scalar() - datetime.now(UTC)).total_seconds()) < 60
+    finally:
+        virtual.dispose()
+        plain.dispose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -21,9 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
-    Select,
     Table,
-    Update,
     and_,
     bindparam,
     case,
@@ -34,9 +32,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import Executable
 
 from fractal.clock import as_utc, db_now
-from fractal.database import DriverStatement, ReusableStatements, run_in_own_transaction
+from fractal.database import DriverStatement, ReusableStatements, in_values, run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
 from fractal.fleet.instances import instance_lock
@@ -141,7 +140,7 @@ def move_mandelboxes(
     if params is None:
         statements = _move_statements(where, shape)
     else:
-        statements = _REUSABLE.get((where,), shape, lambda: _move_statements(where, shape))
+        statements = _REUSABLE.get((where,), shape, lambda: _move_statements(where, shape).on_driver())
     # The statements run on the session's connection (Core: nothing is loaded into the session, and the ORM's
     # per-statement work is skipped); what the session holds unflushed is written first, as its autoflush would.
     if session.autoflush:
@@ -150,7 +149,7 @@ def move_mandelboxes(
     values: dict[str, Any] = dict(params or {})
     if statements.lock is not None:
         # Lock order: the instances whose slots come back, before their mandelboxes.
-        locked = list(connection.scalars(statements.lock, values))
+        locked = [row[0] for row in _run(connection, statements.lock, values)]
         if not locked:
             return []
         # With skip_locked, boxes whose instance someone else holds wait for a later pass: touching them would
@@ -159,7 +158,7 @@ def move_mandelboxes(
         values["move_locked"] = locked
     # Locking re-evaluates the selection on the newest row versions: a row another transaction just moved is
     # either still allowed (and ours now) or no longer matches.
-    rows = connection.execute(statements.rows, values).all()
+    rows = _run(connection, statements.rows, values)
     if not rows:
         return []
     written: dict[str, Any] = {"move_ids": [row.mandelbox_id for row in rows]}
@@ -167,7 +166,7 @@ def move_mandelboxes(
         written["move_reason"] = reason.value
     if now is not None:
         written["move_now"] = now
-    connection.execute(statements.update, written)
+    _run(connection, statements.update, written)
     if ends:
         _release_slots(connection, Counter(row.instance_name for row in rows), now=now)
     moved = [MovedMandelbox(row.mandelbox_id, row.instance_name, MandelboxStatus(row.status), to) for row in rows]
@@ -202,9 +201,26 @@ class _MoveShape:
 
 @dataclass(frozen=True)
 class _MoveStatements:
-    lock: Select[tuple[str]] | None  # an end's instances (their slots come back), locked in name order
-    rows: Select[Any]  # the rows to move, locked, in mandelbox_id order
-    update: Update  # the move of the rows read, by id
+    lock: Executable | DriverStatement | None  # an end's instances (their slots come back), locked in name order
+    rows: Executable | DriverStatement  # the rows to move, locked, in mandelbox_id order
+    update: Executable | DriverStatement  # the move of the rows read, by id
+
+    def on_driver(self) -> _MoveStatements:
+        """The same statements run as DriverStatements (built once and kept: ``params`` given). A caller's condition
+        that the driver cannot run (an IN list) leaves them on SQLAlchemy's path."""
+        return _MoveStatements(
+            None if self.lock is None else DriverStatement(cast(Executable, self.lock), strict=False),
+            DriverStatement(cast(Executable, self.rows), strict=False),
+            DriverStatement(cast(Executable, self.update), strict=False),
+        )
+
+
+def _run(connection: Connection, statement: Executable | DriverStatement, values: Mapping[str, Any]) -> Sequence[Any]:
+    """A mover's statement's rows (none for an UPDATE), whichever way it runs."""
+    if isinstance(statement, DriverStatement):
+        return statement.execute(connection, values).rows
+    result = connection.execute(statement, values)
+    return result.all() if result.returns_rows else ()
 
 
 def _stamp(has_now: bool) -> ColumnElement[Any]:
@@ -226,7 +242,7 @@ def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStat
         # The instances are named by a subquery: one statement reads and locks them (the subquery locks nothing).
         boxes_instances = select(_mandelboxes.c.instance_name).where(selection)
         lock = instance_lock(_instances.c.instance_name.in_(boxes_instances), skip_locked=shape.skip_locked)
-        chosen = and_(selection, _mandelboxes.c.instance_name.in_(bindparam("move_locked", expanding=True)))
+        chosen = and_(selection, in_values(_mandelboxes.c.instance_name, "move_locked"))
     rows = (
         select(_mandelboxes.c.mandelbox_id, _mandelboxes.c.instance_name, _mandelboxes.c.status)
         .where(chosen)
@@ -239,11 +255,7 @@ def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStat
         values["ended_at"] = stamp
     if shape.has_reason:
         values["end_reason"] = func.coalesce(_mandelboxes.c.end_reason, bindparam("move_reason"))
-    move = (
-        update(_mandelboxes)
-        .where(_mandelboxes.c.mandelbox_id.in_(bindparam("move_ids", expanding=True)))
-        .values(values)
-    )
+    move = update(_mandelboxes).where(in_values(_mandelboxes.c.mandelbox_id, "move_ids")).values(values)
     return _MoveStatements(lock, rows, move)
 
 
@@ -251,12 +263,12 @@ def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStat
 _REUSABLE: ReusableStatements[_MoveStatements] = ReusableStatements()
 
 
-def _release_statement(has_now: bool) -> Update:
+def _release_statement(has_now: bool) -> DriverStatement:
     freed = bindparam("move_freed", type_=Integer)
     live = _instances.c.live_mandelboxes
-    return (
+    return DriverStatement(
         update(_instances)
-        .where(_instances.c.instance_name.in_(bindparam("move_names", expanding=True)))
+        .where(in_values(_instances.c.instance_name, "move_names"))
         .values(
             live_mandelboxes=live - freed,
             empty_since=case((live - freed == 0, _stamp(has_now)), else_=_instances.c.empty_since),
@@ -279,7 +291,7 @@ def _release_slots(connection: Connection, freed: Counter[str], *, now: datetime
         values: dict[str, Any] = {"move_names": names, "move_freed": count}
         if now is not None:
             values["move_now"] = now
-        connection.execute(statement, values)
+        statement.execute(connection, values)
 
 
 # A user's move of one of their own mandelboxes (Postgres), in one statement: lock the row, move it when the table

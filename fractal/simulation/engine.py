@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cachelib import SimpleCache
-from sqlalchemy import Table, bindparam, case, column, event, func, select, text
+from sqlalchemy import Table, bindparam, case, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from fractal.assignment.service import NO_CAPACITY_RETRY_AFTER_S, assign_mandelb
 from fractal.cache import DataCache
 from fractal.clock import attach_virtual_clock, virtual_clock_ddl
 from fractal.config import Environment, Settings
-from fractal.database import DriverStatement, SessionFactory, create_db_engine, create_session_factory
+from fractal.database import DriverStatement, SessionFactory, create_db_engine, create_session_factory, in_values
 from fractal.errors import CommitHashMismatchError, FractalError, NoInstanceAvailableError
 from fractal.events import record_events
 from fractal.fleet.mandelboxes import move_mandelboxes
@@ -99,13 +99,8 @@ WHERE instance_name IN (SELECT value FROM json_each(:names))
 """
     ).bindparams(bindparam("now", type_=cast(Table, Heartbeat.__table__).c.last_heartbeat_at.type))
 )
-# The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once. The ids
-# as SQLite stores them (32 hex digits: ``_id_list``).
-_BY_IDS = Mandelbox.mandelbox_id.in_(select(column("value")).select_from(func.json_each(bindparam("ids"))))
-
-
-def _id_list(ids: Sequence[uuid.UUID]) -> str:
-    return json.dumps([item.hex for item in ids])
+# The hosts' reports name mandelboxes by id: one condition, so that the mover builds its statements once.
+_BY_IDS = in_values(cast(Table, Mandelbox.__table__).c.mandelbox_id, "ids")
 
 
 @dataclass(frozen=True)
@@ -523,7 +518,7 @@ class Simulation:
             move_mandelboxes(
                 self.session,
                 where=_BY_IDS,
-                params={"ids": _id_list(ended)},
+                params={"ids": ended},
                 to=MandelboxStatus.EXITED,
                 reason=EndReason.HOST_EXITED,
                 actor=SIM_ACTOR,
@@ -533,7 +528,7 @@ class Simulation:
     def _claim(self) -> None:
         if not self._unclaimed:
             return
-        claimed = {"ids": _id_list(self._unclaimed)}
+        claimed = {"ids": self._unclaimed}
         for status in (MandelboxStatus.CONNECTING, MandelboxStatus.RUNNING):  # the client connects
             move_mandelboxes(self.session, where=_BY_IDS, params=claimed, to=status, actor=SIM_ACTOR)
         self.session.commit()
