@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar, cast
 from sqlalchemy import Boolean, Engine, String, TypeDecorator, bindparam, create_engine, event, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, InvalidatePoolError, StatementError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, MultipleResultsFound, NoResultFound, StatementError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, StaticPool
@@ -331,6 +331,12 @@ class DriverResult:
     def scalar(self) -> Any:
         """The first row's first column, None when there is no row."""
         return self.rows[0][0] if self.rows else None
+
+    def one(self) -> Any:
+        """The one row; SQLAlchemy's NoResultFound or MultipleResultsFound when there is not exactly one."""
+        if len(self.rows) != 1:
+            raise (NoResultFound if not self.rows else MultipleResultsFound)("expected one row")
+        return self.rows[0]
 
 
 class _DriverForm:

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
 from fractal.clock import db_now
-from fractal.database import ReusableStatements
+from fractal.database import DriverStatement, ReusableStatements
 from fractal.errors import ConflictError, InvalidTransitionError, NotFoundError
 from fractal.events import EventKind, record_event, record_events
 from fractal.models import Instance, InstanceStatus
@@ -128,12 +128,14 @@ def move_instances(
     if session.autoflush:
         session.flush()
     shape = (to, frozenset(allowed), now is not None)
-    if params is None:
-        statement = _move_statement(where, values, *shape)
-    else:
-        statement = _REUSABLE.get((where, values), shape, lambda: _move_statement(where, values, *shape))
     written = {**(params or {}), **({"move_now": now} if now is not None else {})}
-    rows = session.connection().execute(statement, written).all()
+    if params is None:
+        rows: Sequence[Any] = session.connection().execute(_move_statement(where, values, *shape), written).all()
+    else:  # built once and kept, so run on the driver (a condition with an IN list keeps SQLAlchemy's path)
+        reusable = _REUSABLE.get(
+            (where, values), shape, lambda: DriverStatement(_move_statement(where, values, *shape), strict=False)
+        )
+        rows = reusable.execute(session.connection(), written).rows
     moved = [
         MovedInstance(
             instance_name=row.instance_name,
@@ -192,7 +194,8 @@ def _move_statement(
     stamp = bindparam("move_now", type_=_instances.c.status_changed_at.type) if has_now else db_now()
     return (
         update(_instances)
-        .where(and_(where, _instances.c.status.in_(sorted(allowed))))
+        # Equalities rather than an IN list (whose values SQLAlchemy renders per execution): a DriverStatement.
+        .where(and_(where, or_(*(_instances.c.status == status for status in sorted(allowed)))))
         .values(status=to, status_changed_at=stamp, **(values or {}))
         .returning(
             _instances.c.instance_name,
@@ -204,7 +207,7 @@ def _move_statement(
 
 
 # Reusable conditions' UPDATEs (``params`` given), by the condition and values objects and the move's shape.
-_REUSABLE: ReusableStatements[ReturningUpdate[tuple[str, str, str, int]]] = ReusableStatements()
+_REUSABLE: ReusableStatements[DriverStatement] = ReusableStatements()
 
 
 def lock_instance_rows(session: Session, names: Sequence[str], *, skip_locked: bool = False) -> list[str]:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -231,9 +232,11 @@ def _stamp(has_now: bool) -> ColumnElement[Any]:
 def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStatements:
     # "Not EXITED" adds nothing (no move starts from EXITED) but lets SQLite use the live-mandelbox indexes, which
     # are partial on it: without it, a move by instance read every mandelbox ever made (Postgres infers it).
+    # The allowed statuses as equalities rather than an IN list, whose values SQLAlchemy renders per execution: the
+    # statement then runs as a DriverStatement (same rows, same plans).
     selection = and_(
         where,
-        _mandelboxes.c.status.in_(sorted(shape.allowed)),
+        or_(*(_mandelboxes.c.status == status for status in sorted(shape.allowed))),
         _mandelboxes.c.status != MandelboxStatus.EXITED,
     )
     lock = None

@@ -15,13 +15,13 @@ from datetime import datetime
 from typing import Any, NoReturn, cast
 
 import structlog
-from sqlalchemy import Engine, Insert, Table, bindparam, select, update
+from sqlalchemy import Engine, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fractal.auth.hosts import instance_name_for_secret_hash
 from fractal.clock import utcnow
-from fractal.database import is_postgres, run_in_own_transaction
+from fractal.database import DriverStatement, is_postgres, run_in_own_transaction
 from fractal.errors import FractalError, HostMismatchError, InvalidTransitionError, NotFoundError, UnauthorizedError
 from fractal.events import EventKind, record_event
 from fractal.fleet.instances import RETIRED_STATUSES, move_instances
@@ -83,8 +83,8 @@ def _refuse(
 
 
 # The instance as a handshake judges it, its row locked (built once, over the table's columns: nothing is loaded
-# into the session).
-_HANDSHAKE_INSTANCE = (
+# into the session; run on the driver).
+_HANDSHAKE_INSTANCE = DriverStatement(
     select(
         _instances.c.status,
         _instances.c.client_commit_hash,
@@ -128,7 +128,7 @@ def handshake_host(
     _require_own_name(authenticated_instance, instance_name)
     now = now or utcnow()
     # Handshakes are rare: locking the row here is fine, and it orders us against drains and sweeps.
-    instance = session.execute(_HANDSHAKE_INSTANCE, {"p_instance_name": instance_name}).one()
+    instance = _HANDSHAKE_INSTANCE.execute(session, {"p_instance_name": instance_name}).one()
     if instance.status in RETIRED_STATUSES:
         status = instance.status
         _refuse(
@@ -467,13 +467,15 @@ def _upsert_heartbeat(session: Session, *, instance_name: str, now: datetime, me
     # on the instance, which never conflicts with the FOR NO KEY UPDATE locks that assignment holds.
     statement = _heartbeat_upsert(postgres=is_postgres(session), with_metrics=metrics is not None)
     values = {"p_instance_name": instance_name, "p_now": now, "p_metrics": metrics if metrics is not None else {}}
-    session.execute(statement, values)
+    if session.autoflush:
+        session.flush()  # as session.execute would
+    statement.execute(session, values)
 
 
 @functools.cache
-def _heartbeat_upsert(*, postgres: bool, with_metrics: bool) -> Insert:
-    """The heartbeats row's upsert, built once per dialect and form: without metrics (a handshake) a new row gets
-    empty ones and an existing row keeps its own."""
+def _heartbeat_upsert(*, postgres: bool, with_metrics: bool) -> DriverStatement:
+    """The heartbeats row's upsert, built once per dialect and form (run on the driver): without metrics (a
+    handshake) a new row gets empty ones and an existing row keeps its own."""
     dialect_insert = postgresql.insert if postgres else sqlite.insert
     statement = dialect_insert(_heartbeats).values(
         instance_name=bindparam("p_instance_name"),
@@ -483,7 +485,7 @@ def _heartbeat_upsert(*, postgres: bool, with_metrics: bool) -> Insert:
     changes = {"last_heartbeat_at": statement.excluded.last_heartbeat_at}
     if with_metrics:
         changes["metrics"] = statement.excluded.metrics
-    return statement.on_conflict_do_update(index_elements=[_heartbeats.c.instance_name], set_=changes)
+    return DriverStatement(statement.on_conflict_do_update(index_elements=[_heartbeats.c.instance_name], set_=changes))
 
 
 def get_mandelbox_for_host(session: Session, *, instance_name: str, mandelbox_id: uuid.UUID) -> HostMandelboxView:
