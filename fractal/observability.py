@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import sys
 import time
@@ -33,12 +33,18 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 # The version (4) and variant (RFC 4122) bits of a UUID4, as uuid.UUID(version=4) sets them.
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (4 << 76) | (0x8000 << 48)
+_random_bits = random.getrandbits
 
 
 def new_request_id() -> str:
     """A random UUID4 as 32 hex digits: what ``uuid.uuid4().hex`` gives, without building a UUID object (which
-    validates its arguments in Python: most of what a request id cost)."""
-    return "%032x" % ((int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET)
+    validates its arguments in Python: most of what a request id cost).
+
+    The bits come from ``random`` (Mersenne Twister, seeded from the OS), not ``os.urandom``: a request id
+    correlates log lines and answers, it guards nothing (a client may send its own), so it needs to be unique, not
+    unpredictable, and ``getrandbits`` spares a system call on every request. ``random`` reseeds itself in every
+    forked child (``os.register_at_fork``), so gunicorn's workers never draw the same sequence."""
+    return "%032x" % ((_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
 
 
 def redact_text(value: str) -> str:
@@ -217,7 +223,9 @@ def register_request_context(
     request gets its id, its metrics and its access line like any other.
 
     One before, one after and one teardown hook for all of it: Flask dispatches each hook on every request. The
-    hooks fetch the request object once and keep their state in its WSGI environ.
+    hooks fetch the request object once and keep their state in its WSGI environ. The id is sent back in
+    ``X-Request-ID`` by the app's WSGI wrapper (``request_guards.CloseAfterPayloadTooLarge``, which
+    ``create_app`` installs), from the environ.
     """
 
     @app.before_request
@@ -242,9 +250,7 @@ def register_request_context(
         if observer is not None:
             observer.finish(current, response.status_code)
         environ = current.environ
-        request_id = environ.get(REQUEST_ID_KEY)
-        if request_id:
-            response.headers[REQUEST_ID_HEADER] = request_id
+        # X-Request-ID is added to the answer's headers by the WSGI wrapper (request_guards.CloseAfterPayloadTooLarge).
         # One access line per request (gunicorn's access log is off): the bound context adds the request id
         # and, once authenticated, the user id or instance name. The query string is left out on purpose.
         if current.path not in _QUIET_PATHS:

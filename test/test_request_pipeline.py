@@ -58,6 +58,33 @@ def test_generated_request_ids_are_uuid4_hex(public_client: Any) -> None:
     assert uuid.UUID(hex=new_request_id()).hex != uuid.UUID(hex=new_request_id()).hex
 
 
+def test_every_answer_carries_its_request_id_once(
+    make_app: Callable[..., APIFlask], user_headers: Callable[..., dict[str, str]]
+) -> None:
+    """The id is sent by the app's WSGI wrapper, on answers the views, error handlers and werkzeug produce alike."""
+    app = make_app("public")
+
+    @app.get("/boom-id")
+    def boom() -> Any:
+        raise RuntimeError("unexpected")
+
+    client = app.test_client()
+    answers = {
+        200: client.get("/healthz", headers={"X-Request-ID": "req-ok-000001"}),
+        404: client.get("/no-such-path", headers={"X-Request-ID": "req-404-00001"}),
+        405: client.post("/healthz", headers={"X-Request-ID": "req-405-00001"}),
+        413: client.post(
+            "/mandelbox/assign",
+            data=b"x" * (2 * 1024 * 1024),
+            headers={**user_headers(), "X-Request-ID": "req-413-00001", "Content-Type": "application/json"},
+        ),
+        500: client.get("/boom-id", headers={"X-Request-ID": "req-500-00001"}),
+    }
+    for status, answer in answers.items():
+        assert answer.status_code == status, answer.get_data(as_text=True)
+        assert answer.headers.getlist("X-Request-ID") == [answer.request.headers["X-Request-ID"]]
+
+
 def test_access_line_fields_and_no_context_leak_between_requests(
     make_app: Callable[..., APIFlask], capsys: pytest.CaptureFixture[str]
 ) -> None:
