@@ -14,6 +14,7 @@ import structlog
 from apiflask import APIFlask
 from prometheus_client.parser import text_string_to_metric_families
 
+from fractal import observability
 from fractal.observability import new_request_id
 
 
@@ -114,6 +115,31 @@ def test_access_line_fields_and_no_context_leak_between_requests(
     }
     assert isinstance(second["duration_ms"], float | int) and second["duration_ms"] >= 0
     assert "user_id" not in second  # the first request's context ended with it
+    assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_the_request_context_is_structlogs_own(make_app: Callable[..., APIFlask]) -> None:
+    """The pipeline sets structlog's own variables: a view reads them with get_contextvars, rebinding one through
+    bind_contextvars replaces it, and the teardown unbinds every key, those bound by the view included."""
+    app = make_app("public")
+    seen: list[dict[str, Any]] = []
+
+    @app.get("/context")
+    def context() -> Any:
+        seen.append(structlog.contextvars.get_contextvars())
+        structlog.contextvars.bind_contextvars(path="/rebound", user_id="user-2")
+        seen.append(structlog.contextvars.get_contextvars())
+        return {}
+
+    client = app.test_client()
+    assert client.get("/context", headers={"X-Request-ID": "req-context-01"}).status_code == 200
+    assert seen == [
+        {"request_id": "req-context-01", "path": "/context", "method": "GET"},
+        {"request_id": "req-context-01", "path": "/rebound", "method": "GET", "user_id": "user-2"},
+    ]
+    assert structlog.contextvars.get_contextvars() == {}
+    structlog.contextvars.bind_contextvars(outside="a request")
+    observability.clear_log_context()
     assert structlog.contextvars.get_contextvars() == {}
 
 
