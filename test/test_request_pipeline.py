@@ -162,6 +162,27 @@ def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[.
             assert converted is not coroutine
 
 
+def test_a_view_apiflask_wrapped_is_called_without_its_wrapper(make_app: Callable[..., APIFlask]) -> None:
+    """APIFlask's wrapper only asks ensure_sync again and calls the view: ensure_sync answers that call at once."""
+    app = make_app("public")
+    registered = app.view_functions["health.healthz"]
+    view = registered.__wrapped__
+    assert registered is not view and getattr(registered, "_sync_ensured", False)
+    assert app.ensure_sync(registered) is view and app.ensure_sync(registered) is view
+    calls: list[dict[str, Any]] = []
+
+    @app.get("/wrapped/<name>")
+    @app.doc(summary="a view APIFlask wraps")
+    def wrapped(name: str) -> Any:
+        calls.append({"name": name, "app": flask.current_app._get_current_object()})
+        return {"name": name}
+
+    assert app.ensure_sync(app.view_functions["wrapped"]) is wrapped.__wrapped__  # type: ignore[attr-defined]
+    answer = app.test_client().get("/wrapped/abc")
+    assert answer.status_code == 200 and answer.json == {"name": "abc"}
+    assert calls == [{"name": "abc", "app": app}]
+
+
 class Unanswerable(BaseException):
     """Not an Exception: no error handler answers it, so it ends the request in the teardown hook."""
 
