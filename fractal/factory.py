@@ -193,8 +193,14 @@ class NoSessionInterface(SessionInterface):
 
     null_session_class = NoSession
 
+    def __init__(self) -> None:
+        # One for every request: it holds nothing and refuses every write, so there is nothing to keep apart, and
+        # building one (a SecureCookieSession, its callback dict) was work on every request. Its ``accessed`` flag
+        # may be set by a read; only save_session looks at it, and Flask never saves a null session.
+        self._session = NoSession()
+
     def open_session(self, app: Flask, request: Request) -> NoSession:
-        return NoSession()
+        return self._session
 
     def save_session(self, app: Flask, session: Any, response: Response) -> None:
         return None  # never called: Flask skips saving a null session
