@@ -7,6 +7,7 @@ from types import FunctionType, MethodType
 from typing import Any, NoReturn
 
 from apiflask import APIBlueprint, APIFlask
+from apiflask import scaffold as apiflask_scaffold
 from flask import Flask, Request, Response
 from flask.sessions import NullSession, SessionInterface
 from sqlalchemy import Engine
@@ -115,6 +116,23 @@ def configure_app(app: APIFlask, settings: Settings) -> None:
     app.session_interface = NoSessionInterface()
 
 
+def _apiflask_sync_wrapper_code() -> Any:
+    """The code of the wrapper APIFlask puts around a view its decorators (``doc``, ``input``, ``output``,
+    ``auth_required``) touch: ``current_app.ensure_sync(f)(*args, **kwargs)``; None if this APIFlask has none."""
+    wrap = getattr(apiflask_scaffold, "_ensure_sync", None)
+    if not callable(wrap):
+        return None
+
+    def probe() -> None:
+        return None
+
+    wrapped = wrap(probe)
+    return getattr(wrapped, "__code__", None) if wrapped is not probe else None
+
+
+_APIFLASK_SYNC_WRAPPER_CODE = _apiflask_sync_wrapper_code()
+
+
 class FractalFlask(APIFlask):
     """APIFlask, remembering ``ensure_sync``'s answer per function.
 
@@ -122,6 +140,11 @@ class FractalFlask(APIFlask):
     flag check, about a microsecond each): ten times per /healthz request, an eighth of its in-process profile.
     A function's kind never changes, so the answer is kept; only plain functions and methods are remembered, so
     the cache is bounded by the code, not by the traffic.
+
+    A view APIFlask wrapped (``_ensure_sync``: the wrapper looks ``current_app`` up and asks ``ensure_sync`` again
+    on every call, to call the view) is answered with what that wrapper would call, the view made sync: the same
+    function is called with the same arguments, without the wrapper's frame, proxy lookup and second question
+    (``/healthz``'s view, and any route whose outermost decorator is APIFlask's).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -132,12 +155,22 @@ class FractalFlask(APIFlask):
         try:
             return self._sync_callables[func]
         except KeyError:
-            sync = super().ensure_sync(func)
+            view = getattr(func, "__wrapped__", None) if _is_apiflask_sync_wrapper(func) else None
+            sync = self.ensure_sync(view) if view is not None else super().ensure_sync(func)
             if isinstance(func, FunctionType | MethodType):
                 self._sync_callables[func] = sync
             return sync
         except TypeError:  # unhashable: never remembered
             return super().ensure_sync(func)
+
+
+def _is_apiflask_sync_wrapper(func: Callable[..., Any]) -> bool:
+    return (
+        _APIFLASK_SYNC_WRAPPER_CODE is not None
+        and isinstance(func, FunctionType)
+        and func.__code__ is _APIFLASK_SYNC_WRAPPER_CODE
+        and callable(getattr(func, "__wrapped__", None))
+    )
 
 
 class NoSession(NullSession):
@@ -160,8 +193,14 @@ class NoSessionInterface(SessionInterface):
 
     null_session_class = NoSession
 
+    def __init__(self) -> None:
+        # One for every request: it holds nothing and refuses every write, so there is nothing to keep apart, and
+        # building one (a SecureCookieSession, its callback dict) was work on every request. Its ``accessed`` flag
+        # may be set by a read; only save_session looks at it, and Flask never saves a null session.
+        self._session = NoSession()
+
     def open_session(self, app: Flask, request: Request) -> NoSession:
-        return NoSession()
+        return self._session
 
     def save_session(self, app: Flask, session: Any, response: Response) -> None:
         return None  # never called: Flask skips saving a null session

@@ -75,7 +75,10 @@ def db_engine_or_session() -> Engine | Session:
 
 
 def close_db_session(_exc: BaseException | None = None) -> None:
-    session: Session | None = g.pop("db_session", None)
+    # The app context's namespace fetched once (werkzeug's documented way behind a proxy) and its attribute popped
+    # there: g.pop went through the proxy's attribute lookup and _AppCtxGlobals.pop on every request, most of which
+    # never open a session.
+    session: Session | None = vars(g._get_current_object()).pop("db_session", None)
     if session is not None:
         session.close()
 

@@ -205,3 +205,93 @@ def test_the_series_alerts_rate_exist_at_zero_before_anything_happens(admin_clie
     samples = scrape(admin_client)
     assert ("fractal_assignments_total", (("result", "NO_INSTANCE_AVAILABLE"),)) in samples
     assert ("fractal_reconcile_actions_total", (("action", "lost"),)) in samples
+
+
+_EQUAL_TO_THE_PUBLIC_API = r"""
+import json, os, sys, types
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from fractal import metrics
+
+multiprocess = metrics.multiprocess_mode()
+fast = CollectorRegistry()
+request_metrics = metrics.RequestMetrics(fast)
+public = CollectorRegistry()
+duration = Histogram("public_duration_seconds", "d", ("method", "url_rule", "status"), registry=public)
+total = Counter("public_total", "t", ("method", "status"), registry=public)
+# Every bucket's bound exactly, either side of each, zero, and past the last finite bound.
+bounds = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+durations = [0.0, 1e-9, 99.0] + [b + d for b in bounds for d in (-1e-9, 0.0, 1e-9)]
+now = [0.0]
+metrics.default_timer = lambda: now[0]
+for n, seconds in enumerate(durations):
+    status = 200 if n % 3 else 404
+    rule = types.SimpleNamespace(rule="/healthz") if n % 5 else None
+    current = types.SimpleNamespace(method="GET", url_rule=rule, path="/healthz", environ={})
+    request_metrics.start(current, 0.0)  # started at 0.0, so the duration is exactly ``seconds``
+    now[0] = seconds
+    request_metrics.finish(current, status)
+    duration.labels("GET", rule.rule if rule else "None", status).observe(seconds)
+    total.labels("GET", status).inc()
+
+
+def samples(registry, prefix):
+    if multiprocess:
+        from prometheus_client.multiprocess import MultiProcessCollector
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    out = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not sample.name.endswith("_created"):
+                name = sample.name[len(prefix):]
+                out[name + json.dumps(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+print(json.dumps([multiprocess, samples(fast, "flask_http_request_"), samples(public, "public_")]))
+"""
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single-process", "multiprocess"])
+def test_request_metrics_equal_the_public_api(multiprocess: bool, tmp_path: Any) -> None:
+    """RequestMetrics writes the histogram's and counter's values directly (fractal.metrics._observation): the
+    samples are those Histogram.observe and Counter.inc give for the same requests, bucket bounds included, in
+    both of prometheus_client's modes (chosen at its import, so each in a process of its own)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _EQUAL_TO_THE_PUBLIC_API], env=env, capture_output=True, text=True, check=True
+    )
+    mode, fast, public = json.loads(done.stdout.splitlines()[-1])
+    assert mode is multiprocess
+    assert {k: v for k, v in fast.items() if k.startswith(("duration_seconds", "total"))} == public
+    assert any(k.startswith("duration_seconds_bucket") and v > 0 for k, v in public.items())
+
+
+def test_request_metrics_fall_back_to_the_public_api_for_children_laid_out_otherwise() -> None:
+    """A child without the attributes _observation reads (another prometheus_client layout) is written through
+    its public observe and inc."""
+    from bisect import bisect_left
+
+    from fractal.metrics import _observation
+
+    seen: list[tuple[str, float]] = []
+
+    class Child:
+        def observe(self, amount: float) -> None:
+            seen.append(("observe", amount))
+
+        def inc(self, amount: float = 1) -> None:
+            seen.append(("inc", amount))
+
+    add_to_sum, bounds, add_to_bucket, add_to_total = _observation(Child(), Child())
+    add_to_sum(0.25)
+    add_to_bucket[bisect_left(bounds, 0.25)](1)
+    add_to_total(1)
+    assert seen == [("observe", 0.25), ("inc", 1)]

@@ -14,6 +14,7 @@ import structlog
 from apiflask import APIFlask
 from prometheus_client.parser import text_string_to_metric_families
 
+from fractal import observability
 from fractal.observability import new_request_id
 
 
@@ -58,6 +59,33 @@ def test_generated_request_ids_are_uuid4_hex(public_client: Any) -> None:
     assert uuid.UUID(hex=new_request_id()).hex != uuid.UUID(hex=new_request_id()).hex
 
 
+def test_every_answer_carries_its_request_id_once(
+    make_app: Callable[..., APIFlask], user_headers: Callable[..., dict[str, str]]
+) -> None:
+    """The id is sent by the app's WSGI wrapper, on answers the views, error handlers and werkzeug produce alike."""
+    app = make_app("public")
+
+    @app.get("/boom-id")
+    def boom() -> Any:
+        raise RuntimeError("unexpected")
+
+    client = app.test_client()
+    answers = {
+        200: client.get("/healthz", headers={"X-Request-ID": "req-ok-000001"}),
+        404: client.get("/no-such-path", headers={"X-Request-ID": "req-404-00001"}),
+        405: client.post("/healthz", headers={"X-Request-ID": "req-405-00001"}),
+        413: client.post(
+            "/mandelbox/assign",
+            data=b"x" * (2 * 1024 * 1024),
+            headers={**user_headers(), "X-Request-ID": "req-413-00001", "Content-Type": "application/json"},
+        ),
+        500: client.get("/boom-id", headers={"X-Request-ID": "req-500-00001"}),
+    }
+    for status, answer in answers.items():
+        assert answer.status_code == status, answer.get_data(as_text=True)
+        assert answer.headers.getlist("X-Request-ID") == [answer.request.headers["X-Request-ID"]]
+
+
 def test_access_line_fields_and_no_context_leak_between_requests(
     make_app: Callable[..., APIFlask], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -90,6 +118,31 @@ def test_access_line_fields_and_no_context_leak_between_requests(
     assert structlog.contextvars.get_contextvars() == {}
 
 
+def test_the_request_context_is_structlogs_own(make_app: Callable[..., APIFlask]) -> None:
+    """The pipeline sets structlog's own variables: a view reads them with get_contextvars, rebinding one through
+    bind_contextvars replaces it, and the teardown unbinds every key, those bound by the view included."""
+    app = make_app("public")
+    seen: list[dict[str, Any]] = []
+
+    @app.get("/context")
+    def context() -> Any:
+        seen.append(structlog.contextvars.get_contextvars())
+        structlog.contextvars.bind_contextvars(path="/rebound", user_id="user-2")
+        seen.append(structlog.contextvars.get_contextvars())
+        return {}
+
+    client = app.test_client()
+    assert client.get("/context", headers={"X-Request-ID": "req-context-01"}).status_code == 200
+    assert seen == [
+        {"request_id": "req-context-01", "path": "/context", "method": "GET"},
+        {"request_id": "req-context-01", "path": "/rebound", "method": "GET", "user_id": "user-2"},
+    ]
+    assert structlog.contextvars.get_contextvars() == {}
+    structlog.contextvars.bind_contextvars(outside="a request")
+    observability.clear_log_context()
+    assert structlog.contextvars.get_contextvars() == {}
+
+
 def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[..., APIFlask]) -> None:
     app = make_app("public")
 
@@ -107,6 +160,27 @@ def test_ensure_sync_is_remembered_for_plain_functions_only(make_app: Callable[.
             assert "async" in str(error)
         else:
             assert converted is not coroutine
+
+
+def test_a_view_apiflask_wrapped_is_called_without_its_wrapper(make_app: Callable[..., APIFlask]) -> None:
+    """APIFlask's wrapper only asks ensure_sync again and calls the view: ensure_sync answers that call at once."""
+    app = make_app("public")
+    registered = app.view_functions["health.healthz"]
+    view = registered.__wrapped__
+    assert registered is not view and getattr(registered, "_sync_ensured", False)
+    assert app.ensure_sync(registered) is view and app.ensure_sync(registered) is view
+    calls: list[dict[str, Any]] = []
+
+    @app.get("/wrapped/<name>")
+    @app.doc(summary="a view APIFlask wraps")
+    def wrapped(name: str) -> Any:
+        calls.append({"name": name, "app": flask.current_app._get_current_object()})
+        return {"name": name}
+
+    assert app.ensure_sync(app.view_functions["wrapped"]) is wrapped.__wrapped__  # type: ignore[attr-defined]
+    answer = app.test_client().get("/wrapped/abc")
+    assert answer.status_code == 200 and answer.json == {"name": "abc"}
+    assert calls == [{"name": "abc", "app": app}]
 
 
 class Unanswerable(BaseException):
