@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -107,9 +107,14 @@ def move(
     reason: str,
     now: datetime,
     row_detail: dict[str, dict[str, Any]] | None = None,
-    **values: Any,
+    values: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[ScalerAction]:
-    """One set-based instance move through the fleet's mover (which records the events), as report actions."""
+    """One set-based instance move through the fleet's mover (which records the events), as report actions.
+
+    ``values``: other columns written; ``params``: the values of ``where``'s and ``values``' bind parameters, which
+    makes them reusable (the pass's module-level conditions below: the UPDATE is built once, see ``move_instances``).
+    """
     moved = move_instances(
         session,
         where=where,
@@ -120,6 +125,7 @@ def move(
         detail={"action": action},
         row_detail=row_detail,
         now=now,
+        params=params,
     )
     return [ScalerAction(action, m.instance_name, m.region, m.client_commit_hash, {"reason": reason}) for m in moved]
 
@@ -184,25 +190,36 @@ def sweep(session: Session, *, settings: Settings, now: datetime) -> list[Scaler
 
 def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list[ScalerAction]:
     """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
-    boot_cutoff = now - timedelta(seconds=settings.boot_timeout_s)
-    booting = Instance.status == InstanceStatus.PRE_CONNECTION
-    retire = {
-        "lost": Instance.status == InstanceStatus.LOST,
-        "boot_timeout": and_(booting, Instance.created_at < boot_cutoff),
-        # Every launch of a pass is recorded before its lock is released; a marker left now means a pass crashed
-        # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
-        "launch_unconfirmed": and_(booting, Instance.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
-    }
+    bound = {"p_boot_cutoff": now - timedelta(seconds=settings.boot_timeout_s)}
     # Most passes have nothing to retire: one read (on the status index) says so, instead of three empty moves.
-    if session.execute(_ANY_TO_RETIRE, {"p_boot_cutoff": boot_cutoff}).first() is None:
+    if session.execute(_ANY_TO_RETIRE, bound).first() is None:
         return []
     actions: list[ScalerAction] = []
-    for reason, where in retire.items():
-        actions += move(session, where=where, to=InstanceStatus.TERMINATING, action="terminate", reason=reason, now=now)
+    for reason, where in _RETIRE.items():
+        actions += move(
+            session,
+            where=where,
+            to=InstanceStatus.TERMINATING,
+            action="terminate",
+            reason=reason,
+            now=now,
+            params=bound,
+        )
     return actions
 
 
 _instances = cast(Table, Instance.__table__)
+_BOOTING = _instances.c.status == InstanceStatus.PRE_CONNECTION
+# retire_hosts' moves, by reason, built once over the table's columns (``p_boot_cutoff`` bound per pass).
+_RETIRE: dict[str, ColumnElement[bool]] = {
+    "lost": _instances.c.status == InstanceStatus.LOST,
+    "boot_timeout": and_(
+        _BOOTING, _instances.c.created_at < bindparam("p_boot_cutoff", type_=_instances.c.created_at.type)
+    ),
+    # Every launch of a pass is recorded before its lock is released; a marker left now means a pass crashed
+    # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
+    "launch_unconfirmed": and_(_BOOTING, _instances.c.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
+}
 # Whether any row matches one of retire_hosts' moves (the same conditions, over the table's columns).
 _ANY_TO_RETIRE = (
     select(_instances.c.instance_name)
@@ -375,14 +392,36 @@ def drain(session: Session, fleet_plan: FleetPlan, *, now: datetime) -> list[Sca
         by_reason[drained.reason].append(drained.instance_name)
     actions: list[ScalerAction] = []
     for reason, names in sorted(by_reason.items()):
-        where: ColumnElement[bool] = Instance.instance_name.in_(names)
-        if reason is DrainReason.SPARE:
-            # Races assignment: assign locks the row and raises live_mandelboxes; this UPDATE re-evaluates
-            # live_mandelboxes = 0 on the newest row version, so a host that just got a user is never drained,
-            # and once drained (status <> ACTIVE) assign's own WHERE skips it.
-            where = and_(where, Instance.live_mandelboxes == 0)
-        actions += move(session, where=where, to=InstanceStatus.DRAINING, action="drain", reason=str(reason), now=now)
+        # A spare host's drain races assignment: assign locks the row and raises live_mandelboxes; this UPDATE
+        # re-evaluates live_mandelboxes = 0 on the newest row version, so a host that just got a user is never
+        # drained, and once drained (status <> ACTIVE) assign's own WHERE skips it.
+        where = _EMPTY_NAMED if reason is DrainReason.SPARE else _NAMED
+        actions += move(
+            session,
+            where=where,
+            to=InstanceStatus.DRAINING,
+            action="drain",
+            reason=str(reason),
+            now=now,
+            params={"p_names": names},
+        )
     return actions
+
+
+# The pass's moves by name, built once over the table's columns (the names an expanding parameter, ``p_names``):
+# building an UPDATE per move cost more than running it.
+_NAMED = _instances.c.instance_name.in_(bindparam("p_names", expanding=True))
+_EMPTY_NAMED = and_(_NAMED, _instances.c.live_mandelboxes == 0)
+_DRAINING_EMPTY = and_(_instances.c.status == InstanceStatus.DRAINING, _instances.c.live_mandelboxes == 0)
+_mandelboxes = cast(Table, Mandelbox.__table__)
+_BOXES_ON_NAMED = _mandelboxes.c.instance_name.in_(bindparam("p_names", expanding=True))
+# What a launch the cloud refused (or never got) writes besides TERMINATED, and what a confirmed-gone host does:
+# its live count back to zero, empty since ``p_now`` unless it was empty already.
+_NO_PROVIDER_ID: Mapping[str, Any] = {"cloud_provider_id": None}
+_GONE_VALUES: Mapping[str, Any] = {
+    "live_mandelboxes": 0,
+    "empty_since": func.coalesce(_instances.c.empty_since, bindparam("p_now", type_=_instances.c.empty_since.type)),
+}
 
 
 def terminate_drained(
@@ -401,11 +440,12 @@ def terminate_drained(
         return []
     return move(
         session,
-        where=and_(Instance.status == InstanceStatus.DRAINING, Instance.live_mandelboxes == 0),
+        where=_DRAINING_EMPTY,
         to=InstanceStatus.TERMINATING,
         action="terminate",
         reason="drained_empty",
         now=now,
+        params={},
     )
 
 
@@ -496,21 +536,23 @@ def launch(
         if names:  # no host exists: the row is finished at once (kept as history)
             result.actions += move(
                 session,
-                where=Instance.instance_name.in_(names),
+                where=_NAMED,
                 to=InstanceStatus.TERMINATED,
                 action="launch_failed" if reason == "launch_refused" else "launch_skipped",
                 reason=reason,
                 now=now,
-                cloud_provider_id=None,
+                values=_NO_PROVIDER_ID,
+                params={"p_names": names},
             )
     if unknown:  # keep the marker and let termination find the host by name
         result.actions += move(
             session,
-            where=Instance.instance_name.in_(unknown),
+            where=_NAMED,
             to=InstanceStatus.TERMINATING,
             action="terminate",
             reason="launch_unconfirmed",
             now=now,
+            params={"p_names": unknown},
         )
     session.commit()
     return result
@@ -569,22 +611,23 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     # counter is consistent before the row is finished.
     ended = move_mandelboxes(
         session,
-        where=Mandelbox.instance_name.in_(names),
+        where=_BOXES_ON_NAMED,
         to=MandelboxStatus.EXITED,
         reason=EndReason.INSTANCE_TERMINATED,
         actor=ACTOR,
         now=now,
+        params={"p_names": names},
     )
     result.actions += move(
         session,
-        where=Instance.instance_name.in_(names),
+        where=_NAMED,
         to=InstanceStatus.TERMINATED,
         action="terminated",
         reason="confirmed_gone",
         now=now,
         row_detail={name: {"cloud_provider_id": cloud_id} for name, cloud_id in gone.items()},
-        live_mandelboxes=0,
-        empty_since=func.coalesce(Instance.empty_since, now),
+        values=_GONE_VALUES,
+        params={"p_names": names, "p_now": now},
     )
     result.actions += [
         ScalerAction("mandelbox_ended", box.instance_name, detail={"mandelbox_id": str(box.mandelbox_id)})
