@@ -137,6 +137,9 @@ class LeadTimeCache:
         self._as_of: datetime | None = None
         self._medians: dict[str, float] = {}
         self._changed: set[str] | None = None  # regions to recompute (None: all)
+        # The samples a median is taken over (a region and a launch time known), by region: a recompute walks the
+        # changed regions' own, not every activation of the window.
+        self._by_region: defaultdict[str, dict[int, tuple[datetime, datetime]]] = defaultdict(dict)
 
     def lead_times(self, session: Session, *, now: datetime, regions: Sequence[str]) -> dict[str, float]:
         bounds = {"cutoff": now - timedelta(seconds=LEAD_TIME_WINDOW_S), "now": now}
@@ -149,6 +152,7 @@ class LeadTimeCache:
                 region = self._samples.pop(event_id)[0]
                 if region is not None:
                     changed.add(region)
+                    self._by_region[region].pop(event_id, None)
             self._changed = changed
             newer = _newer_read(session, _ACTIVATIONS_AFTER, _ACTIVATIONS_AFTER_BY_ID)
             self._add(session.execute(newer, {**bounds, "after": self._newest_id}))
@@ -171,19 +175,21 @@ class LeadTimeCache:
             self._samples[event_id] = (region, activated_at, launched_at)
             heapq.heappush(self._leaving, (activated_at, event_id))
             self._newest_id = max(self._newest_id, event_id)
+            if region is not None and launched_at is not None:
+                self._by_region[region][event_id] = (activated_at, launched_at)
             if region is not None and self._changed is not None:
                 self._changed.add(region)
 
     def _recompute(self) -> None:
         if self._changed is not None and not self._changed:
             return
-        by_region: dict[str, list[tuple[datetime, int, datetime]]] = defaultdict(list)
-        for event_id, (region, activated_at, launched_at) in self._samples.items():
-            if region is not None and launched_at is not None and (self._changed is None or region in self._changed):
-                by_region[region].append((activated_at, event_id, launched_at))
         for region in self._changed if self._changed is not None else list(self._medians):
             self._medians.pop(region, None)
-        for region, samples in by_region.items():
+        for region in sorted(self._changed if self._changed is not None else self._by_region):
+            held = self._by_region.get(region)
+            if not held:
+                continue
+            samples = [(activated_at, event_id, launched_at) for event_id, (activated_at, launched_at) in held.items()]
             newest = heapq.nlargest(LEAD_TIME_SAMPLES, samples)  # by activation time, then id: the newest
             leads = [max(0.0, (activated_at - launched_at).total_seconds()) for activated_at, _, launched_at in newest]
             self._medians[region] = statistics.median(leads)

@@ -255,24 +255,27 @@ def observe(
     ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
     and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``demand_cache``:
     what earlier passes read, see ``DemandCache``; None: read anew)."""
+    rows = session.execute(_IMAGES_READ).all()
+    waiting: dict[tuple[str, str], int] = {}
+    if now is not None and waiting_window_s > 0:
+        asks = demand_cache.asks if demand_cache is not None else None
+        waiting = waiting_users(session, now=now, window_s=waiting_window_s, cache=asks)
+    # Each image built once with its waiting users (a dataclass ``replace`` per image costs as much as building it).
     images = [
         ImageTarget(
-            region=row.region,
-            client_commit_hash=row.client_commit_hash,
-            ami_id=row.ami_id,
-            instance_type=row.instance_type,
-            mandelbox_capacity=row.mandelbox_capacity,
-            active=row.active,
-            target_free=row.target_free,
-            buffer_policy=BufferPolicy.from_dict(row.buffer_policy) if row.buffer_policy else None,
+            region=region,
+            client_commit_hash=commit,
+            ami_id=ami_id,
+            instance_type=instance_type,
+            mandelbox_capacity=capacity,
+            active=active,
+            target_free=target_free,
+            buffer_policy=BufferPolicy.from_dict(buffer_policy) if buffer_policy else None,
+            waiting=waiting.get((region, commit), 0),
         )
-        for row in session.execute(_IMAGES_READ)
+        for region, commit, ami_id, instance_type, capacity, active, target_free, buffer_policy in rows
     ]
     if now is not None:
-        asks = demand_cache.asks if demand_cache is not None else None
-        waiting = waiting_users(session, now=now, window_s=waiting_window_s, cache=asks) if waiting_window_s > 0 else {}
-        if waiting:
-            images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
         images = _with_demand(session, images, now=now, demand_cache=demand_cache)
     # All rows at once (the driver's fetchall, not a fetch per row), each row's values straight into a snapshot: the
     # fleet read's columns are InstanceSnapshot's fields in order, and the status column's type already gives the
