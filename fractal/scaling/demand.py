@@ -18,7 +18,10 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, select, union_all
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.operators import custom_op
 
+from fractal.database import is_postgres
 from fractal.errors import ErrorCode
 from fractal.events import EventKind
 from fractal.models import Event, Instance
@@ -134,6 +137,9 @@ class LeadTimeCache:
         self._as_of: datetime | None = None
         self._medians: dict[str, float] = {}
         self._changed: set[str] | None = None  # regions to recompute (None: all)
+        # The samples a median is taken over (a region and a launch time known), by region: a recompute walks the
+        # changed regions' own, not every activation of the window.
+        self._by_region: defaultdict[str, dict[int, tuple[datetime, datetime]]] = defaultdict(dict)
 
     def lead_times(self, session: Session, *, now: datetime, regions: Sequence[str]) -> dict[str, float]:
         bounds = {"cutoff": now - timedelta(seconds=LEAD_TIME_WINDOW_S), "now": now}
@@ -146,8 +152,10 @@ class LeadTimeCache:
                 region = self._samples.pop(event_id)[0]
                 if region is not None:
                     changed.add(region)
+                    self._by_region[region].pop(event_id, None)
             self._changed = changed
-            self._add(session.execute(_ACTIVATIONS_AFTER, {**bounds, "after": self._newest_id}))
+            newer = _newer_read(session, _ACTIVATIONS_AFTER, _ACTIVATIONS_AFTER_BY_ID)
+            self._add(session.execute(newer, {**bounds, "after": self._newest_id}))
             held = session.execute(_ACTIVATIONS_COUNT, bounds).scalar_one()
             if held != len(self._samples):
                 self._read_window(session, bounds)
@@ -167,19 +175,21 @@ class LeadTimeCache:
             self._samples[event_id] = (region, activated_at, launched_at)
             heapq.heappush(self._leaving, (activated_at, event_id))
             self._newest_id = max(self._newest_id, event_id)
+            if region is not None and launched_at is not None:
+                self._by_region[region][event_id] = (activated_at, launched_at)
             if region is not None and self._changed is not None:
                 self._changed.add(region)
 
     def _recompute(self) -> None:
         if self._changed is not None and not self._changed:
             return
-        by_region: dict[str, list[tuple[datetime, int, datetime]]] = defaultdict(list)
-        for event_id, (region, activated_at, launched_at) in self._samples.items():
-            if region is not None and launched_at is not None and (self._changed is None or region in self._changed):
-                by_region[region].append((activated_at, event_id, launched_at))
         for region in self._changed if self._changed is not None else list(self._medians):
             self._medians.pop(region, None)
-        for region, samples in by_region.items():
+        for region in sorted(self._changed if self._changed is not None else self._by_region):
+            held = self._by_region.get(region)
+            if not held:
+                continue
+            samples = [(activated_at, event_id, launched_at) for event_id, (activated_at, launched_at) in held.items()]
             newest = heapq.nlargest(LEAD_TIME_SAMPLES, samples)  # by activation time, then id: the newest
             leads = [max(0.0, (activated_at - launched_at).total_seconds()) for activated_at, _, launched_at in newest]
             self._medians[region] = statistics.median(leads)
@@ -200,44 +210,67 @@ class DemandCache:
         self.asks.clear()
 
 
-def _activations_read(*, after_id: bool) -> Select[Any]:
+def _activations_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
     """Activation events (id, time) of the window with their instance's region and launch time (None when the row
-    is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only)."""
+    is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only). ``by_id``: SQLite's
+    form that walks the id range (see ``_by_id``)."""
     return (
         select(events.c.id, events.c.created_at, instances.c.region, instances.c.created_at)
         .select_from(events)
         .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
         .where(
-            _in_activation_window(), *([events.c.id > bindparam("after", type_=events.c.id.type)] if after_id else [])
+            _in_activation_window(by_id=by_id),
+            *([events.c.id > bindparam("after", type_=events.c.id.type)] if after_id else []),
         )
     )
 
 
-def _in_activation_window() -> ColumnElement[bool]:
-    created_at = events.c.created_at
-    return and_(
-        events.c.kind == str(EventKind.INSTANCE_ACTIVATED),
-        created_at > bindparam("cutoff", type_=created_at.type),
-        created_at <= bindparam("now", type_=created_at.type),
+def _in_activation_window(*, by_id: bool = False) -> ColumnElement[bool]:
+    kind, created_at = (
+        (_by_id(events.c.kind), _by_id(events.c.created_at)) if by_id else (events.c.kind, events.c.created_at)
     )
+    return and_(
+        kind == str(EventKind.INSTANCE_ACTIVATED),
+        created_at > bindparam("cutoff", type_=events.c.created_at.type),
+        created_at <= bindparam("now", type_=events.c.created_at.type),
+    )
+
+
+def _by_id(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``+column``: on SQLite the same value and comparisons (a text column's and a timestamp's values are text
+    either way), but a term that no index can serve.
+
+    The caches' reads of the asks and activations newer than the newest held (every pass) are few rows past an id,
+    which SQLite (no statistics) would otherwise find by walking the whole window's rows on ``(kind, created_at)``
+    and sorting them: written this way, it walks the id range from ``after`` (a few hundred events a pass) instead.
+    Postgres plans these by its statistics and gets the plain form."""
+    return UnaryExpression(column, operator=custom_op("+"), type_=column.type)
 
 
 # The lead times' reads, built once (every pass runs two: building them cost more than running them).
 _ACTIVATIONS = _activations_read(after_id=False)
 _ACTIVATIONS_AFTER = _activations_read(after_id=True)
+_ACTIVATIONS_AFTER_BY_ID = _activations_read(after_id=True, by_id=True)
 _ACTIVATIONS_COUNT = select(func.count()).select_from(events).where(_in_activation_window())
+
+
+def _newer_read(session: Session, postgres_form: Select[Any], sqlite_form: Select[Any]) -> Select[Any]:
+    """The read of the rows newer than the newest held, in the session's backend's form (see ``_by_id``)."""
+    return postgres_form if is_postgres(session) else sqlite_form
 
 
 # waiting_users' read, built once (it runs every pass when no AskCache is kept): the window's assignments and
 # refusals, in order, as the AskCache reads them.
-def _asks_read(*, after_id: bool) -> Select[Any]:
+def _asks_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
     """The window's asks (assignments and refusals) in id order, with an assignment's instance's region and version
-    (None when the row is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only)."""
+    (None when the row is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only).
+    ``by_id``: SQLite's form that walks the id range (see ``_by_id``)."""
     created_at = events.c.created_at
+    when, kind = (_by_id(created_at), _by_id(events.c.kind)) if by_id else (created_at, events.c.kind)
     where = [
-        created_at > bindparam("cutoff", type_=created_at.type),
-        created_at <= bindparam("now", type_=created_at.type),
-        events.c.kind.in_(ASK_KINDS),
+        when > bindparam("cutoff", type_=created_at.type),
+        when <= bindparam("now", type_=created_at.type),
+        kind.in_(ASK_KINDS),
     ]
     if after_id:
         where.append(events.c.id > bindparam("after", type_=events.c.id.type))
@@ -261,6 +294,7 @@ def _asks_read(*, after_id: bool) -> Select[Any]:
 ASK_KINDS = (str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED))
 _ASKS_READ = _asks_read(after_id=False)
 _ASKS_AFTER_READ = _asks_read(after_id=True)
+_ASKS_AFTER_READ_BY_ID = _asks_read(after_id=True, by_id=True)
 _ASKS_COUNT = (
     select(func.count())
     .select_from(events)
@@ -389,7 +423,8 @@ class AskCache:
             self._forget(self._asks.pop(event_id))
         del self._order[:leaving]
         bounds = {"cutoff": cutoff, "now": now}
-        self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": self._newest_id}))
+        newer = _newer_read(session, _ASKS_AFTER_READ, _ASKS_AFTER_READ_BY_ID)
+        self._add(session.execute(newer, {**bounds, "after": self._newest_id}))
         held = self._window_count(session, bounds)
         if held != len(self._asks):
             ids = sorted(self._asks)

@@ -24,6 +24,8 @@ OCCUPYING_STATUSES = frozenset(
         InstanceStatus.LOST,
     }
 )
+# plan_fleet tests "not TERMINATED" by identity rather than membership in OCCUPYING_STATUSES: the same set.
+assert frozenset(InstanceStatus) - {InstanceStatus.TERMINATED} == OCCUPYING_STATUSES
 
 
 class DrainReason(enum.StrEnum):
@@ -280,26 +282,41 @@ def plan_fleet(
     (occupied machines of every version count, launches planned earlier in this pass too); drain spare empty hosts
     after the cool-down. Every ACTIVE or PRE_CONNECTION host whose version has no active image in its region drains.
     """
+    # One walk over the fleet: each (region, version)'s hosts, free slots (``free_slots``' sum, per key) and empty
+    # ACTIVE hosts with an idle time (the only ones ``spare_to_drain`` can choose, in fleet order), and each region's
+    # occupied machines. Statuses are compared by identity: a set lookup hashes the enum member in Python, once per
+    # host every pass.
     by_key: dict[tuple[str, str], list[InstanceSnapshot]] = defaultdict(list)
+    idle_by_key: dict[tuple[str, str], list[InstanceSnapshot]] = defaultdict(list)
+    free_by_key: Counter[tuple[str, str]] = Counter()
     occupied: Counter[str] = Counter()
+    active, booting, not_occupying = InstanceStatus.ACTIVE, InstanceStatus.PRE_CONNECTION, InstanceStatus.TERMINATED
     for instance in instances:
-        by_key[(instance.region, instance.client_commit_hash)].append(instance)
-        if instance.status in OCCUPYING_STATUSES:
+        key = (instance.region, instance.client_commit_hash)
+        by_key[key].append(instance)
+        status = instance.status
+        if status is active:
+            if instance.mandelbox_capacity > instance.live_mandelboxes:
+                free_by_key[key] += instance.mandelbox_capacity - instance.live_mandelboxes
+            if instance.live_mandelboxes == 0 and instance.idle_since is not None:
+                idle_by_key[key].append(instance)
+        elif status is booting:
+            free_by_key[key] += instance.mandelbox_capacity
+        if status is not not_occupying:
             occupied[instance.region] += 1
 
-    active = [image for image in images if image.active]
-    active_keys = {(image.region, image.client_commit_hash) for image in active}
+    active_images = [image for image in images if image.active]
+    active_keys = {(image.region, image.client_commit_hash) for image in active_images}
     launches: list[LaunchPlan] = []
     drains: list[DrainPlan] = []
     targets: dict[tuple[str, str], TargetDecision] = {}
-    for image in active:
+    for image in active_images:
         key = (image.region, image.client_commit_hash)
-        fleet = by_key.get(key, [])
         decision = decide_target(image, default_target_free, now=now)
         targets[key] = decision
         target = decision.target
         # Users retrying after a 503 will take free slots (booting ones included) before anyone new: not spare.
-        raw_free = free_slots(fleet, region=image.region, client_commit_hash=image.client_commit_hash)
+        raw_free = free_by_key[key]  # free_slots() of the key's hosts, summed in the walk above
         free = raw_free - image.waiting
         wanted = instances_needed(free=free, target_free=target, capacity_per_instance=image.mandelbox_capacity)
         if wanted > 0:
@@ -322,7 +339,7 @@ def plan_fleet(
             )
             continue
         for spare in spare_to_drain(
-            fleet, free=free, target_free=target, now=now, scale_down_delay_s=scale_down_delay_s
+            idle_by_key.get(key, []), free=free, target_free=target, now=now, scale_down_delay_s=scale_down_delay_s
         ):
             drains.append(DrainPlan(spare.instance_name, spare.region, spare.client_commit_hash, DrainReason.SPARE))
 

@@ -9,9 +9,10 @@ Every status change goes through the fleet's movers (which write the events); wh
 
 from __future__ import annotations
 
+import operator
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -106,9 +107,14 @@ def move(
     reason: str,
     now: datetime,
     row_detail: dict[str, dict[str, Any]] | None = None,
-    **values: Any,
+    values: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> list[ScalerAction]:
-    """One set-based instance move through the fleet's mover (which records the events), as report actions."""
+    """One set-based instance move through the fleet's mover (which records the events), as report actions.
+
+    ``values``: other columns written; ``params``: the values of ``where``'s and ``values``' bind parameters, which
+    makes them reusable (the pass's module-level conditions below: the UPDATE is built once, see ``move_instances``).
+    """
     moved = move_instances(
         session,
         where=where,
@@ -119,6 +125,7 @@ def move(
         detail={"action": action},
         row_detail=row_detail,
         now=now,
+        params=params,
     )
     return [ScalerAction(action, m.instance_name, m.region, m.client_commit_hash, {"reason": reason}) for m in moved]
 
@@ -183,25 +190,36 @@ def sweep(session: Session, *, settings: Settings, now: datetime) -> list[Scaler
 
 def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list[ScalerAction]:
     """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
-    boot_cutoff = now - timedelta(seconds=settings.boot_timeout_s)
-    booting = Instance.status == InstanceStatus.PRE_CONNECTION
-    retire = {
-        "lost": Instance.status == InstanceStatus.LOST,
-        "boot_timeout": and_(booting, Instance.created_at < boot_cutoff),
-        # Every launch of a pass is recorded before its lock is released; a marker left now means a pass crashed
-        # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
-        "launch_unconfirmed": and_(booting, Instance.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
-    }
+    bound = {"p_boot_cutoff": now - timedelta(seconds=settings.boot_timeout_s)}
     # Most passes have nothing to retire: one read (on the status index) says so, instead of three empty moves.
-    if session.execute(_ANY_TO_RETIRE, {"p_boot_cutoff": boot_cutoff}).first() is None:
+    if session.execute(_ANY_TO_RETIRE, bound).first() is None:
         return []
     actions: list[ScalerAction] = []
-    for reason, where in retire.items():
-        actions += move(session, where=where, to=InstanceStatus.TERMINATING, action="terminate", reason=reason, now=now)
+    for reason, where in _RETIRE.items():
+        actions += move(
+            session,
+            where=where,
+            to=InstanceStatus.TERMINATING,
+            action="terminate",
+            reason=reason,
+            now=now,
+            params=bound,
+        )
     return actions
 
 
 _instances = cast(Table, Instance.__table__)
+_BOOTING = _instances.c.status == InstanceStatus.PRE_CONNECTION
+# retire_hosts' moves, by reason, built once over the table's columns (``p_boot_cutoff`` bound per pass).
+_RETIRE: dict[str, ColumnElement[bool]] = {
+    "lost": _instances.c.status == InstanceStatus.LOST,
+    "boot_timeout": and_(
+        _BOOTING, _instances.c.created_at < bindparam("p_boot_cutoff", type_=_instances.c.created_at.type)
+    ),
+    # Every launch of a pass is recorded before its lock is released; a marker left now means a pass crashed
+    # between asking the cloud and recording the answer. We cannot know what the cloud did, so clean it up.
+    "launch_unconfirmed": and_(_BOOTING, _instances.c.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
+}
 # Whether any row matches one of retire_hosts' moves (the same conditions, over the table's columns).
 _ANY_TO_RETIRE = (
     select(_instances.c.instance_name)
@@ -237,29 +255,32 @@ def observe(
     ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
     and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``demand_cache``:
     what earlier passes read, see ``DemandCache``; None: read anew)."""
+    rows = session.execute(_IMAGES_READ).all()
+    waiting: dict[tuple[str, str], int] = {}
+    if now is not None and waiting_window_s > 0:
+        asks = demand_cache.asks if demand_cache is not None else None
+        waiting = waiting_users(session, now=now, window_s=waiting_window_s, cache=asks)
+    # Each image built once with its waiting users (a dataclass ``replace`` per image costs as much as building it).
     images = [
         ImageTarget(
-            region=row.region,
-            client_commit_hash=row.client_commit_hash,
-            ami_id=row.ami_id,
-            instance_type=row.instance_type,
-            mandelbox_capacity=row.mandelbox_capacity,
-            active=row.active,
-            target_free=row.target_free,
-            buffer_policy=BufferPolicy.from_dict(row.buffer_policy) if row.buffer_policy else None,
+            region=region,
+            client_commit_hash=commit,
+            ami_id=ami_id,
+            instance_type=instance_type,
+            mandelbox_capacity=capacity,
+            active=active,
+            target_free=target_free,
+            buffer_policy=BufferPolicy.from_dict(buffer_policy) if buffer_policy else None,
+            waiting=waiting.get((region, commit), 0),
         )
-        for row in session.execute(_IMAGES_READ)
+        for region, commit, ami_id, instance_type, capacity, active, target_free, buffer_policy in rows
     ]
     if now is not None:
-        asks = demand_cache.asks if demand_cache is not None else None
-        waiting = waiting_users(session, now=now, window_s=waiting_window_s, cache=asks) if waiting_window_s > 0 else {}
-        if waiting:
-            images = [replace(i, waiting=waiting.get((i.region, i.client_commit_hash), 0)) for i in images]
         images = _with_demand(session, images, now=now, demand_cache=demand_cache)
-    instances = [
-        InstanceSnapshot(name, region, commit, _STATUS_BY_VALUE[status], capacity, live, idle_since)
-        for name, region, commit, status, capacity, live, idle_since in session.execute(_FLEET_READ)
-    ]
+    # All rows at once (the driver's fetchall, not a fetch per row), each row's values straight into a snapshot: the
+    # fleet read's columns are InstanceSnapshot's fields in order, and the status column's type already gives the
+    # InstanceStatus member.
+    instances = list(map(_SNAPSHOT_OF_ROW, session.execute(_FLEET_READ).all()))
     return FleetSnapshot(images=images, instances=instances)
 
 
@@ -274,8 +295,8 @@ _IMAGES_READ = select(
     Image.target_free,
     Image.buffer_policy,
 ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
-# A dict lookup per fleet row rather than the enum's constructor (a measurable share of a pass at 1,000s of hosts).
-_STATUS_BY_VALUE: dict[str, InstanceStatus] = {str(status): status for status in InstanceStatus}
+# One fleet row -> its snapshot (the row's values in InstanceSnapshot's field order; see _FLEET_READ).
+_SNAPSHOT_OF_ROW: Callable[[Any], InstanceSnapshot] = InstanceSnapshot._make
 
 # The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
 # every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
@@ -374,14 +395,36 @@ def drain(session: Session, fleet_plan: FleetPlan, *, now: datetime) -> list[Sca
         by_reason[drained.reason].append(drained.instance_name)
     actions: list[ScalerAction] = []
     for reason, names in sorted(by_reason.items()):
-        where: ColumnElement[bool] = Instance.instance_name.in_(names)
-        if reason is DrainReason.SPARE:
-            # Races assignment: assign locks the row and raises live_mandelboxes; this UPDATE re-evaluates
-            # live_mandelboxes = 0 on the newest row version, so a host that just got a user is never drained,
-            # and once drained (status <> ACTIVE) assign's own WHERE skips it.
-            where = and_(where, Instance.live_mandelboxes == 0)
-        actions += move(session, where=where, to=InstanceStatus.DRAINING, action="drain", reason=str(reason), now=now)
+        # A spare host's drain races assignment: assign locks the row and raises live_mandelboxes; this UPDATE
+        # re-evaluates live_mandelboxes = 0 on the newest row version, so a host that just got a user is never
+        # drained, and once drained (status <> ACTIVE) assign's own WHERE skips it.
+        where = _EMPTY_NAMED if reason is DrainReason.SPARE else _NAMED
+        actions += move(
+            session,
+            where=where,
+            to=InstanceStatus.DRAINING,
+            action="drain",
+            reason=str(reason),
+            now=now,
+            params={"p_names": names},
+        )
     return actions
+
+
+# The pass's moves by name, built once over the table's columns (the names an expanding parameter, ``p_names``):
+# building an UPDATE per move cost more than running it.
+_NAMED = _instances.c.instance_name.in_(bindparam("p_names", expanding=True))
+_EMPTY_NAMED = and_(_NAMED, _instances.c.live_mandelboxes == 0)
+_DRAINING_EMPTY = and_(_instances.c.status == InstanceStatus.DRAINING, _instances.c.live_mandelboxes == 0)
+_mandelboxes = cast(Table, Mandelbox.__table__)
+_BOXES_ON_NAMED = _mandelboxes.c.instance_name.in_(bindparam("p_names", expanding=True))
+# What a launch the cloud refused (or never got) writes besides TERMINATED, and what a confirmed-gone host does:
+# its live count back to zero, empty since ``p_now`` unless it was empty already.
+_NO_PROVIDER_ID: Mapping[str, Any] = {"cloud_provider_id": None}
+_GONE_VALUES: Mapping[str, Any] = {
+    "live_mandelboxes": 0,
+    "empty_since": func.coalesce(_instances.c.empty_since, bindparam("p_now", type_=_instances.c.empty_since.type)),
+}
 
 
 def terminate_drained(
@@ -394,17 +437,22 @@ def terminate_drained(
     shows a DRAINING host. Only a drain makes one, and this pass's scaler is the only one; a host an operator
     drains meanwhile is terminated by the next pass, as if drained a moment later.
     """
-    draining = snapshot is None or any(i.status is InstanceStatus.DRAINING for i in snapshot.instances)
+    # ``in`` over the statuses compares in C (identity first), where a generator of ``is`` tests runs per host.
+    draining = snapshot is None or InstanceStatus.DRAINING in map(_STATUS_OF, snapshot.instances)
     if not draining and not drained:
         return []
     return move(
         session,
-        where=and_(Instance.status == InstanceStatus.DRAINING, Instance.live_mandelboxes == 0),
+        where=_DRAINING_EMPTY,
         to=InstanceStatus.TERMINATING,
         action="terminate",
         reason="drained_empty",
         now=now,
+        params={},
     )
+
+
+_STATUS_OF = operator.attrgetter("status")
 
 
 def launch(
@@ -491,21 +539,23 @@ def launch(
         if names:  # no host exists: the row is finished at once (kept as history)
             result.actions += move(
                 session,
-                where=Instance.instance_name.in_(names),
+                where=_NAMED,
                 to=InstanceStatus.TERMINATED,
                 action="launch_failed" if reason == "launch_refused" else "launch_skipped",
                 reason=reason,
                 now=now,
-                cloud_provider_id=None,
+                values=_NO_PROVIDER_ID,
+                params={"p_names": names},
             )
     if unknown:  # keep the marker and let termination find the host by name
         result.actions += move(
             session,
-            where=Instance.instance_name.in_(unknown),
+            where=_NAMED,
             to=InstanceStatus.TERMINATING,
             action="terminate",
             reason="launch_unconfirmed",
             now=now,
+            params={"p_names": unknown},
         )
     session.commit()
     return result
@@ -564,22 +614,23 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     # counter is consistent before the row is finished.
     ended = move_mandelboxes(
         session,
-        where=Mandelbox.instance_name.in_(names),
+        where=_BOXES_ON_NAMED,
         to=MandelboxStatus.EXITED,
         reason=EndReason.INSTANCE_TERMINATED,
         actor=ACTOR,
         now=now,
+        params={"p_names": names},
     )
     result.actions += move(
         session,
-        where=Instance.instance_name.in_(names),
+        where=_NAMED,
         to=InstanceStatus.TERMINATED,
         action="terminated",
         reason="confirmed_gone",
         now=now,
         row_detail={name: {"cloud_provider_id": cloud_id} for name, cloud_id in gone.items()},
-        live_mandelboxes=0,
-        empty_since=func.coalesce(Instance.empty_since, now),
+        values=_GONE_VALUES,
+        params={"p_names": names, "p_now": now},
     )
     result.actions += [
         ScalerAction("mandelbox_ended", box.instance_name, detail={"mandelbox_id": str(box.mandelbox_id)})
