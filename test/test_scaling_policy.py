@@ -155,3 +155,12 @@ def test_every_instance_of_an_inactive_image_drains() -> None:
     result = plan([image(active=False)], hosts, target=10)
     assert result.launches == ()
     assert sorted(d.instance_name for d in result.drains) == sorted(h.instance_name for h in hosts[:2] + hosts[3:])
+
+
+def test_every_status_but_terminated_occupies_a_machine() -> None:
+    """plan_fleet counts occupied machines as "not TERMINATED" (by identity, the hot path): that must be exactly
+    OCCUPYING_STATUSES, also when a status is added."""
+    from fractal.models import InstanceStatus
+    from fractal.scaling.policy import OCCUPYING_STATUSES
+
+    assert frozenset(InstanceStatus) - {InstanceStatus.TERMINATED} == OCCUPYING_STATUSES
