@@ -23,6 +23,8 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
 
+from fractal.database import DriverStatement
+
 
 def utcnow() -> datetime:
     """The calling process's clock, timezone-aware UTC."""
@@ -150,12 +152,12 @@ def virtual_clock_ddl(statement: str) -> str:
 
 
 # Built once: building the statement cost more than running it (every scaler pass and sweep reads the clock).
-_DATABASE_NOW = select(db_now())
+_DATABASE_NOW = DriverStatement(select(db_now()))
 
 
 def database_now(session: Session) -> datetime:
     """The database's "now" (one round trip), for a pass that compares many stored times with one instant."""
-    value = session.execute(_DATABASE_NOW).scalar_one()
+    value = _DATABASE_NOW.execute(session).scalar_one()
     assert isinstance(value, datetime)
     return value
 

@@ -6,14 +6,14 @@ import json
 import weakref
 import zlib
 from collections import namedtuple
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Boolean, Engine, String, TypeDecorator, bindparam, create_engine, event, text
+from sqlalchemy import Boolean, Engine, String, TypeDecorator, bindparam, create_engine, event, or_, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError, MultipleResultsFound, NoResultFound, StatementError
@@ -325,8 +325,18 @@ class DriverResult:
     rows: Sequence[Any]
     rowcount: int
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def all(self) -> Sequence[Any]:
+        return self.rows
+
     def first(self) -> Any | None:
         return self.rows[0] if self.rows else None
+
+    def scalar_one(self) -> Any:
+        """The one row's first column; SQLAlchemy's NoResultFound or MultipleResultsFound otherwise."""
+        return self.one()[0]
 
     def scalar(self) -> Any:
         """The first row's first column, None when there is no row."""
@@ -339,12 +349,19 @@ class DriverResult:
         return self.rows[0]
 
 
+_CALLER: Any = object()  # a parameter whose value the caller gives
+
+
+def _processed(process: Callable[[Any], Any] | None, value: Any) -> Any:
+    return value if process is None else process(value)
+
+
 class _DriverForm:
     """A statement compiled for one dialect: its SQL, how the caller's values become the driver's parameters (the
     types' own bind processors, in the dialect's parameter style), and, once the first answer names its columns,
     how the driver's values become the columns' types (their result processors)."""
 
-    __slots__ = ("binds", "columns", "defaults", "positional", "processors", "row_class", "sql")
+    __slots__ = ("binds", "columns", "positional", "processors", "row_class", "sql")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         compiled = cast(ClauseElement, statement).compile(dialect=dialect)
@@ -352,22 +369,45 @@ class _DriverForm:
             raise TypeError(f"not a SQL statement: {statement!r}")
         if compiled.insert_prefetch or compiled.update_prefetch:
             raise ValueError("a DriverStatement cannot run Python-side column defaults: give every value")
-        if compiled.literal_execute_params or compiled.post_compile_params:
+        late = compiled.literal_execute_params | compiled.post_compile_params
+        if any(bind.required for bind in late):
             raise ValueError("a DriverStatement cannot expand parameters (IN lists) per call")
-        self.sql = compiled.string
+        if any(bind.callable is not None for bind in compiled.binds.values()):
+            raise ValueError("a DriverStatement cannot evaluate callable bind values")
+        caller = {name for name, bind in compiled.binds.items() if bind.required}
+        types = {name: bind.type for name, bind in compiled.binds.items()}
+        if late:
+            # IN lists of constants (``status IN ('ACTIVE', 'DRAINING')``): rendered once, here, with their values,
+            # as SQLAlchemy renders them at every execution. The caller's values are not needed for that.
+            expanded = compiled.construct_expanded_state(dict.fromkeys(caller))
+            self.sql = expanded.statement
+            names = list(expanded.positiontup or ()) if dialect.positional else list(expanded.parameters)
+            constants = {name: value for name, value in expanded.parameters.items() if name not in caller}
+            for bind in late:  # an expanded value is named after its list: <list's name>_<n>
+                base = compiled.bind_names[bind]
+                types.update({name: bind.type for name in constants if name.rpartition("_")[0] == base})
+        else:
+            self.sql = compiled.string
+            names = list(compiled.positiontup or ()) if dialect.positional else list(compiled.binds)
+            constants = {name: bind.value for name, bind in compiled.binds.items() if name not in caller}
         self.positional = dialect.positional
-        names = list(compiled.positiontup or ()) if self.positional else list(compiled.binds)
+        processors = {name: types[name].dialect_impl(dialect).bind_processor(dialect) for name in names}
+        # Each parameter: its name, its type's processor, and its value when the statement holds it (processed
+        # once, here); _CALLER when the caller gives it.
         self.binds = tuple(
-            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+            (name, processors[name], _CALLER if name in caller else _processed(processors[name], constants[name]))
+            for name in names
         )
-        self.defaults = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
         self.columns = _result_columns(statement)
         self.row_class: Any = None
         self.processors: tuple[Callable[[Any], Any] | None, ...] = ()
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
-        merged = {**self.defaults, **values} if self.defaults else values
-        converted = [(name, merged[name] if process is None else process(merged[name])) for name, process in self.binds]
+        # The statement's own value unless the caller gives one, as SQLAlchemy's execution does.
+        converted = [
+            (name, constant if constant is not _CALLER and name not in values else _processed(process, values[name]))
+            for name, process, constant in self.binds
+        ]
         return tuple(value for _, value in converted) if self.positional else dict(converted)
 
     def describe(self, description: Sequence[Any], dialect: Dialect) -> None:
@@ -435,8 +475,14 @@ class DriverStatement:
         return form
 
     def execute(self, bind: Session | Connection, values: Mapping[str, Any] | None = None) -> DriverResult:
-        """Run the statement with ``values`` (by bind parameter name) in ``bind``'s transaction."""
-        connection = bind.connection() if isinstance(bind, Session) else bind
+        """Run the statement with ``values`` (by bind parameter name) in ``bind``'s transaction; a session's pending
+        changes are flushed first when it autoflushes, as its ``execute`` would."""
+        if isinstance(bind, Session):
+            if bind.autoflush:
+                bind.flush()  # nothing to write (the common case) returns at once
+            connection = bind.connection()
+        else:
+            connection = bind
         values = values or {}
         dialect = connection.dialect
         dispatch = connection.dispatch
@@ -543,6 +589,13 @@ class _InValues(ColumnElement[bool]):
     def __init__(self, column: ColumnElement[Any], bind: BindParameter[Any]) -> None:
         self.column = column
         self.bind = bind
+
+
+def one_of(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
+    """``column`` equals one of the constant ``values``, written as equalities (in sorted order): an IN list of
+    constants is rendered anew by SQLAlchemy at every execution and cannot run as a ``DriverStatement``; both
+    backends plan the two forms alike."""
+    return or_(*(column == value for value in sorted(values)))
 
 
 def in_values(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:

@@ -212,3 +212,18 @@ def test_a_statement_compiles_for_each_engine_of_its_own() -> None:
     finally:
         virtual.dispose()
         plain.dispose()
+
+
+def test_constant_in_lists_are_rendered_once_and_caller_lists_refused(session: Session) -> None:
+    for kind in ("test.a", "test.b", "test.c"):
+        _insert(session, "driver-constants", kind=kind)
+    of_two = select(_events.c.kind).where(
+        _events.c.actor == bindparam("p_actor"), _events.c.kind.in_(["test.a", "test.c"])
+    )
+    rows = DriverStatement(of_two).execute(session, {"p_actor": "driver-constants"}).rows
+    assert type(rows[0]).__name__ == "DriverRow"  # on the driver, the constants rendered into its SQL
+    assert sorted(row.kind for row in rows) == ["test.a", "test.c"]
+    # Without strict, what the driver cannot run (here a list the caller gives) runs through SQLAlchemy's path.
+    callers = select(_events.c.kind).where(_events.c.kind.in_(bindparam("kinds", expanding=True)))
+    loose = DriverStatement(callers, strict=False).execute(session, {"kinds": ["test.b"]}).rows
+    assert [row.kind for row in loose] == ["test.b"]

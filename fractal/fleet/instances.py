@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
 from fractal.clock import db_now
-from fractal.database import DriverStatement, ReusableStatements
+from fractal.database import DriverStatement, ReusableStatements, one_of
 from fractal.errors import ConflictError, InvalidTransitionError, NotFoundError
 from fractal.events import EventKind, record_event, record_events
 from fractal.models import Instance, InstanceStatus
@@ -194,8 +194,7 @@ def _move_statement(
     stamp = bindparam("move_now", type_=_instances.c.status_changed_at.type) if has_now else db_now()
     return (
         update(_instances)
-        # Equalities rather than an IN list (whose values SQLAlchemy renders per execution): a DriverStatement.
-        .where(and_(where, or_(*(_instances.c.status == status for status in sorted(allowed)))))
+        .where(and_(where, one_of(_instances.c.status, allowed)))  # equalities: it can run as a DriverStatement
         .values(status=to, status_changed_at=stamp, **(values or {}))
         .returning(
             _instances.c.instance_name,

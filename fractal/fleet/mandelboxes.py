@@ -27,7 +27,6 @@ from sqlalchemy import (
     case,
     func,
     insert,
-    or_,
     select,
     text,
     update,
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import Executable
 
 from fractal.clock import as_utc, db_now
-from fractal.database import DriverStatement, ReusableStatements, in_values, run_in_own_transaction
+from fractal.database import DriverStatement, ReusableStatements, in_values, one_of, run_in_own_transaction
 from fractal.errors import UserAlreadyActiveError
 from fractal.events import EventKind, record_event, record_events
 from fractal.fleet.instances import instance_lock
@@ -232,11 +231,10 @@ def _stamp(has_now: bool) -> ColumnElement[Any]:
 def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStatements:
     # "Not EXITED" adds nothing (no move starts from EXITED) but lets SQLite use the live-mandelbox indexes, which
     # are partial on it: without it, a move by instance read every mandelbox ever made (Postgres infers it).
-    # The allowed statuses as equalities rather than an IN list, whose values SQLAlchemy renders per execution: the
-    # statement then runs as a DriverStatement (same rows, same plans).
+    # The allowed statuses as equalities (one_of), so that the statement can run as a DriverStatement.
     selection = and_(
         where,
-        or_(*(_mandelboxes.c.status == status for status in sorted(shape.allowed))),
+        one_of(_mandelboxes.c.status, shape.allowed),
         _mandelboxes.c.status != MandelboxStatus.EXITED,
     )
     lock = None

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
 from fractal.config import Settings
-from fractal.database import try_advisory_xact_lock
+from fractal.database import DriverStatement, one_of, try_advisory_xact_lock
 from fractal.events import EventKind
 from fractal.fleet.instances import move_instances
 from fractal.fleet.mandelboxes import move_mandelboxes
@@ -58,12 +58,12 @@ def _last_seen() -> Any:
 # running them). Binds ``cutoff``.
 # Lock the silent rows in name order and skip rows an assign is holding right now: that host is judged again next
 # pass. Locking re-checks the status on the newest version. Instances first: the fleet's lock order.
-_SILENT_HOSTS = (
+_SILENT_HOSTS = DriverStatement(
     select(_instances.c.instance_name, _instances.c.status, _last_seen().label("last_seen"))
     .select_from(_instances)
     .outerjoin(_heartbeats, _heartbeats.c.instance_name == _instances.c.instance_name)
     .where(
-        _instances.c.status.in_(WATCHED_STATUSES),
+        one_of(_instances.c.status, WATCHED_STATUSES),
         _last_seen() < bindparam("cutoff", type_=_instances.c.status_changed_at.type),
     )
     .order_by(_instances.c.instance_name)
@@ -72,11 +72,11 @@ _SILENT_HOSTS = (
 # Whether any mandelbox is stuck (ALLOCATED or DYING since before ``cutoff``): most passes have none, and one read
 # on the live index says so instead of two empty moves. "Not EXITED" is what the live-mandelbox indexes are partial
 # on: saying it lets the planner walk those (the live boxes) instead of every mandelbox ever made.
-_ANY_STUCK = (
+_ANY_STUCK = DriverStatement(
     select(_mandelboxes.c.mandelbox_id)
     .where(
         _mandelboxes.c.status != MandelboxStatus.EXITED,
-        _mandelboxes.c.status.in_([MandelboxStatus.ALLOCATED, MandelboxStatus.DYING]),
+        one_of(_mandelboxes.c.status, [MandelboxStatus.ALLOCATED, MandelboxStatus.DYING]),
         _mandelboxes.c.status_changed_at < bindparam("cutoff", type_=_mandelboxes.c.status_changed_at.type),
     )
     .limit(1)
@@ -90,7 +90,7 @@ def mark_silent_hosts_lost(session: Session, *, host_timeout_s: float, now: date
     """
     now = now or database_now(session)
     cutoff = now - timedelta(seconds=host_timeout_s)
-    silent = session.execute(_SILENT_HOSTS, {"cutoff": cutoff}).all()
+    silent = _SILENT_HOSTS.execute(session, {"cutoff": cutoff}).all()
     if not silent:
         return []
     names = [row.instance_name for row in silent]
@@ -138,7 +138,7 @@ def release_unclaimed_mandelboxes(
     """
     now = now or database_now(session)
     cutoff = now - timedelta(seconds=connect_timeout_s)
-    if session.execute(_ANY_STUCK, {"cutoff": cutoff}).first() is None:
+    if _ANY_STUCK.execute(session, {"cutoff": cutoff}).first() is None:
         return []
     stuck = Mandelbox.status_changed_at < cutoff  # (move_mandelboxes adds the statuses and "not EXITED")
     unclaimed = move_mandelboxes(

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
 
-from fractal.database import is_postgres
+from fractal.database import DriverStatement, is_postgres
 from fractal.errors import ErrorCode
 from fractal.events import EventKind
 from fractal.models import Event, Instance
@@ -155,8 +155,8 @@ class LeadTimeCache:
                     self._by_region[region].pop(event_id, None)
             self._changed = changed
             newer = _newer_read(session, _ACTIVATIONS_AFTER, _ACTIVATIONS_AFTER_BY_ID)
-            self._add(session.execute(newer, {**bounds, "after": self._newest_id}))
-            held = session.execute(_ACTIVATIONS_COUNT, bounds).scalar_one()
+            self._add(newer.execute(session, {**bounds, "after": self._newest_id}))
+            held = _ACTIVATIONS_COUNT.execute(session, bounds).scalar_one()
             if held != len(self._samples):
                 self._read_window(session, bounds)
         self._as_of = now
@@ -166,7 +166,7 @@ class LeadTimeCache:
     def _read_window(self, session: Session, bounds: dict[str, datetime]) -> None:
         self.clear()
         self.reads += 1
-        self._add(session.execute(_ACTIVATIONS, bounds))
+        self._add(_ACTIVATIONS.execute(session, bounds))
 
     def _add(self, rows: Iterable[Any]) -> None:
         for event_id, activated_at, region, launched_at in rows:
@@ -248,13 +248,13 @@ def _by_id(column: ColumnElement[Any]) -> ColumnElement[Any]:
 
 
 # The lead times' reads, built once (every pass runs two: building them cost more than running them).
-_ACTIVATIONS = _activations_read(after_id=False)
-_ACTIVATIONS_AFTER = _activations_read(after_id=True)
-_ACTIVATIONS_AFTER_BY_ID = _activations_read(after_id=True, by_id=True)
-_ACTIVATIONS_COUNT = select(func.count()).select_from(events).where(_in_activation_window())
+_ACTIVATIONS = DriverStatement(_activations_read(after_id=False))
+_ACTIVATIONS_AFTER = DriverStatement(_activations_read(after_id=True))
+_ACTIVATIONS_AFTER_BY_ID = DriverStatement(_activations_read(after_id=True, by_id=True))
+_ACTIVATIONS_COUNT = DriverStatement(select(func.count()).select_from(events).where(_in_activation_window()))
 
 
-def _newer_read(session: Session, postgres_form: Select[Any], sqlite_form: Select[Any]) -> Select[Any]:
+def _newer_read(session: Session, postgres_form: DriverStatement, sqlite_form: DriverStatement) -> DriverStatement:
     """The read of the rows newer than the newest held, in the session's backend's form (see ``_by_id``)."""
     return postgres_form if is_postgres(session) else sqlite_form
 
@@ -292,10 +292,10 @@ def _asks_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
 
 
 ASK_KINDS = (str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED))
-_ASKS_READ = _asks_read(after_id=False)
-_ASKS_AFTER_READ = _asks_read(after_id=True)
-_ASKS_AFTER_READ_BY_ID = _asks_read(after_id=True, by_id=True)
-_ASKS_COUNT = (
+_ASKS_READ = DriverStatement(_asks_read(after_id=False))
+_ASKS_AFTER_READ = DriverStatement(_asks_read(after_id=True))
+_ASKS_AFTER_READ_BY_ID = DriverStatement(_asks_read(after_id=True, by_id=True))
+_ASKS_COUNT = DriverStatement(
     select(func.count())
     .select_from(events)
     .where(
@@ -357,7 +357,7 @@ def waiting_users(
     ``cache``: the asks earlier passes read (``AskCache``); None: the window is read anew."""
     if cache is not None and cache.refresh(session, now=now, window_s=window_s):
         return count_waiting(cache.asks_since(now - timedelta(seconds=window_s)))
-    rows = session.execute(_ASKS_READ, {"cutoff": now - timedelta(seconds=window_s), "now": now})
+    rows = _ASKS_READ.execute(session, {"cutoff": now - timedelta(seconds=window_s), "now": now})
     return count_waiting(Ask.from_row(row) for row in rows)
 
 
@@ -424,12 +424,12 @@ class AskCache:
         del self._order[:leaving]
         bounds = {"cutoff": cutoff, "now": now}
         newer = _newer_read(session, _ASKS_AFTER_READ, _ASKS_AFTER_READ_BY_ID)
-        self._add(session.execute(newer, {**bounds, "after": self._newest_id}))
+        self._add(newer.execute(session, {**bounds, "after": self._newest_id}))
         held = self._window_count(session, bounds)
         if held != len(self._asks):
             ids = sorted(self._asks)
             tail_floor = ids[-self.TAIL_IDS] if len(ids) >= self.TAIL_IDS else 0
-            self._add(session.execute(_ASKS_AFTER_READ, {**bounds, "after": tail_floor - 1}))
+            self._add(_ASKS_AFTER_READ.execute(session, {**bounds, "after": tail_floor - 1}))
             if held != len(self._asks):
                 return self._read_window(session, now)
         if held > self.MAX_HELD:
@@ -458,7 +458,7 @@ class AskCache:
         if self._window_count(session, bounds) > self.MAX_HELD:
             return self._give_up()
         self.reads += 1
-        self._add(session.execute(_ASKS_READ, bounds))
+        self._add(_ASKS_READ.execute(session, bounds))
         self._as_of = now
         return True
 
@@ -468,7 +468,7 @@ class AskCache:
         return False
 
     def _window_count(self, session: Session, bounds: dict[str, datetime]) -> int:
-        return int(session.execute(_ASKS_COUNT, bounds).scalar_one())
+        return int(_ASKS_COUNT.execute(session, bounds).scalar_one())
 
     def _add(self, rows: Iterable[Any]) -> None:
         for row in rows:

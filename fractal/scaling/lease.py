@@ -30,7 +30,6 @@ from typing import cast
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
-    Executable,
     Integer,
     String,
     Table,
@@ -45,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fractal.clock import db_now
-from fractal.database import is_postgres
+from fractal.database import DriverStatement, is_postgres
 from fractal.models import Lease
 
 __all__ = [
@@ -90,7 +89,7 @@ def acquire_lease(session: Session, *, name: str, holder: str, ttl_s: float) -> 
     The same holder renews (same token); a free or expired lease is taken with the token plus one. Commits.
     """
     upsert = _acquire_statement(is_postgres(session), ttl_s)
-    token = session.execute(upsert, {"lease_name": name, "lease_holder": holder}).scalar()
+    token = upsert.execute(session, {"lease_name": name, "lease_holder": holder}).scalar()
     session.commit()
     return LeaseToken(name, holder, int(token), ttl_s) if token is not None else None
 
@@ -118,7 +117,7 @@ def _bound(token: LeaseToken) -> dict[str, object]:
 
 
 @functools.lru_cache(maxsize=8)
-def _acquire_statement(on_postgres: bool, ttl_s: float) -> Executable:
+def _acquire_statement(on_postgres: bool, ttl_s: float) -> DriverStatement:
     dialect_insert = postgresql.insert if on_postgres else sqlite.insert
     statement = dialect_insert(_leases).values(
         name=_NAME, holder=_HOLDER, fencing_token=1, acquired_at=db_now(live=True), expires_at=db_now(ttl_s, live=True)
@@ -126,25 +125,29 @@ def _acquire_statement(on_postgres: bool, ttl_s: float) -> Executable:
     current = statement.excluded
     lease = _leases.c
     renewing = and_(lease.holder == _HOLDER, lease.expires_at > db_now(live=True))
-    return statement.on_conflict_do_update(
-        index_elements=[lease.name],
-        set_={
-            "holder": current.holder,
-            "fencing_token": _if(renewing, lease.fencing_token, lease.fencing_token + 1),
-            "acquired_at": _if(renewing, lease.acquired_at, current.acquired_at),
-            "expires_at": current.expires_at,
-        },
-        where=(lease.holder == _HOLDER) | (lease.expires_at <= db_now(live=True)),
-    ).returning(lease.fencing_token)
+    return DriverStatement(
+        statement.on_conflict_do_update(
+            index_elements=[lease.name],
+            set_={
+                "holder": current.holder,
+                "fencing_token": _if(renewing, lease.fencing_token, lease.fencing_token + 1),
+                "acquired_at": _if(renewing, lease.acquired_at, current.acquired_at),
+                "expires_at": current.expires_at,
+            },
+            where=(lease.holder == _HOLDER) | (lease.expires_at <= db_now(live=True)),
+        ).returning(lease.fencing_token)
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _renew_statement(ttl_s: float) -> Executable:
-    return update(_leases).where(_HELD).values(expires_at=db_now(ttl_s, live=True)).returning(_leases.c.fencing_token)
+def _renew_statement(ttl_s: float) -> DriverStatement:
+    return DriverStatement(
+        update(_leases).where(_HELD).values(expires_at=db_now(ttl_s, live=True)).returning(_leases.c.fencing_token)
+    )
 
 
-_FENCE = select(_leases.c.fencing_token).where(_HELD).with_for_update(read=True)
-_RELEASE = (
+_FENCE = DriverStatement(select(_leases.c.fencing_token).where(_HELD).with_for_update(read=True))
+_RELEASE = DriverStatement(
     update(_leases)
     .where(_leases.c.name == _NAME, _leases.c.holder == _HOLDER, _leases.c.fencing_token == _TOKEN)
     .values(expires_at=db_now(live=True))
@@ -184,7 +187,7 @@ def check_lease(session: Session, token: LeaseToken) -> float:
     lease holds, and one the caller was too stalled to send in time is not sent at all.
     """
     sent = time.monotonic()
-    renewed = session.execute(_renew_statement(token.ttl_s), _bound(token)).scalar()
+    renewed = _renew_statement(token.ttl_s).execute(session, _bound(token)).scalar()
     session.commit()
     if renewed is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
@@ -199,12 +202,12 @@ def fence(session: Session, token: LeaseToken) -> None:
     so no successor can take the lease while the transaction records; and a stale leader's transaction stops here,
     before it writes anything. Neither commits nor rolls back: on LeaseLost the caller's transaction is abandoned.
     """
-    held = session.execute(_FENCE, _bound(token)).scalar()
+    held = _FENCE.execute(session, _bound(token)).scalar()
     if held is None:
         raise LeaseLost(f"the {token.name} lease (token {token.fencing_token}) is no longer held by {token.holder}")
 
 
 def release_lease(session: Session, token: LeaseToken) -> None:
     """Give the lease up at once (a clean shutdown), so the next replica need not wait for it to expire. Commits."""
-    session.execute(_RELEASE, _bound(token))
+    _RELEASE.execute(session, _bound(token))
     session.commit()

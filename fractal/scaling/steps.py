@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
 from fractal.config import Settings
+from fractal.database import DriverStatement, in_values
 from fractal.events import EventKind, record_events
 from fractal.fleet.instances import NewInstance, insert_instances, move_instances
 from fractal.fleet.mandelboxes import move_mandelboxes
@@ -192,7 +193,7 @@ def retire_hosts(session: Session, *, settings: Settings, now: datetime) -> list
     """LOST hosts, hosts that never shook hands, and launches a crashed pass left unconfirmed → TERMINATING."""
     bound = {"p_boot_cutoff": now - timedelta(seconds=settings.boot_timeout_s)}
     # Most passes have nothing to retire: one read (on the status index) says so, instead of three empty moves.
-    if session.execute(_ANY_TO_RETIRE, bound).first() is None:
+    if _ANY_TO_RETIRE.execute(session, bound).first() is None:
         return []
     actions: list[ScalerAction] = []
     for reason, where in _RETIRE.items():
@@ -221,7 +222,7 @@ _RETIRE: dict[str, ColumnElement[bool]] = {
     "launch_unconfirmed": and_(_BOOTING, _instances.c.cloud_provider_id.startswith(PENDING_PREFIX, autoescape=True)),
 }
 # Whether any row matches one of retire_hosts' moves (the same conditions, over the table's columns).
-_ANY_TO_RETIRE = (
+_ANY_TO_RETIRE = DriverStatement(
     select(_instances.c.instance_name)
     .where(
         or_(
@@ -255,7 +256,7 @@ def observe(
     ``now``, the users waiting after a 503 per image (refused in the last ``waiting_window_s``; 0: none counted),
     and for images with a demand-aware buffer policy the recent arrivals and launch lead times (``demand_cache``:
     what earlier passes read, see ``DemandCache``; None: read anew)."""
-    rows = session.execute(_IMAGES_READ).all()
+    rows = _IMAGES_READ.execute(session).all()
     waiting: dict[tuple[str, str], int] = {}
     if now is not None and waiting_window_s > 0:
         asks = demand_cache.asks if demand_cache is not None else None
@@ -280,42 +281,46 @@ def observe(
     # All rows at once (the driver's fetchall, not a fetch per row), each row's values straight into a snapshot: the
     # fleet read's columns are InstanceSnapshot's fields in order, and the status column's type already gives the
     # InstanceStatus member.
-    instances = list(map(_SNAPSHOT_OF_ROW, session.execute(_FLEET_READ).all()))
+    instances = list(map(_SNAPSHOT_OF_ROW, _FLEET_READ.execute(session).all()))
     return FleetSnapshot(images=images, instances=instances)
 
 
 # Every image, newest first per region (built once, like the fleet read below).
-_IMAGES_READ = select(
-    Image.region,
-    Image.client_commit_hash,
-    Image.ami_id,
-    Image.instance_type,
-    Image.mandelbox_capacity,
-    Image.active,
-    Image.target_free,
-    Image.buffer_policy,
-).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
+_IMAGES_READ = DriverStatement(
+    select(
+        Image.region,
+        Image.client_commit_hash,
+        Image.ami_id,
+        Image.instance_type,
+        Image.mandelbox_capacity,
+        Image.active,
+        Image.target_free,
+        Image.buffer_policy,
+    ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
+)
 # One fleet row -> its snapshot (the row's values in InstanceSnapshot's field order; see _FLEET_READ).
 _SNAPSHOT_OF_ROW: Callable[[Any], InstanceSnapshot] = InstanceSnapshot._make
 
 # The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
 # every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
 # other rows' timestamps are not fetched and parsed.
-_FLEET_READ = select(
-    _instances.c.instance_name,
-    _instances.c.region,
-    _instances.c.client_commit_hash,
-    _instances.c.status,
-    _instances.c.mandelbox_capacity,
-    _instances.c.live_mandelboxes,
-    case(
-        (
-            and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
-            func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+_FLEET_READ = DriverStatement(
+    select(
+        _instances.c.instance_name,
+        _instances.c.region,
+        _instances.c.client_commit_hash,
+        _instances.c.status,
+        _instances.c.mandelbox_capacity,
+        _instances.c.live_mandelboxes,
+        case(
+            (
+                and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
+                func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+            ),
+            else_=None,
         ),
-        else_=None,
-    ),
-).where(_instances.c.status.in_(NOT_TERMINATED))
+    ).where(_instances.c.status.in_(NOT_TERMINATED))
+)
 
 
 def _with_demand(
@@ -411,13 +416,13 @@ def drain(session: Session, fleet_plan: FleetPlan, *, now: datetime) -> list[Sca
     return actions
 
 
-# The pass's moves by name, built once over the table's columns (the names an expanding parameter, ``p_names``):
-# building an UPDATE per move cost more than running it.
-_NAMED = _instances.c.instance_name.in_(bindparam("p_names", expanding=True))
+# The pass's moves by name, built once over the table's columns (the names one list parameter, ``p_names``, so that
+# the movers run them as DriverStatements): building an UPDATE per move cost more than running it.
+_NAMED = in_values(_instances.c.instance_name, "p_names")
 _EMPTY_NAMED = and_(_NAMED, _instances.c.live_mandelboxes == 0)
 _DRAINING_EMPTY = and_(_instances.c.status == InstanceStatus.DRAINING, _instances.c.live_mandelboxes == 0)
 _mandelboxes = cast(Table, Mandelbox.__table__)
-_BOXES_ON_NAMED = _mandelboxes.c.instance_name.in_(bindparam("p_names", expanding=True))
+_BOXES_ON_NAMED = in_values(_mandelboxes.c.instance_name, "p_names")
 # What a launch the cloud refused (or never got) writes besides TERMINATED, and what a confirmed-gone host does:
 # its live count back to zero, empty since ``p_now`` unless it was empty already.
 _NO_PROVIDER_ID: Mapping[str, Any] = {"cloud_provider_id": None}
@@ -587,7 +592,7 @@ def _new_instance(plan: LaunchPlan, namer: Callable[[LaunchPlan], str] | None = 
 def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime, lease: LeaseToken) -> CloudStepResult:
     """Terminate every TERMINATING host and mark TERMINATED those the cloud confirms gone, region by region."""
     result = CloudStepResult()
-    rows = session.execute(_TERMINATING_READ).all()
+    rows = _TERMINATING_READ.execute(session).all()
     # End the read before asking the cloud (describe/terminate may take many seconds with retries): an open
     # transaction idle that long is ended by the server (FRACTAL_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS). The leader
     # lock, not this transaction, keeps other passes away from these rows.
@@ -640,7 +645,7 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
 
 
 # terminate_in_cloud's read, built once (it runs every pass).
-_TERMINATING_READ = (
+_TERMINATING_READ = DriverStatement(
     select(
         _instances.c.instance_name, _instances.c.region, _instances.c.cloud_provider_id, _instances.c.status_changed_at
     )
