@@ -411,9 +411,11 @@ class _DriverForm:
         return tuple(value for _, value in converted) if self.positional else dict(converted)
 
     def describe(self, description: Sequence[Any], dialect: Dialect) -> None:
-        """Name the rows' columns and choose their processors from the first answer's ``cursor.description``."""
+        """Name the rows' columns and choose their processors from the first answer's ``cursor.description``.
+
+        ``row_class`` is set last: it is what tells a concurrent caller (a threaded worker) that the form is
+        described, so it must never see the row class without the processors."""
         names = [column[0] for column in description]
-        self.row_class = namedtuple("DriverRow", names, rename=True)  # type: ignore[misc]
         if len(self.columns) == len(names):
             self.processors = tuple(
                 column.type.dialect_impl(dialect).result_processor(dialect, entry[1])
@@ -421,6 +423,7 @@ class _DriverForm:
             )
         else:  # SQL text without declared columns, or an INSERT's implicit RETURNING: the driver's values as they are
             self.processors = (None,) * len(names)
+        self.row_class = namedtuple("DriverRow", names, rename=True)  # type: ignore[misc]
 
 
 def _result_columns(statement: object) -> tuple[Any, ...]:
@@ -600,7 +603,7 @@ def one_of(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[b
 
 def in_values(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     """``column IN (the list passed as parameter name)``, written so that the statement's text does not depend on
-    the list's length: ``= ANY(CAST(:name AS type[]))`` on Postgres, ``IN (SELECT value FROM json_each(:name))`` on
+    the list's length: ``= ANY(:name::type[])`` on Postgres, ``IN (SELECT value FROM json_each(:name))`` on
     SQLite. An expanding IN renders (and SQLite prepares) the statement anew for every length, and cannot run as a
     ``DriverStatement``; this can. Both forms use the column's index."""
     return _InValues(column, bindparam(name, type_=_ValueList(column.type)))

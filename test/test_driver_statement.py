@@ -14,6 +14,7 @@ from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, te
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from fractal.clock import db_now
 from fractal.config import Settings
 from fractal.database import DriverStatement, create_db_engine, create_session_factory, in_values
 from fractal.models import Base, Event, Mandelbox
@@ -197,7 +198,7 @@ def test_a_statement_compiles_for_each_engine_of_its_own() -> None:
     own compiled form (the clock compiles differently), not the first one's."""
     from sqlalchemy import create_engine
 
-    from fractal.clock import attach_virtual_clock, db_now
+    from fractal.clock import attach_virtual_clock
 
     instant = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     now = DriverStatement(select(db_now()))
@@ -227,3 +228,39 @@ def test_constant_in_lists_are_rendered_once_and_caller_lists_refused(session: S
     callers = select(_events.c.kind).where(_events.c.kind.in_(bindparam("kinds", expanding=True)))
     loose = DriverStatement(callers, strict=False).execute(session, {"kinds": ["test.b"]}).rows
     assert [row.kind for row in loose] == ["test.b"]
+
+
+def test_threads_first_running_one_statement_together_all_get_typed_rows(settings: Settings) -> None:
+    """A threaded worker's first requests may run a statement's first execution at once: every thread gets its rows
+    processed (no thread sees the rows' shape before their processors)."""
+    import threading
+
+    engine = create_db_engine(settings)
+    factory = create_session_factory(engine)
+    failures: list[BaseException] = []
+    try:
+        for _ in range(10):
+            statement = DriverStatement(select(db_now(), bindparam("p_id", type_=_events.c.mandelbox_id.type)))
+            wanted = uuid.uuid4()
+            start = threading.Barrier(8)
+
+            def run(
+                statement: DriverStatement = statement, wanted: uuid.UUID = wanted, start: threading.Barrier = start
+            ) -> None:
+                try:
+                    with factory() as session:
+                        start.wait()
+                        row = statement.execute(session, {"p_id": wanted}).one()
+                        assert isinstance(row[0], datetime) and row[0].tzinfo is not None
+                        assert row[1] == wanted
+                except BaseException as error:  # reported below, from the test's thread
+                    failures.append(error)
+
+            threads = [threading.Thread(target=run) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+        assert failures == []
+    finally:
+        engine.dispose()
