@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 import zlib
 from collections import namedtuple
@@ -446,9 +447,10 @@ class DriverStatement:
     transaction (the session's connection, begun and bounded as usual), and the driver's errors are raised as
     SQLAlchemy's, a lost connection invalidated, so they get the same answers as on any route.
 
-    What it does not do: expand IN lists, run Python-side column defaults (both refused when compiled), or fire the
-    engine's cursor events. When anything listens to those (the tests that count or EXPLAIN statements), the
-    statement runs through SQLAlchemy's own path instead, so every statement is still seen.
+    What it does not do: expand IN lists, run Python-side column defaults (both refused when compiled), fire the
+    engine's cursor events or write SQLAlchemy's SQL log. When anything listens to those events (the tests that
+    count or EXPLAIN statements) or the SQL log is on (an operator debugging), the statement runs through
+    SQLAlchemy's own path instead, so every statement is still seen and logged.
     """
 
     __slots__ = ("_forms", "statement", "strict")
@@ -488,9 +490,8 @@ class DriverStatement:
             connection = bind
         values = values or {}
         dialect = connection.dialect
-        dispatch = connection.dispatch
         form = self.compiled_for(dialect)
-        if form is None or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+        if form is None or _seen_by_sqlalchemy(connection):
             result = connection.execute(self.statement, values)
             return DriverResult(result.all() if result.returns_rows else (), result.rowcount)
         parameters = form.parameters(values)
@@ -528,9 +529,8 @@ class DriverStatement:
             return
         connection = bind.connection() if isinstance(bind, Session) else bind
         dialect = connection.dialect
-        dispatch = connection.dispatch
         form = self.compiled_for(dialect) if dialect.name == "sqlite" else None
-        if form is None or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+        if form is None or _seen_by_sqlalchemy(connection):
             connection.execute(self.statement, list(rows))
             return
         parameters = [form.parameters(row) for row in rows]
@@ -541,6 +541,18 @@ class DriverStatement:
             raise _driver_error(connection, form.sql, parameters, error, cursor) from error
         finally:
             cursor.close()
+
+
+def _seen_by_sqlalchemy(connection: Connection) -> bool:
+    """Whether something watches this connection's statements through SQLAlchemy: a listener of its cursor events,
+    or its SQL log (``sqlalchemy.engine`` at INFO, or ``echo``). Then a DriverStatement takes SQLAlchemy's path, so
+    that what they watch still sees (and logs, with its parameters) every statement."""
+    dispatch = connection.dispatch
+    return bool(
+        dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or connection.engine.logger.isEnabledFor(logging.INFO)
+    )
 
 
 def _driver_error(connection: Connection, sql: str, parameters: Any, error: Exception, cursor: Any) -> StatementError:

@@ -264,3 +264,31 @@ def test_threads_first_running_one_statement_together_all_get_typed_rows(setting
         assert failures == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_with_sqlalchemys_sql_log_on_every_statement_is_logged(
+    backend: str, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who turns on SQLAlchemy's SQL log (``sqlalchemy.engine`` at INFO) sees the driver's statements
+    too: they take SQLAlchemy's path while it is on (SQLAlchemy logs on connections made after it was turned on)."""
+    import logging
+
+    url = settings.database_url if backend == "postgres" else "sqlite:///:memory:"
+    engine = create_db_engine(Settings(**{**settings.model_dump(), "database_url": url}))
+    if backend == "sqlite":
+        Base.metadata.create_all(engine)
+    engine_logger = logging.getLogger("sqlalchemy.engine")
+    previous = engine_logger.level
+    engine_logger.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"), Session(engine) as session:
+            mandelbox_id = _insert(session, "driver-logged")
+            rows = _READ_EVENTS.execute(session, {"p_actor": "driver-logged"}).rows
+            session.rollback()
+    finally:
+        engine_logger.setLevel(previous)
+        engine.dispose()
+    assert [row.mandelbox_id for row in rows] == [mandelbox_id]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "INSERT INTO events" in logged and "FROM events" in logged
