@@ -68,7 +68,8 @@ DELETABLE = 20_000
 TOKENS_PER_S = 2500
 TOKENS_PER_S_QUICK = 2000  # the floor reaches ~1,300 req/s in a quick phase on a quiet machine
 WRK_THREADS = 2
-PHASES = (
+# The phases of the interleaved rounds (in the table's order), then the two measured separately.
+ROUND_PHASES = (
     "bare",
     "healthz",
     "ref_assign",
@@ -77,9 +78,8 @@ PHASES = (
     "ref_heartbeat",
     "heartbeat",
     "heartbeat_floor",
-    "scarce",
-    "mixed",
 )
+PHASES = (*ROUND_PHASES, "scarce", "mixed")
 # Phases that send assigns, so need the minted tokens.
 _ASSIGN_PHASES = frozenset({"ref_assign", "assign", "floor", "scarce", "mixed"})
 
@@ -411,20 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             }
 
     totals = {name: Totals(runs) for name, runs in results.items()}
-    table: list[tuple[str, Totals]] = [
-        (name, totals[name])
-        for name in (
-            "bare",
-            "healthz",
-            "ref_assign",
-            "assign",
-            "floor",
-            "ref_heartbeat",
-            "heartbeat",
-            "heartbeat_floor",
-        )
-        if name in totals
-    ]
+    table: list[tuple[str, Totals]] = [(name, totals[name]) for name in ROUND_PHASES if name in totals]
     if ref_scarce is not None and scarce is not None:
         table += [("ref_scarce", Totals([ref_scarce])), ("scarce", Totals([scarce]))]
     if mixed_public_result is not None and mixed_host_result is not None:
