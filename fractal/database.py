@@ -631,3 +631,36 @@ def _in_values_postgres(element: _InValues, compiler: SQLCompiler, **kw: Any) ->
 def _in_values_json(element: _InValues, compiler: SQLCompiler, **kw: Any) -> str:
     column, values = compiler.process(element.column, **kw), compiler.process(element.bind, **kw)
     return f"{column} IN (SELECT value FROM json_each({values}))"  # noqa: S608 (compiled SQL, no values)
+
+
+class _SqliteUnindexed(ColumnElement[T]):
+    """``column``, which SQLite's planner may not serve from an index (``sqlite_unindexed``)."""
+
+    __visit_name__ = "fractal_sqlite_unindexed"
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: ColumnElement[T]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+def sqlite_unindexed(column: ColumnElement[T]) -> ColumnElement[T]:
+    """``column``, written ``+column`` on SQLite: the same value and comparisons (unary plus changes no value), but
+    a term no index can serve; as is on other backends.
+
+    SQLite has no statistics on these databases, so it takes any index a term allows, even one that walks a large
+    part of a table: a term that only re-checks a row found otherwise (a mover's allowed statuses beside the rows'
+    names) or that a narrower range serves better (an id range rather than a time window) is written this way.
+    Postgres plans by its statistics and gets the plain column."""
+    return _SqliteUnindexed(column)
+
+
+@compiles(_SqliteUnindexed, "sqlite")
+def _sqlite_unindexed_sqlite(element: _SqliteUnindexed[Any], compiler: SQLCompiler, **kw: Any) -> str:
+    return f"+{compiler.process(element.column, **kw)}"
+
+
+@compiles(_SqliteUnindexed)
+def _sqlite_unindexed_plain(element: _SqliteUnindexed[Any], compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)

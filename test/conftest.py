@@ -23,6 +23,7 @@ from fractal.config import Settings, normalise_database_url
 from fractal.database import SessionFactory, create_db_engine
 from fractal.factory import create_app
 from fractal.migrations import alembic_config, run_alembic  # noqa: F401 (re-exported for tests)
+from fractal.models import Base
 from test.factories import Factories
 from test.processes import three_shells  # noqa: F401 (a session fixture: one stack shared by its tests)
 from test.servers import aws_env, moto_endpoint, smtp_server, starttls_smtp_server  # noqa: F401 (fixtures)
@@ -102,6 +103,21 @@ def db(session_factory: SessionFactory) -> Iterator[Session]:
     session = session_factory()
     yield session
     session.close()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def session_on_each_backend(request: pytest.FixtureRequest) -> Iterator[Session]:
+    """A session on each backend, rolled back afterwards (Postgres: the test's outer transaction; SQLite: a
+    database in memory, with the schema of the model)."""
+    if request.param == "postgres":
+        yield request.getfixturevalue("db")
+        return
+    settings: Settings = request.getfixturevalue("settings")
+    engine = create_db_engine(Settings(**{**settings.model_dump(), "database_url": "sqlite:///:memory:"}))
+    Base.metadata.create_all(engine)
+    with Session(engine) as sqlite_session:
+        yield sqlite_session
+    engine.dispose()
 
 
 @pytest.fixture

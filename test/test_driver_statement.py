@@ -5,7 +5,6 @@ transaction; it refuses what it cannot do; and anything listening to the cursor 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -43,18 +42,9 @@ _RENAME_KIND = DriverStatement(
 )
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def session(request: pytest.FixtureRequest) -> Iterator[Session]:
-    """A session on each backend, rolled back afterwards (Postgres: the test's outer transaction)."""
-    if request.param == "postgres":
-        yield request.getfixturevalue("db")
-        return
-    settings: Settings = request.getfixturevalue("settings")
-    engine = create_db_engine(Settings(**{**settings.model_dump(), "database_url": "sqlite:///:memory:"}))
-    Base.metadata.create_all(engine)
-    with Session(engine) as sqlite_session:
-        yield sqlite_session
-    engine.dispose()
+@pytest.fixture
+def session(session_on_each_backend: Session) -> Session:
+    return session_on_each_backend
 
 
 def _insert(session: Session, actor: str, kind: str = "test.before", **detail: Any) -> uuid.UUID:

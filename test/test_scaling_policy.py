@@ -6,9 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fractal.models import InstanceStatus
 from fractal.scaling.policy import (
+    BusyHosts,
     DrainReason,
     ImageTarget,
     InstanceSnapshot,
@@ -164,3 +167,62 @@ def test_every_status_but_terminated_occupies_a_machine() -> None:
     from fractal.scaling.policy import OCCUPYING_STATUSES
 
     assert frozenset(InstanceStatus) - {InstanceStatus.TERMINATED} == OCCUPYING_STATUSES
+
+
+# --- busy hosts summed (the scaler's fleet read) --------------------------------------------------------------
+
+_fleet_host = st.builds(
+    lambda status, region, commit, cap, live, idle_min: (status, region, commit, cap, min(live, cap + 1), idle_min),
+    st.sampled_from(list(S)),
+    st.sampled_from(["us-east-1", "eu-west-1"]),
+    st.sampled_from(["v1", "v2", "v3"]),
+    st.integers(1, 6),
+    st.integers(0, 7),  # up to one over capacity: a host's count is what it reports
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fleet=st.lists(_fleet_host, max_size=30),
+    active=st.sets(st.sampled_from([(r, c) for r in ("us-east-1", "eu-west-1") for c in ("v1", "v2", "v3")])),
+    target=st.integers(0, 12),
+    max_per_region=st.integers(0, 12),
+)
+def test_busy_hosts_summed_give_the_plan_they_give_one_by_one(
+    fleet: list[tuple[Any, ...]], active: set[tuple[str, str]], target: int, max_per_region: int
+) -> None:
+    """The fleet read sums the busy ACTIVE hosts of active images (``BusyHosts``) instead of reading them one by one:
+    whatever the fleet, plan_fleet gives the same launches, drains and targets either way."""
+    images = [
+        image(region=r, client_commit_hash=c, active=(r, c) in active)
+        for r in ("us-east-1", "eu-west-1")
+        for c in ("v1", "v2", "v3")
+    ]
+    hosts = [
+        host(
+            status,
+            live,
+            cap,
+            region=region,
+            client_commit_hash=commit,
+            idle_since=NOW - timedelta(minutes=idle) if status is S.ACTIVE and live == 0 else None,
+        )
+        for status, region, commit, cap, live, idle in fleet
+    ]
+
+    def summed(h: InstanceSnapshot) -> bool:
+        return h.status is S.ACTIVE and h.live_mandelboxes > 0 and (h.region, h.client_commit_hash) in active
+
+    groups: dict[tuple[str, str], list[InstanceSnapshot]] = {}
+    for h in hosts:
+        if summed(h):
+            groups.setdefault((h.region, h.client_commit_hash), []).append(h)
+    busy = [
+        BusyHosts(r, c, len(members), sum(max(0, m.mandelbox_capacity - m.live_mandelboxes) for m in members))
+        for (r, c), members in groups.items()
+    ]
+    options = {"target": target, "max_instances_per_region": max_per_region}
+    one_by_one = plan(images, hosts, **options)
+    with_groups = plan(images, [h for h in hosts if not summed(h)], busy=busy, **options)
+    assert with_groups == one_by_one

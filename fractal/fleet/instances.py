@@ -21,7 +21,7 @@ from sqlalchemy.sql.dml import ReturningUpdate
 
 from fractal.auth.hosts import generate_host_secret, hash_host_secret
 from fractal.clock import db_now
-from fractal.database import DriverStatement, ReusableStatements, one_of
+from fractal.database import DriverStatement, ReusableStatements, one_of, sqlite_unindexed
 from fractal.errors import ConflictError, InvalidTransitionError, NotFoundError
 from fractal.events import EventKind, record_event, record_events
 from fractal.models import Instance, InstanceStatus
@@ -194,7 +194,9 @@ def _move_statement(
     stamp = bindparam("move_now", type_=_instances.c.status_changed_at.type) if has_now else db_now()
     return (
         update(_instances)
-        .where(and_(where, one_of(_instances.c.status, allowed)))  # equalities: it can run as a DriverStatement
+        # The allowed statuses as equalities (it can run as a DriverStatement), a re-check of the rows ``where``
+        # finds: on SQLite no index serves it, or SQLite walks every ACTIVE host's row for a move by name.
+        .where(and_(where, one_of(sqlite_unindexed(_instances.c.status), allowed)))
         .values(status=to, status_changed_at=stamp, **(values or {}))
         .returning(
             _instances.c.instance_name,

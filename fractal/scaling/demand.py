@@ -18,10 +18,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, select, union_all
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import UnaryExpression
-from sqlalchemy.sql.operators import custom_op
 
-from fractal.database import DriverStatement, is_postgres
+from fractal.database import DriverStatement, sqlite_unindexed
 from fractal.errors import ErrorCode
 from fractal.events import EventKind
 from fractal.models import Event, Instance
@@ -154,8 +152,7 @@ class LeadTimeCache:
                     changed.add(region)
                     self._by_region[region].pop(event_id, None)
             self._changed = changed
-            newer = _newer_read(session, _ACTIVATIONS_AFTER, _ACTIVATIONS_AFTER_BY_ID)
-            self._add(newer.execute(session, {**bounds, "after": self._newest_id}))
+            self._add(_ACTIVATIONS_AFTER.execute(session, {**bounds, "after": self._newest_id}))
             held = _ACTIVATIONS_COUNT.execute(session, bounds).scalar_one()
             if held != len(self._samples):
                 self._read_window(session, bounds)
@@ -210,16 +207,16 @@ class DemandCache:
         self.asks.clear()
 
 
-def _activations_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
+def _activations_read(*, after_id: bool) -> Select[Any]:
     """Activation events (id, time) of the window with their instance's region and launch time (None when the row
-    is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only). ``by_id``: SQLite's
-    form that walks the id range (see ``_by_id``)."""
+    is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only: the window's terms
+    then unindexed on SQLite, see ``_by_id``)."""
     return (
         select(events.c.id, events.c.created_at, instances.c.region, instances.c.created_at)
         .select_from(events)
         .outerjoin(instances, instances.c.instance_name == events.c.instance_name)
         .where(
-            _in_activation_window(by_id=by_id),
+            _in_activation_window(by_id=after_id),
             *([events.c.id > bindparam("after", type_=events.c.id.type)] if after_id else []),
         )
     )
@@ -237,36 +234,29 @@ def _in_activation_window(*, by_id: bool = False) -> ColumnElement[bool]:
 
 
 def _by_id(column: ColumnElement[Any]) -> ColumnElement[Any]:
-    """``+column``: on SQLite the same value and comparisons (a text column's and a timestamp's values are text
-    either way), but a term that no index can serve.
+    """``column`` in the reads past an id: unindexed on SQLite (``sqlite_unindexed``).
 
     The caches' reads of the asks and activations newer than the newest held (every pass) are few rows past an id,
     which SQLite (no statistics) would otherwise find by walking the whole window's rows on ``(kind, created_at)``
     and sorting them: written this way, it walks the id range from ``after`` (a few hundred events a pass) instead.
-    Postgres plans these by its statistics and gets the plain form."""
-    return UnaryExpression(column, operator=custom_op("+"), type_=column.type)
+    Postgres plans these by its statistics and gets the plain column."""
+    return sqlite_unindexed(column)
 
 
 # The lead times' reads, built once (every pass runs two: building them cost more than running them).
 _ACTIVATIONS = DriverStatement(_activations_read(after_id=False))
 _ACTIVATIONS_AFTER = DriverStatement(_activations_read(after_id=True))
-_ACTIVATIONS_AFTER_BY_ID = DriverStatement(_activations_read(after_id=True, by_id=True))
 _ACTIVATIONS_COUNT = DriverStatement(select(func.count()).select_from(events).where(_in_activation_window()))
-
-
-def _newer_read(session: Session, postgres_form: DriverStatement, sqlite_form: DriverStatement) -> DriverStatement:
-    """The read of the rows newer than the newest held, in the session's backend's form (see ``_by_id``)."""
-    return postgres_form if is_postgres(session) else sqlite_form
 
 
 # waiting_users' read, built once (it runs every pass when no AskCache is kept): the window's assignments and
 # refusals, in order, as the AskCache reads them.
-def _asks_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
+def _asks_read(*, after_id: bool) -> Select[Any]:
     """The window's asks (assignments and refusals) in id order, with an assignment's instance's region and version
-    (None when the row is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only).
-    ``by_id``: SQLite's form that walks the id range (see ``_by_id``)."""
+    (None when the row is gone); binds ``cutoff``, ``now`` and, with ``after_id``, ``after`` (ids above it only: the
+    window's terms then unindexed on SQLite, see ``_by_id``)."""
     created_at = events.c.created_at
-    when, kind = (_by_id(created_at), _by_id(events.c.kind)) if by_id else (created_at, events.c.kind)
+    when, kind = (_by_id(created_at), _by_id(events.c.kind)) if after_id else (created_at, events.c.kind)
     where = [
         when > bindparam("cutoff", type_=created_at.type),
         when <= bindparam("now", type_=created_at.type),
@@ -294,7 +284,6 @@ def _asks_read(*, after_id: bool, by_id: bool = False) -> Select[Any]:
 ASK_KINDS = (str(EventKind.MANDELBOX_ASSIGNED), str(EventKind.ASSIGNMENT_REFUSED))
 _ASKS_READ = DriverStatement(_asks_read(after_id=False))
 _ASKS_AFTER_READ = DriverStatement(_asks_read(after_id=True))
-_ASKS_AFTER_READ_BY_ID = DriverStatement(_asks_read(after_id=True, by_id=True))
 _ASKS_COUNT = DriverStatement(
     select(func.count())
     .select_from(events)
@@ -423,8 +412,7 @@ class AskCache:
             self._forget(self._asks.pop(event_id))
         del self._order[:leaving]
         bounds = {"cutoff": cutoff, "now": now}
-        newer = _newer_read(session, _ASKS_AFTER_READ, _ASKS_AFTER_READ_BY_ID)
-        self._add(newer.execute(session, {**bounds, "after": self._newest_id}))
+        self._add(_ASKS_AFTER_READ.execute(session, {**bounds, "after": self._newest_id}))
         held = self._window_count(session, bounds)
         if held != len(self._asks):
             ids = sorted(self._asks)

@@ -127,6 +127,19 @@ class InstanceSnapshot(NamedTuple):
     idle_since: datetime | None = None
 
 
+class BusyHosts(NamedTuple):
+    """The ACTIVE hosts of one (region, version) that has an active image and that carry a live mandelbox, summed.
+
+    The policy only counts such hosts (their free slots, the machines they occupy): it drains a host one by one only
+    when it is empty or its version has no active image. The scaler's fleet read therefore sums them in SQL (most of
+    a fleet, every pass) instead of reading them row by row; plan_fleet gives the same plan either way."""
+
+    region: str
+    client_commit_hash: str
+    hosts: int
+    free: int  # the sum of max(0, capacity - live) over the hosts
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     region: str
@@ -274,8 +287,12 @@ def plan_fleet(
     default_target_free: int,
     max_instances_per_region: int,
     scale_down_delay_s: float,
+    busy: Sequence[BusyHosts] = (),
 ) -> FleetPlan:
     """Launches and drains that bring every active image to its free-slot target.
+
+    The fleet is ``instances`` one by one plus ``busy``: busy ACTIVE hosts of active images, summed per (region,
+    version) (see ``BusyHosts``; a host is in one or the other, never both).
 
     Per active image (region, version): free slots less the users waiting after a 503; launch
     ceil(deficit / capacity) hosts, never beyond the per-region maximum
@@ -304,6 +321,9 @@ def plan_fleet(
             free_by_key[key] += instance.mandelbox_capacity
         if status is not not_occupying:
             occupied[instance.region] += 1
+    for group in busy:
+        free_by_key[(group.region, group.client_commit_hash)] += group.free
+        occupied[group.region] += group.hosts
 
     active_images = [image for image in images if image.active]
     active_keys = {(image.region, image.client_commit_hash) for image in active_images}

@@ -18,7 +18,23 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    not_,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
 from fractal.cloud.base import CloudError, CloudHost, CloudProvider, HostRef, LaunchRequest, send_deadline
@@ -40,6 +56,7 @@ from fractal.scaling.lease import LeaseToken, check_lease, fence
 from fractal.scaling.policy import (
     BufferKind,
     BufferPolicy,
+    BusyHosts,
     DemandStats,
     DrainReason,
     FleetPlan,
@@ -90,10 +107,12 @@ class CloudStepResult:
 
 @dataclass(frozen=True)
 class FleetSnapshot:
-    """The images and the not-yet-terminated instances, as the policy sees them."""
+    """The images and the not-yet-terminated instances, as the policy sees them: ``instances`` one by one, except
+    the busy ACTIVE hosts of active images, summed per (region, version) in ``busy`` (see ``BusyHosts``)."""
 
     images: list[ImageTarget]
     instances: list[InstanceSnapshot]
+    busy: list[BusyHosts] = field(default_factory=list)
 
 
 # --- shared pieces -------------------------------------------------------------------------------------------
@@ -278,11 +297,18 @@ def observe(
     ]
     if now is not None:
         images = _with_demand(session, images, now=now, demand_cache=demand_cache)
-    # All rows at once (the driver's fetchall, not a fetch per row), each row's values straight into a snapshot: the
-    # fleet read's columns are InstanceSnapshot's fields in order, and the status column's type already gives the
-    # InstanceStatus member.
-    instances = list(map(_SNAPSHOT_OF_ROW, _FLEET_READ.execute(session).all()))
-    return FleetSnapshot(images=images, instances=instances)
+    # One statement (one snapshot of the fleet on Postgres too: a host that gets its first user between two reads
+    # would be in neither), all rows at once; a row with a name is one host (its first columns are InstanceSnapshot's
+    # fields in order, the status column's type already gives the InstanceStatus member), a row without one a
+    # group of busy hosts.
+    instances: list[InstanceSnapshot] = []
+    busy: list[BusyHosts] = []
+    for row in _FLEET_READ.execute(session).all():
+        if row[0] is not None:
+            instances.append(_SNAPSHOT_OF_ROW(row[:7]))
+        else:
+            busy.append(BusyHosts(row[1], row[2], row[7], row[8]))
+    return FleetSnapshot(images=images, instances=instances, busy=busy)
 
 
 # Every image, newest first per region (built once, like the fleet read below).
@@ -301,25 +327,63 @@ _IMAGES_READ = DriverStatement(
 # One fleet row -> its snapshot (the row's values in InstanceSnapshot's field order; see _FLEET_READ).
 _SNAPSHOT_OF_ROW: Callable[[Any], InstanceSnapshot] = InstanceSnapshot._make
 
-# The fleet read, built once: the table's columns (plain Core rows, no ORM loading per row: it reads the whole fleet
-# every pass), and an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate): the
-# other rows' timestamps are not fetched and parsed.
+_images = cast(Table, Image.__table__)
+# A busy ACTIVE host whose (region, version) has an active image: one the policy only counts (see BusyHosts). Most
+# of the fleet, most of the day.
+_BUSY_ON_ACTIVE_IMAGE = and_(
+    _instances.c.status == InstanceStatus.ACTIVE,
+    _instances.c.live_mandelboxes > 0,
+    exists().where(
+        _images.c.region == _instances.c.region,
+        _images.c.client_commit_hash == _instances.c.client_commit_hash,
+        _images.c.active,
+    ),
+)
+# The fleet read, built once, over the table's columns (plain rows, no ORM loading): every host the policy may act on
+# one by one, with an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate: the
+# other rows' timestamps are not fetched and parsed); then the busy hosts of active images, summed per (region,
+# version) in SQL (hosts, free slots), with no name. Both parts in one statement: one snapshot.
 _FLEET_READ = DriverStatement(
-    select(
-        _instances.c.instance_name,
-        _instances.c.region,
-        _instances.c.client_commit_hash,
-        _instances.c.status,
-        _instances.c.mandelbox_capacity,
-        _instances.c.live_mandelboxes,
-        case(
-            (
-                and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
-                func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+    union_all(
+        select(
+            _instances.c.instance_name,
+            _instances.c.region,
+            _instances.c.client_commit_hash,
+            _instances.c.status,
+            _instances.c.mandelbox_capacity,
+            _instances.c.live_mandelboxes,
+            case(
+                (
+                    and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes == 0),
+                    func.coalesce(_instances.c.empty_since, _instances.c.status_changed_at),
+                ),
+                else_=None,
+            ).label("idle_since"),
+            cast_(null(), Integer).label("hosts"),
+            cast_(null(), Integer).label("free"),
+        ).where(_instances.c.status.in_(NOT_TERMINATED), not_(_BUSY_ON_ACTIVE_IMAGE)),
+        select(
+            null(),
+            _instances.c.region,
+            _instances.c.client_commit_hash,
+            _instances.c.status,
+            null(),
+            null(),
+            null(),
+            func.count(),
+            func.sum(
+                case(
+                    (
+                        _instances.c.mandelbox_capacity > _instances.c.live_mandelboxes,
+                        _instances.c.mandelbox_capacity - _instances.c.live_mandelboxes,
+                    ),
+                    else_=0,
+                )
             ),
-            else_=None,
-        ),
-    ).where(_instances.c.status.in_(NOT_TERMINATED))
+        )
+        .where(_BUSY_ON_ACTIVE_IMAGE)
+        .group_by(_instances.c.region, _instances.c.client_commit_hash, _instances.c.status),
+    )
 )
 
 
@@ -367,6 +431,7 @@ def plan(
     fleet_plan = plan_fleet(
         snapshot.images,
         snapshot.instances,
+        busy=snapshot.busy,
         now=now,
         default_target_free=settings.target_free_mandelboxes,
         max_instances_per_region=settings.max_instances_per_region,
