@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from fractal.clock import database_now
 from fractal.cloud.base import LaunchedHost, LaunchRequest
@@ -232,3 +232,32 @@ def test_check_lease_gives_the_instant_the_lease_certainly_holds_until(committed
         before = time.monotonic()
         deadline = check_lease(session, lease)
         assert before + 4 <= deadline <= time.monotonic() + 5 - 0.5
+
+
+def test_a_step_renews_once_while_more_than_half_the_period_is_left(
+    committed_factory: SessionFactory, settings: Settings
+) -> None:
+    """check_lease with the step's previous deadline: five launches under a 30 s lease send one renewal (the lease
+    cannot be taken before it expires, so more would only move its end); under a 0.4 s lease with calls 0.25 s apart
+    every call renews, and the lease stays held past the step."""
+
+    def renewals_during(lease_ttl_s: float, cloud: MemoryCloud) -> tuple[int, Any]:
+        with committed_factory() as session:
+            lease = acquire_lease(session, name=NAME, holder=f"h-{lease_ttl_s}", ttl_s=lease_ttl_s)
+            assert lease is not None
+            seen: list[str] = []
+            engine = session.get_bind()
+            listener = lambda *args: seen.append(args[2])  # noqa: E731 (before_cursor_execute's statement)
+            event.listen(engine, "before_cursor_execute", listener)
+            try:
+                plan = LaunchPlan("us-east-1", "v1", "ami-1", "t3", 1, count=5, free=0, target_free=5, wanted=5)
+                result = steps.launch(session, cloud, [plan], settings=settings, now=database_now(session), lease=lease)
+            finally:
+                event.remove(engine, "before_cursor_execute", listener)
+            assert [a.action for a in result.actions] == ["launch"] * 5
+            held_after = acquire_lease(session, name=NAME, holder="rival", ttl_s=30) is None
+            release_lease(session, lease)
+        return sum(1 for sql in seen if sql.lstrip().upper().startswith("UPDATE LEASES")), held_after
+
+    assert renewals_during(30, MemoryCloud()) == (1, True)
+    assert renewals_during(0.4, SlowCloud(delay_s=0.25)) == (5, True)

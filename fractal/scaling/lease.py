@@ -172,9 +172,15 @@ def lease_holds(token: LeaseToken, *, in_subquery: bool = True) -> ColumnElement
     return exists().where(condition) if in_subquery else condition
 
 
-def check_lease(session: Session, token: LeaseToken) -> float:
+def check_lease(session: Session, token: LeaseToken, *, held_until: float | None = None) -> float:
     """Right before a cloud call: renew the lease by compare-and-set, or raise LeaseLost. Returns the instant
     (``time.monotonic()``) until which the lease is certainly still held, for ``fractal.cloud.base.send_deadline``.
+
+    ``held_until``: what the caller's previous check returned (a step's calls, one after the other). While it leaves
+    more than half the lease period, the lease is known held until then and nothing is sent (no statement, no
+    commit): no other holder can take an unexpired lease, so a renewal would only push its end further; the first
+    check of a step, and the first once half the period has gone, renew. A launch of many hosts thus costs one
+    renewal, not one per host, and a step longer than the period still renews within every period.
 
     The renewal matches only while ``token`` still holds (same holder and fencing token, unexpired) and extends the
     expiry to ``ttl_s`` from the database's now, so a pass that takes longer than one lease period keeps the lease
@@ -187,6 +193,8 @@ def check_lease(session: Session, token: LeaseToken) -> float:
     lease holds, and one the caller was too stalled to send in time is not sent at all.
     """
     sent = time.monotonic()
+    if held_until is not None and held_until - sent > token.ttl_s / 2:
+        return held_until
     renewed = _renew_statement(token.ttl_s).execute(session, _bound(token)).scalar()
     session.commit()
     if renewed is None:

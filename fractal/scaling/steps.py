@@ -538,9 +538,10 @@ def launch(
     """Create the rows and commit them first (a crash mid-launch leaves rows the next pass cleans up), ask the
     cloud, record the provider ids. A region whose cloud refuses one launch gets no more requests this pass.
 
-    Before each request the lease is renewed (else LeaseLost ends the pass), and what the cloud answered is
-    recorded in a transaction fenced by the lease: a former leader woken after its lease passed on launches and
-    records nothing (the successor finds its ``pending:`` rows and cleans them up).
+    Before each request the lease is checked (``check_lease``: renewed at least every half period, else LeaseLost
+    ends the pass), and what the cloud answered is recorded in a transaction fenced by the lease: a former leader
+    woken after its lease passed on launches and records nothing (the successor finds its ``pending:`` rows and
+    cleans them up).
     """
     result = CloudStepResult()
     new = [_new_instance(p, instance_namer) for p in launches for _ in range(p.count)]
@@ -554,6 +555,7 @@ def launch(
     unknown: list[str] = []  # the request may have reached the cloud
     not_sent: list[str] = []  # their region had failed already
     failed_regions: set[str] = set()
+    deadline: float | None = None
     for row in new:
         if row.region in failed_regions:
             not_sent.append(row.instance_name)
@@ -568,7 +570,7 @@ def launch(
             host_secret=host_secrets[row.instance_name],
             host_api_url=settings.host_api_url,
         )
-        deadline = check_lease(session, lease)
+        deadline = check_lease(session, lease, held_until=deadline)
         try:
             with send_deadline(deadline):  # a request the pass was too stalled to send in time is not sent
                 host = cloud.launch(request)
@@ -658,6 +660,8 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     """Terminate every TERMINATING host and mark TERMINATED those the cloud confirms gone, region by region."""
     result = CloudStepResult()
     rows = _TERMINATING_READ.execute(session).all()
+    if not rows:  # most passes: no cloud call follows, so the pass's own commit ends the read
+        return result
     # End the read before asking the cloud (describe/terminate may take many seconds with retries): an open
     # transaction idle that long is ended by the server (FRACTAL_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS). The leader
     # lock, not this transaction, keeps other passes away from these rows.
@@ -666,8 +670,9 @@ def terminate_in_cloud(session: Session, cloud: CloudProvider, *, now: datetime,
     for row in rows:
         by_region[row.region].append(row)
     gone: dict[str, str | None] = {}
+    deadline: float | None = None
     for region, region_rows in sorted(by_region.items()):
-        deadline = check_lease(session, lease)
+        deadline = check_lease(session, lease, held_until=deadline)
         try:
             with send_deadline(deadline):
                 gone.update(_terminate_region(cloud, region, region_rows, now=now))
