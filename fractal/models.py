@@ -205,6 +205,12 @@ class Heartbeat(Base):
         return f"<Heartbeat {self.instance_name} at {self.last_heartbeat_at}>"
 
 
+# Mandelboxes waiting on their host: allocated and not yet claimed, or dying and not yet confirmed EXITED. A
+# sweep ends those stuck too long (``fractal.fleet.sweeps``); its read states this same SQL, so that SQLite, which
+# uses a partial index only for a query that states the index's condition, finds them on ix_mandelboxes_transient.
+TRANSIENT_MANDELBOXES = "status IN ('ALLOCATED', 'DYING')"
+
+
 class Mandelbox(Base):
     """One container streaming one app to one user. Rows are kept after exit as history."""
 
@@ -227,6 +233,14 @@ class Mandelbox(Base):
             sqlite_where=text("status <> 'EXITED'"),
         ),
         Index("ix_mandelboxes_user_created", "user_id", "created_at"),
+        # The sweeps' "is any mandelbox stuck" (every scaler pass): the few boxes waiting on their host, by age,
+        # rather than a walk over every live one.
+        Index(
+            "ix_mandelboxes_transient",
+            "status_changed_at",
+            postgresql_where=text(TRANSIENT_MANDELBOXES),
+            sqlite_where=text(TRANSIENT_MANDELBOXES),
+        ),
         # The purge: ended boxes oldest first, and "does any ended box still reference this instance".
         Index(
             "ix_mandelboxes_exited_ended_at",

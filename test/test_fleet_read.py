@@ -1,6 +1,7 @@
 """The scaler's fleet read on each backend: the busy ACTIVE hosts of active images come summed per (region,
-version), every other host one by one, and the plan is the one the whole fleet read row by row gives; and the
-instance mover's status re-check leaves SQLite's planner to the caller's own condition."""
+version), every other host one by one, and the plan is the one the whole fleet read row by row gives; the
+instance mover's status re-check leaves SQLite's planner to the caller's own condition; the sweeps' stuck-mandelbox
+read can seek its partial index."""
 
 from __future__ import annotations
 
@@ -145,3 +146,30 @@ def test_sqlite_unindexed_is_the_plain_column_on_postgres_and_unary_plus_on_sqli
     plus = "+instances.status" in rendered
     assert plus is (session.get_bind().dialect.name == "sqlite")
     assert len(session.execute(query).all()) == 1
+
+
+def test_the_stuck_mandelbox_read_can_seek_the_transient_index(session_on_each_backend: Session) -> None:
+    """The sweeps' "is any mandelbox stuck" read states the transient index's condition, so either backend can
+    find the waiting boxes by age (Postgres: with sequential scans off, to see that the index qualifies at all)."""
+    from fractal.fleet.sweeps import _ANY_STUCK
+
+    session = session_on_each_backend
+    dialect = session.get_bind().dialect
+    if dialect.name == "sqlite":
+        compiled = _ANY_STUCK.statement.compile(dialect=dialect)
+        bound = compiled.construct_params({"cutoff": "2026-12-04 12:00:00.000000"})
+        plan = (
+            session.connection()
+            .exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + str(compiled),
+                tuple(bound[name] for name in cast(list[str], compiled.positiontup)),
+            )
+            .all()
+        )
+    else:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        literal = _ANY_STUCK.statement.params(cutoff=NOW).compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}
+        )
+        plan = session.execute(text(f"EXPLAIN {literal}")).all()
+    assert "ix_mandelboxes_transient" in " ".join(str(row[-1]) for row in plan), plan

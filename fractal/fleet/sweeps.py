@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from fractal.clock import database_now, format_timestamp
@@ -23,7 +23,15 @@ from fractal.database import DriverStatement, one_of, try_advisory_xact_lock
 from fractal.events import EventKind
 from fractal.fleet.instances import move_instances
 from fractal.fleet.mandelboxes import move_mandelboxes
-from fractal.models import EndReason, Heartbeat, Instance, InstanceStatus, Mandelbox, MandelboxStatus
+from fractal.models import (
+    TRANSIENT_MANDELBOXES,
+    EndReason,
+    Heartbeat,
+    Instance,
+    InstanceStatus,
+    Mandelbox,
+    MandelboxStatus,
+)
 
 __all__ = ["SWEEP_ACTOR", "SweepResult", "mark_silent_hosts_lost", "release_unclaimed_mandelboxes", "run_sweeps"]
 
@@ -70,13 +78,12 @@ _SILENT_HOSTS = DriverStatement(
     .with_for_update(key_share=True, skip_locked=True, of=_instances)
 )
 # Whether any mandelbox is stuck (ALLOCATED or DYING since before ``cutoff``): most passes have none, and one read
-# on the live index says so instead of two empty moves. "Not EXITED" is what the live-mandelbox indexes are partial
-# on: saying it lets the planner walk those (the live boxes) instead of every mandelbox ever made.
+# says so instead of two empty moves. It states the transient index's own condition (TRANSIENT_MANDELBOXES), so
+# both backends seek the few waiting boxes by age instead of walking every live one.
 _ANY_STUCK = DriverStatement(
     select(_mandelboxes.c.mandelbox_id)
     .where(
-        _mandelboxes.c.status != MandelboxStatus.EXITED,
-        one_of(_mandelboxes.c.status, [MandelboxStatus.ALLOCATED, MandelboxStatus.DYING]),
+        text(TRANSIENT_MANDELBOXES),
         _mandelboxes.c.status_changed_at < bindparam("cutoff", type_=_mandelboxes.c.status_changed_at.type),
     )
     .limit(1)
