@@ -328,21 +328,42 @@ _IMAGES_READ = DriverStatement(
 _SNAPSHOT_OF_ROW: Callable[[Any], InstanceSnapshot] = InstanceSnapshot._make
 
 _images = cast(Table, Image.__table__)
-# A busy ACTIVE host whose (region, version) has an active image: one the policy only counts (see BusyHosts). Most
-# of the fleet, most of the day.
-_BUSY_ON_ACTIVE_IMAGE = and_(
-    _instances.c.status == InstanceStatus.ACTIVE,
-    _instances.c.live_mandelboxes > 0,
-    exists().where(
-        _images.c.region == _instances.c.region,
-        _images.c.client_commit_hash == _instances.c.client_commit_hash,
-        _images.c.active,
-    ),
+
+
+def _has_active_image(region: ColumnElement[str], client_commit_hash: ColumnElement[str]) -> ColumnElement[bool]:
+    return exists().where(
+        _images.c.region == region, _images.c.client_commit_hash == client_commit_hash, _images.c.active
+    )
+
+
+_BUSY = and_(_instances.c.status == InstanceStatus.ACTIVE, _instances.c.live_mandelboxes > 0)
+# Busy ACTIVE hosts summed per (region, version), every version; the fleet read keeps the groups whose version has
+# an active image (tested once per group, not per host).
+_busy_groups = (
+    select(
+        _instances.c.region,
+        _instances.c.client_commit_hash,
+        _instances.c.status,
+        func.count().label("hosts"),
+        func.sum(
+            case(
+                (
+                    _instances.c.mandelbox_capacity > _instances.c.live_mandelboxes,
+                    _instances.c.mandelbox_capacity - _instances.c.live_mandelboxes,
+                ),
+                else_=0,
+            )
+        ).label("free"),
+    )
+    .where(_BUSY)
+    .group_by(_instances.c.region, _instances.c.client_commit_hash, _instances.c.status)
+    .subquery("busy")
 )
 # The fleet read, built once, over the table's columns (plain rows, no ORM loading): every host the policy may act on
-# one by one, with an idle time only where the policy can use one (an empty ACTIVE host, a drain candidate: the
-# other rows' timestamps are not fetched and parsed); then the busy hosts of active images, summed per (region,
-# version) in SQL (hosts, free slots), with no name. Both parts in one statement: one snapshot.
+# one by one (all but the busy ACTIVE hosts of active images: see BusyHosts), with an idle time only where the
+# policy can use one (an empty ACTIVE host, a drain candidate: the other rows' timestamps are not fetched and
+# parsed); then those busy hosts summed per (region, version), with no name. Both parts in one statement: one
+# snapshot, so a host is in exactly one of them.
 _FLEET_READ = DriverStatement(
     union_all(
         select(
@@ -361,28 +382,21 @@ _FLEET_READ = DriverStatement(
             ).label("idle_since"),
             cast_(null(), Integer).label("hosts"),
             cast_(null(), Integer).label("free"),
-        ).where(_instances.c.status.in_(NOT_TERMINATED), not_(_BUSY_ON_ACTIVE_IMAGE)),
+        ).where(
+            _instances.c.status.in_(NOT_TERMINATED),
+            not_(and_(_BUSY, _has_active_image(_instances.c.region, _instances.c.client_commit_hash))),
+        ),
         select(
             null(),
-            _instances.c.region,
-            _instances.c.client_commit_hash,
-            _instances.c.status,
+            _busy_groups.c.region,
+            _busy_groups.c.client_commit_hash,
+            _busy_groups.c.status,
             null(),
             null(),
             null(),
-            func.count(),
-            func.sum(
-                case(
-                    (
-                        _instances.c.mandelbox_capacity > _instances.c.live_mandelboxes,
-                        _instances.c.mandelbox_capacity - _instances.c.live_mandelboxes,
-                    ),
-                    else_=0,
-                )
-            ),
-        )
-        .where(_BUSY_ON_ACTIVE_IMAGE)
-        .group_by(_instances.c.region, _instances.c.client_commit_hash, _instances.c.status),
+            _busy_groups.c.hosts,
+            _busy_groups.c.free,
+        ).where(_has_active_image(_busy_groups.c.region, _busy_groups.c.client_commit_hash)),
     )
 )
 
