@@ -173,3 +173,25 @@ def test_the_stuck_mandelbox_read_can_seek_the_transient_index(session_on_each_b
         )
         plan = session.execute(text(f"EXPLAIN {literal}")).all()
     assert "ix_mandelboxes_transient" in " ".join(str(row[-1]) for row in plan), plan
+
+
+def test_the_images_read_gives_each_image_its_buffer_policy(session_on_each_backend: Session) -> None:
+    """The images read takes a policy as its stored text and parses each distinct text once: on both backends a
+    demand policy comes back whole, and an image without one (SQL NULL or JSON null) is static."""
+    from fractal.scaling.policy import BufferKind, BufferPolicy, ScheduledMinimum
+
+    session = session_on_each_backend
+    factories = Factories(session)
+    stored = {"kind": "demand", "floor": 2, "safety_factor": 2.5, "schedule": [{"hours_utc": [8, 9], "min_free": 6}]}
+    factories.image(region="us-east-1", client_commit_hash="demand", buffer_policy=stored)
+    factories.image(region="us-east-1", client_commit_hash="static", buffer_policy=None)
+    session.execute(text("UPDATE images SET buffer_policy = NULL WHERE client_commit_hash = 'static'"))
+    factories.image(region="eu-west-1", client_commit_hash="json-null", buffer_policy=None)
+    policies = {image.client_commit_hash: image.buffer_policy for image in observe(session).images}
+    assert policies == {
+        "demand": BufferPolicy(
+            kind=BufferKind.DEMAND, floor=2, safety_factor=2.5, schedule=(ScheduledMinimum((8, 9), 6),)
+        ),
+        "static": None,
+        "json-null": None,
+    }

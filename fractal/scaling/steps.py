@@ -9,6 +9,8 @@ Every status change goes through the fleet's movers (which write the events); wh
 
 from __future__ import annotations
 
+import functools
+import json
 import operator
 import secrets
 from collections import defaultdict
@@ -22,6 +24,7 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -290,7 +293,7 @@ def observe(
             mandelbox_capacity=capacity,
             active=active,
             target_free=target_free,
-            buffer_policy=BufferPolicy.from_dict(buffer_policy) if buffer_policy else None,
+            buffer_policy=_policy_of(buffer_policy),
             waiting=waiting.get((region, commit), 0),
         )
         for region, commit, ami_id, instance_type, capacity, active, target_free, buffer_policy in rows
@@ -321,9 +324,19 @@ _IMAGES_READ = DriverStatement(
         Image.mandelbox_capacity,
         Image.active,
         Image.target_free,
-        Image.buffer_policy,
+        # As its text: the policy is parsed once per distinct text (``_policy_of``), not once per image every pass.
+        cast_(Image.buffer_policy, Text),
     ).order_by(Image.region, Image.created_at.desc(), Image.id.desc())
 )
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy_of(stored: str | None) -> BufferPolicy | None:
+    """An image's stored buffer policy (JSON text, or None) as the policy sees it; None: static."""
+    value = json.loads(stored) if stored is not None else None
+    return BufferPolicy.from_dict(value) if value else None
+
+
 # One fleet row -> its snapshot (the row's values in InstanceSnapshot's field order; see _FLEET_READ).
 _SNAPSHOT_OF_ROW: Callable[[Any], InstanceSnapshot] = InstanceSnapshot._make
 
