@@ -153,6 +153,28 @@ def test_cursor_listeners_still_see_every_statement(session: Session) -> None:
     assert sum("INSERT INTO events" in s for s in seen) == 1 and sum("FROM events" in s for s in seen) == 1
 
 
+def test_a_listener_on_the_connection_alone_still_sees_its_statements(session: Session) -> None:
+    """Whether to look the listeners up is decided on SQLAlchemy's flag for any connection event listener, which a
+    listener on one connection sets on that connection only (its engine has none on SQLite)."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        first = _insert(session, "driver-connection-listened")
+        rows = _READ_EVENTS.execute(session, {"p_actor": "driver-connection-listened"}).rows
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    assert [row.mandelbox_id for row in rows] == [first]
+    assert sum("INSERT INTO events" in s for s in seen) == 1 and sum("FROM events" in s for s in seen) == 1
+    assert type(_READ_EVENTS.execute(session, {"p_actor": "driver-connection-listened"}).rows[0]).__name__ == (
+        "DriverRow"  # removed: the driver's path again
+    )
+
+
 def test_a_lost_postgres_connection_is_invalidated_and_replaced(settings: Settings) -> None:
     """The backend killed under an open transaction: the statement raises SQLAlchemy's error for a lost connection
     (what the error handler answers 503 DATABASE_UNAVAILABLE), and the session's next transaction gets a fresh one."""

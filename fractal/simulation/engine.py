@@ -359,11 +359,11 @@ class Simulation:
         def _ddl(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> Any:
             return virtual_clock_ddl(statement), parameters
 
-        event.listen(engine, "before_cursor_execute", _ddl, retval=True)
-        try:
-            Base.metadata.create_all(engine)
-        finally:
-            event.remove(engine, "before_cursor_execute", _ddl)
+        with engine.begin() as connection:
+            # On this connection only: a cursor listener on the engine, even once removed, leaves the engine marked
+            # as having some, and every DriverStatement then looks them up (see fractal.database._seen_by_sqlalchemy).
+            event.listen(connection, "before_cursor_execute", _ddl, retval=True)
+            Base.metadata.create_all(connection)
         return engine
 
     def _image_schedule(self) -> list[tuple[datetime, str, str, bool]]:
