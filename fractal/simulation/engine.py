@@ -505,9 +505,9 @@ class Simulation:
 
     def _heartbeat(self, now: datetime) -> None:
         """Every running host heartbeats: one statement for the fleet (what each host's heartbeat writes)."""
-        names = [h.instance_name for h in self.cloud.up()]
-        if names:
-            _HEARTBEATS.execute(self.session, {"names": json.dumps(names), "now": now})
+        names = self.cloud.up_names_json()
+        if names != "[]":
+            _HEARTBEATS.execute(self.session, {"names": names, "now": now})
             self.session.commit()
 
     def _end_sessions(self, now: datetime) -> None:
@@ -551,7 +551,8 @@ class Simulation:
         of the users asking: no other region's count is looked at), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
         rows = _FREE_SLOTS.execute(self.session, {"regions": json.dumps(sorted(regions))}).rows
-        self.session.commit()
+        # No commit of its own: the read opens the transaction the tick's first ask then continues (a request's
+        # session does the same with the rate limit's read), and every ask ends it (_serve_users).
         return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
     def _serve_users(self, now: datetime) -> None:
