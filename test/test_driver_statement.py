@@ -237,6 +237,33 @@ def test_a_statement_compiles_for_each_engine_of_its_own() -> None:
         plain.dispose()
 
 
+def test_the_virtual_clock_is_read_anew_by_every_execution_of_one_prepared_statement() -> None:
+    """The virtual clock's SQL function is declared deterministic (SQLite then reads it once per execution of a
+    statement, however many rows and uses): the same prepared statement run again reads it again."""
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine
+
+    from fractal.clock import attach_virtual_clock
+
+    instant = [datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)]
+    virtual = create_engine("sqlite://")
+    attach_virtual_clock(virtual, lambda: instant[0])
+    rows = select(db_now().label("a"), db_now().label("b")).select_from(
+        text("(SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)")
+    )
+    statement = DriverStatement(rows)
+    try:
+        with virtual.connect() as connection:
+            first = statement.execute(connection).rows
+            instant[0] += timedelta(seconds=5)
+            second = statement.execute(connection).rows
+    finally:
+        virtual.dispose()
+    assert len(first) == 3 and {value for row in first for value in row} == {datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)}
+    assert {value for row in second for value in row} == {datetime(2030, 1, 2, 3, 4, 10, tzinfo=UTC)}
+
+
 def test_constant_in_lists_are_rendered_once_and_caller_lists_refused(session: Session) -> None:
     for kind in ("test.a", "test.b", "test.c"):
         _insert(session, "driver-constants", kind=kind)
