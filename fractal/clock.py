@@ -139,7 +139,11 @@ def attach_virtual_clock(engine: Engine, now: Callable[[], datetime]) -> None:
 
     @event.listens_for(engine, "connect")
     def _register(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.create_function(VIRTUAL_CLOCK_FUNCTION, 0, clock_text)
+        # Deterministic: the clock does not move while a statement runs (the caller moves it between statements),
+        # so SQLite may read it once per execution instead of once per use and row, as it reads its own 'now'.
+        # Each execution reads it afresh, prepared statements too (constant expressions are computed when a
+        # statement starts, not when it is prepared).
+        dbapi_connection.create_function(VIRTUAL_CLOCK_FUNCTION, 0, clock_text, deterministic=True)
 
     setattr(engine.dialect, _VIRTUAL_CLOCK_FLAG, True)
 

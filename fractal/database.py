@@ -362,7 +362,7 @@ class _DriverForm:
     types' own bind processors, in the dialect's parameter style), and, once the first answer names its columns,
     how the driver's values become the columns' types (their result processors)."""
 
-    __slots__ = ("binds", "columns", "positional", "processors", "row_class", "sql")
+    __slots__ = ("binds", "columns", "converts", "names", "positional", "processors", "row_class", "sql")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         compiled = cast(ClauseElement, statement).compile(dialect=dialect)
@@ -399,17 +399,24 @@ class _DriverForm:
             (name, processors[name], _CALLER if name in caller else _processed(processors[name], constants[name]))
             for name in names
         )
+        self.names = tuple(names)
         self.columns = _result_columns(statement)
         self.row_class: Any = None
         self.processors: tuple[Callable[[Any], Any] | None, ...] = ()
+        self.converts = False  # whether any column has a processor (else a row is the driver's values as they are)
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
-        # The statement's own value unless the caller gives one, as SQLAlchemy's execution does.
+        # The statement's own value unless the caller gives one, as SQLAlchemy's execution does. One comprehension,
+        # no helper call per value: this runs for every statement of every hot path.
         converted = [
-            (name, constant if constant is not _CALLER and name not in values else _processed(process, values[name]))
+            constant
+            if constant is not _CALLER and name not in values
+            else (values[name] if process is None else process(values[name]))
             for name, process, constant in self.binds
         ]
-        return tuple(value for _, value in converted) if self.positional else dict(converted)
+        if self.positional:
+            return tuple(converted)
+        return dict(zip(self.names, converted, strict=True))
 
     def describe(self, description: Sequence[Any], dialect: Dialect) -> None:
         """Name the rows' columns and choose their processors from the first answer's ``cursor.description``.
@@ -424,6 +431,7 @@ class _DriverForm:
             )
         else:  # SQL text without declared columns, or an INSERT's implicit RETURNING: the driver's values as they are
             self.processors = (None,) * len(names)
+        self.converts = any(process is not None for process in self.processors)
         self.row_class = namedtuple("DriverRow", names, rename=True)  # type: ignore[misc]
 
 
@@ -495,8 +503,7 @@ class DriverStatement:
             result = connection.execute(self.statement, values)
             return DriverResult(result.all() if result.returns_rows else (), result.rowcount)
         parameters = form.parameters(values)
-        proxied = connection.connection
-        cursor = proxied.cursor()
+        cursor = _driver_connection(connection).cursor()
         try:
             cursor.execute(form.sql, parameters)
             description = cursor.description
@@ -505,9 +512,12 @@ class DriverStatement:
             fetched = cursor.fetchall()
             if form.row_class is None:
                 form.describe(description, dialect)
-            row_class, processors = form.row_class, form.processors
+            make = form.row_class._make
+            if not form.converts:  # no column needs converting: the driver's tuples, named
+                return DriverResult([make(row) for row in fetched], cursor.rowcount)
+            processors = form.processors
             rows = [
-                row_class._make(
+                make(
                     [
                         value if process is None else process(value)
                         for process, value in zip(processors, row, strict=True)
@@ -534,7 +544,7 @@ class DriverStatement:
             connection.execute(self.statement, list(rows))
             return
         parameters = [form.parameters(row) for row in rows]
-        cursor = connection.connection.cursor()
+        cursor = _driver_connection(connection).cursor()
         try:
             cursor.executemany(form.sql, parameters)
         except dialect.loaded_dbapi.Error as error:
@@ -543,16 +553,27 @@ class DriverStatement:
             cursor.close()
 
 
+def _driver_connection(connection: Connection) -> Any:
+    """The DBAPI connection under ``connection`` (the pool's proxy would only forward ``cursor()`` to it)."""
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None  # as the proxy's own cursor() asserts
+    return dbapi_connection
+
+
 def _seen_by_sqlalchemy(connection: Connection) -> bool:
     """Whether something watches this connection's statements through SQLAlchemy: a listener of its cursor events,
     or its SQL log (``sqlalchemy.engine`` at INFO, or ``echo``). Then a DriverStatement takes SQLAlchemy's path, so
-    that what they watch still sees (and logs, with its parameters) every statement."""
-    dispatch = connection.dispatch
-    return bool(
-        dispatch.before_cursor_execute
-        or dispatch.after_cursor_execute
-        or connection.engine.logger.isEnabledFor(logging.INFO)
-    )
+    that what they watch still sees (and logs, with its parameters) every statement.
+
+    The listeners are looked up only when the connection or its engine has any connection event listener at all:
+    SQLAlchemy's own flag for that (``_has_events``, which its execution checks before every event it could
+    fire) costs an attribute read, the lookup through the joined dispatchers a microsecond per statement."""
+    engine = connection.engine
+    if getattr(connection, "_has_events", True) or getattr(engine, "_has_events", True):
+        dispatch = connection.dispatch
+        if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+            return True
+    return engine.logger.isEnabledFor(logging.INFO)
 
 
 def _driver_error(connection: Connection, sql: str, parameters: Any, error: Exception, cursor: Any) -> StatementError:

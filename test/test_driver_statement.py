@@ -143,6 +143,28 @@ def test_cursor_listeners_still_see_every_statement(session: Session) -> None:
     assert sum("INSERT INTO events" in s for s in seen) == 1 and sum("FROM events" in s for s in seen) == 1
 
 
+def test_a_listener_on_the_connection_alone_still_sees_its_statements(session: Session) -> None:
+    """Whether to look the listeners up is decided on SQLAlchemy's flag for any connection event listener, which a
+    listener on one connection sets on that connection only (its engine has none on SQLite)."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        first = _insert(session, "driver-connection-listened")
+        rows = _READ_EVENTS.execute(session, {"p_actor": "driver-connection-listened"}).rows
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    assert [row.mandelbox_id for row in rows] == [first]
+    assert sum("INSERT INTO events" in s for s in seen) == 1 and sum("FROM events" in s for s in seen) == 1
+    assert type(_READ_EVENTS.execute(session, {"p_actor": "driver-connection-listened"}).rows[0]).__name__ == (
+        "DriverRow"  # removed: the driver's path again
+    )
+
+
 def test_a_lost_postgres_connection_is_invalidated_and_replaced(settings: Settings) -> None:
     """The backend killed under an open transaction: the statement raises SQLAlchemy's error for a lost connection
     (what the error handler answers 503 DATABASE_UNAVAILABLE), and the session's next transaction gets a fresh one."""
@@ -203,6 +225,33 @@ def test_a_statement_compiles_for_each_engine_of_its_own() -> None:
     finally:
         virtual.dispose()
         plain.dispose()
+
+
+def test_the_virtual_clock_is_read_anew_by_every_execution_of_one_prepared_statement() -> None:
+    """The virtual clock's SQL function is declared deterministic (SQLite then reads it once per execution of a
+    statement, however many rows and uses): the same prepared statement run again reads it again."""
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine
+
+    from fractal.clock import attach_virtual_clock
+
+    instant = [datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)]
+    virtual = create_engine("sqlite://")
+    attach_virtual_clock(virtual, lambda: instant[0])
+    rows = select(db_now().label("a"), db_now().label("b")).select_from(
+        text("(SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)")
+    )
+    statement = DriverStatement(rows)
+    try:
+        with virtual.connect() as connection:
+            first = statement.execute(connection).rows
+            instant[0] += timedelta(seconds=5)
+            second = statement.execute(connection).rows
+    finally:
+        virtual.dispose()
+    assert len(first) == 3 and {value for row in first for value in row} == {datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)}
+    assert {value for row in second for value in row} == {datetime(2030, 1, 2, 3, 4, 10, tzinfo=UTC)}
 
 
 def test_constant_in_lists_are_rendered_once_and_caller_lists_refused(session: Session) -> None:

@@ -248,3 +248,68 @@ def _reachable(table: Any, start: Any, end: Any) -> bool:
                 seen.add(following)
                 frontier.append(following)
     return False
+
+
+def test_on_sqlite_an_end_reads_its_rows_once_and_gives_each_slot_back_once(settings: Settings) -> None:
+    """SQLite has no row locks: an EXITED move there reads its rows without first reading their instances (the lock
+    of the fleet's lock order elsewhere), and still gives every slot back exactly once."""
+    from sqlalchemy import event
+
+    from fractal.database import create_db_engine, in_values
+    from fractal.models import Base
+
+    engine = create_db_engine(Settings(**{**settings.model_dump(), "database_url": "sqlite:///:memory:"}))
+    Base.metadata.create_all(engine)
+    by_ids = in_values(Mandelbox.__table__.c.mandelbox_id, "ids")  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for name in ("host-a", "host-b"):
+            session.add(
+                Instance(
+                    instance_name=name,
+                    region="us-east-1",
+                    client_commit_hash="v1",
+                    ami_id="ami-1",
+                    instance_type="g4dn.xlarge",
+                    mandelbox_capacity=4,
+                    live_mandelboxes=2,
+                    status=InstanceStatus.ACTIVE,
+                    host_secret_hash=f"secret-{name}",
+                )
+            )
+        session.flush()
+        boxes = [
+            Mandelbox(mandelbox_id=uuid.uuid4(), instance_name=name, user_id=f"u{i}", status=MandelboxStatus.RUNNING)
+            for i, name in enumerate(["host-a", "host-a", "host-b", "host-b"])
+        ]
+        session.add_all(boxes)
+        session.commit()
+        ended = [boxes[0].mandelbox_id, boxes[1].mandelbox_id, boxes[2].mandelbox_id]
+        seen: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+        moved = move_mandelboxes(
+            session,
+            where=by_ids,
+            params={"ids": ended},
+            to=MandelboxStatus.EXITED,
+            reason=EndReason.HOST_EXITED,
+            actor="test",
+        )
+        session.commit()
+        assert sorted(m.mandelbox_id for m in moved) == sorted(ended)
+        assert not any(s.lstrip().startswith("SELECT instances.instance_name") for s in seen)
+        live = dict(session.execute(select(Instance.instance_name, Instance.live_mandelboxes)).all())
+        assert live == {"host-a": 0, "host-b": 1}
+        again = move_mandelboxes(
+            session,
+            where=by_ids,
+            params={"ids": ended},
+            to=MandelboxStatus.EXITED,
+            reason=EndReason.HOST_EXITED,
+            actor="test",
+        )
+        session.commit()
+        assert again == []
+        assert dict(session.execute(select(Instance.instance_name, Instance.live_mandelboxes)).all()) == live
+        events = session.scalars(select(Event).where(Event.actor == "test")).all()
+        assert len(events) == 3 and {e.detail["to"] for e in events} == {"EXITED"}
+    engine.dispose()

@@ -136,16 +136,17 @@ def move_mandelboxes(
     if params is not None and not _MOVER_PARAMS.isdisjoint(params):
         raise ValueError(f"params may not use the mover's own names {sorted(_MOVER_PARAMS & set(params))}")
     ends = to is MandelboxStatus.EXITED
-    shape = _MoveShape(to, frozenset(allowed), reason is not None, now is not None, skip_locked)
-    if params is None:
-        statements = _move_statements(where, shape)
-    else:
-        statements = _REUSABLE.get((where,), shape, lambda: _move_statements(where, shape).on_driver())
     # The statements run on the session's connection (Core: nothing is loaded into the session, and the ORM's
     # per-statement work is skipped); what the session holds unflushed is written first, as its autoflush would.
     if session.autoflush:
         session.flush()
     connection = session.connection()
+    locks = _locks_rows(connection)
+    shape = _MoveShape(to, frozenset(allowed), reason is not None, now is not None, skip_locked, locks)
+    if params is None:
+        statements = _move_statements(where, shape)
+    else:
+        statements = _REUSABLE.get((where,), shape, lambda: _move_statements(where, shape).on_driver())
     values: dict[str, Any] = dict(params or {})
     if statements.lock is not None:
         # Lock order: the instances whose slots come back, before their mandelboxes.
@@ -197,6 +198,14 @@ class _MoveShape:
     has_reason: bool
     has_now: bool
     skip_locked: bool
+    locks_rows: bool  # the database has row locks (see _locks_rows)
+
+
+def _locks_rows(connection: Connection) -> bool:
+    """Whether an end locks its instances first (the fleet's lock order). Not on SQLite: it has no row locks (FOR
+    UPDATE is not rendered there) and runs one writer at a time, so that statement would only name the instances of
+    the rows the next one reads, at the cost of reading them twice (a fifth of an EXITED report's time there)."""
+    return connection.dialect.name != "sqlite"
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ def _move_statements(where: ColumnElement[bool], shape: _MoveShape) -> _MoveStat
     )
     lock = None
     chosen = selection
-    if shape.to is MandelboxStatus.EXITED:
+    if shape.to is MandelboxStatus.EXITED and shape.locks_rows:
         # The instances are named by a subquery: one statement reads and locks them (the subquery locks nothing).
         boxes_instances = select(_mandelboxes.c.instance_name).where(selection)
         lock = instance_lock(_instances.c.instance_name.in_(boxes_instances), skip_locked=shape.skip_locked)

@@ -4,6 +4,7 @@ a region may run out of capacity; it remembers every host's launch and terminati
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 from collections import Counter, defaultdict
@@ -94,6 +95,7 @@ class SimulatedCloud:
         self._running: Counter[str] = Counter()
         self._booting: list[tuple[datetime, str]] = []  # a heap of (boot_at, cloud id)
         self._up: dict[str, SimulatedHost] = {}
+        self._up_json: str | None = None  # up_names_json's answer while the up hosts stay the same
         self.launch_failures: Counter[str] = Counter()
         self.capacity_errors: Counter[str] = Counter()
 
@@ -138,7 +140,8 @@ class SimulatedCloud:
             if host is not None and host.terminated_at is None:
                 host.terminated_at = now
                 self._running[host.region] -= 1
-                self._up.pop(cloud_id, None)
+                if self._up.pop(cloud_id, None) is not None:
+                    self._up_json = None
 
     def describe(self, region: str, hosts: Sequence[HostRef]) -> list[CloudHost]:
         ids = {h.cloud_provider_id for h in hosts if h.cloud_provider_id in self.hosts}
@@ -154,6 +157,7 @@ class SimulatedCloud:
             if host.terminated_at is None:
                 host.booted = True
                 self._up[cloud_id] = host
+                self._up_json = None
                 due.append(host)
         return due
 
@@ -163,6 +167,13 @@ class SimulatedCloud:
     def up(self) -> list[SimulatedHost]:
         """Booted hosts not terminated (they heartbeat)."""
         return list(self._up.values())
+
+    def up_names_json(self) -> str:
+        """The names of ``up()`` as one JSON array, in the same order (what the batched heartbeat binds); kept until
+        a host comes up or is terminated, since the fleet heartbeats far more often than it changes."""
+        if self._up_json is None:
+            self._up_json = json.dumps([host.instance_name for host in self._up.values()])
+        return self._up_json
 
     def billed_hours(self, until: datetime) -> dict[tuple[str, str], float]:
         """(region, instance_type) -> instance-hours from launch to termination (or ``until``)."""

@@ -359,11 +359,11 @@ class Simulation:
         def _ddl(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> Any:
             return virtual_clock_ddl(statement), parameters
 
-        event.listen(engine, "before_cursor_execute", _ddl, retval=True)
-        try:
-            Base.metadata.create_all(engine)
-        finally:
-            event.remove(engine, "before_cursor_execute", _ddl)
+        with engine.begin() as connection:
+            # On this connection only: a cursor listener on the engine, even once removed, leaves the engine marked
+            # as having some, and every DriverStatement then looks them up (see fractal.database._seen_by_sqlalchemy).
+            event.listen(connection, "before_cursor_execute", _ddl, retval=True)
+            Base.metadata.create_all(connection)
         return engine
 
     def _image_schedule(self) -> list[tuple[datetime, str, str, bool]]:
@@ -505,9 +505,9 @@ class Simulation:
 
     def _heartbeat(self, now: datetime) -> None:
         """Every running host heartbeats: one statement for the fleet (what each host's heartbeat writes)."""
-        names = [h.instance_name for h in self.cloud.up()]
-        if names:
-            _HEARTBEATS.execute(self.session, {"names": json.dumps(names), "now": now})
+        names = self.cloud.up_names_json()
+        if names != "[]":
+            _HEARTBEATS.execute(self.session, {"names": names, "now": now})
             self.session.commit()
 
     def _end_sessions(self, now: datetime) -> None:
@@ -551,7 +551,8 @@ class Simulation:
         of the users asking: no other region's count is looked at), at this instant."""
         enabled = set(active_image_summary(self.session, cache=self.cache)["regions"])
         rows = _FREE_SLOTS.execute(self.session, {"regions": json.dumps(sorted(regions))}).rows
-        self.session.commit()
+        # No commit of its own: the read opens the transaction the tick's first ask then continues (a request's
+        # session does the same with the rate limit's read), and every ask ends it (_serve_users).
         return enabled, Counter({(region, commit): int(free) for region, commit, free in rows if free})
 
     def _serve_users(self, now: datetime) -> None:
