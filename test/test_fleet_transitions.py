@@ -286,29 +286,25 @@ def test_on_sqlite_an_end_reads_its_rows_once_and_gives_each_slot_back_once(sett
         ended = [boxes[0].mandelbox_id, boxes[1].mandelbox_id, boxes[2].mandelbox_id]
         seen: list[str] = []
         event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
-        moved = move_mandelboxes(
-            session,
-            where=by_ids,
-            params={"ids": ended},
-            to=MandelboxStatus.EXITED,
-            reason=EndReason.HOST_EXITED,
-            actor="test",
-        )
-        session.commit()
+
+        def end() -> list[Any]:
+            ended_now = move_mandelboxes(
+                session,
+                where=by_ids,
+                params={"ids": ended},
+                to=MandelboxStatus.EXITED,
+                reason=EndReason.HOST_EXITED,
+                actor="test",
+            )
+            session.commit()
+            return ended_now
+
+        moved = end()
         assert sorted(m.mandelbox_id for m in moved) == sorted(ended)
         assert not any(s.lstrip().startswith("SELECT instances.instance_name") for s in seen)
         live = dict(session.execute(select(Instance.instance_name, Instance.live_mandelboxes)).all())
         assert live == {"host-a": 0, "host-b": 1}
-        again = move_mandelboxes(
-            session,
-            where=by_ids,
-            params={"ids": ended},
-            to=MandelboxStatus.EXITED,
-            reason=EndReason.HOST_EXITED,
-            actor="test",
-        )
-        session.commit()
-        assert again == []
+        assert end() == []
         assert dict(session.execute(select(Instance.instance_name, Instance.live_mandelboxes)).all()) == live
         events = session.scalars(select(Event).where(Event.actor == "test")).all()
         assert len(events) == 3 and {e.detail["to"] for e in events} == {"EXITED"}

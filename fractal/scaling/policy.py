@@ -336,7 +336,7 @@ def plan_fleet(
         targets[key] = decision
         target = decision.target
         # Users retrying after a 503 will take free slots (booting ones included) before anyone new: not spare.
-        raw_free = free_by_key[key]  # free_slots() of the key's hosts, summed in the walk above
+        raw_free = free_by_key[key]  # free_slots() of the key's hosts and its busy groups, summed above
         free = raw_free - image.waiting
         wanted = instances_needed(free=free, target_free=target, capacity_per_instance=image.mandelbox_capacity)
         if wanted > 0:
